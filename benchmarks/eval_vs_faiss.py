@@ -1,0 +1,138 @@
+"""Leave-one-out Recall@K (``retrieval.metrics.evaluate``) against a bare ``faiss.knn`` call.
+
+DESIGN.md §4: on 60,000 × 512 (the size of the SOP test set) the evaluation
+should take at most 1.2× one exact kNN search of the same depth on the same
+data, in O(N·K) memory rather than the N × N matrix of the official code.
+
+Both run in this process on the same random unit vectors (5 images per class,
+so depth = max(K) = 8), interleaved, and the median of the repeats is
+compared. Each run is traced by tracemalloc (numpy's allocations; FAISS's
+own buffers are not traced, and the tracing costs both sides the same few
+calls); the process's peak RSS is reported too. One line is appended to
+benchmarks/results/eval_vs_faiss.md.
+
+    python benchmarks/eval_vs_faiss.py                    # the full size; a few minutes on 2 cores
+    python benchmarks/eval_vs_faiss.py --n 5000 --no-record   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from retrieval.metrics import evaluate  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "eval_vs_faiss.md"
+KS = (1, 2, 4, 8)
+HEADER = """\
+# Leave-one-out Recall@K vs a bare faiss.knn call
+
+Target (DESIGN.md §4): `evaluate` ≤ 1.2 × `faiss.knn` of the same depth, O(N·K) memory.
+Times are medians; "traced" is tracemalloc's peak of numpy allocations during a call (FAISS's buffers untraced).
+
+| date (UTC) | command | machine | N × d | depth | evaluate s | faiss.knn s | ratio | traced MB evaluate / knn | N×N float32 MB | peak RSS MB |
+|---|---|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=60_000, help="gallery size (default: %(default)s)")
+    parser.add_argument("--dim", type=int, default=512, help="embedding dimension (default: %(default)s)")
+    parser.add_argument("--per-class", type=int, default=5, help="images per class (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (default: %(default)s)")
+    parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.name}")
+    args = parser.parse_args()
+
+    embeddings, labels = random_gallery(args.n, args.dim, args.per_class)
+    depth = max(max(KS), args.per_class - 1)
+
+    def run_evaluate() -> object:
+        return evaluate(embeddings, labels, KS)
+
+    def run_knn() -> object:
+        return faiss.knn(embeddings, embeddings, depth, metric=faiss.METRIC_INNER_PRODUCT)
+
+    evaluate_runs, knn_runs = [], []
+    for repeat in range(args.repeats):
+        evaluate_runs.append(measured(run_evaluate))
+        knn_runs.append(measured(run_knn))
+        seconds = evaluate_runs[-1][0], knn_runs[-1][0]
+        print(f"run {repeat + 1}: evaluate {seconds[0]:.2f} s, faiss.knn {seconds[1]:.2f} s", file=sys.stderr)
+    evaluate_s, knn_s = (statistics.median(seconds for seconds, _ in runs) for runs in (evaluate_runs, knn_runs))
+    evaluate_mb, knn_mb = (max(peak for _, peak in runs) for runs in (evaluate_runs, knn_runs))
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    row = [
+        datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "`" + shlex.join(["python", "benchmarks/eval_vs_faiss.py", *sys.argv[1:]]) + "`",
+        machine(),
+        f"{args.n:,} × {args.dim}",
+        str(depth),
+        f"{evaluate_s:.2f}",
+        f"{knn_s:.2f}",
+        f"{evaluate_s / knn_s:.3f}",
+        f"{evaluate_mb:.1f} / {knn_mb:.1f}",
+        f"{args.n * args.n * 4 / 2**20:,.0f}",
+        f"{peak_rss_mb:,.0f}",
+    ]
+    line = "| " + " | ".join(row) + " |"
+    print(line)
+    if not args.no_record:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        if not RESULTS.exists():
+            RESULTS.write_text(HEADER, encoding="utf-8")
+        with RESULTS.open("a", encoding="utf-8") as results:
+            results.write(line + "\n")
+    return 0
+
+
+def random_gallery(count: int, dim: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((count, dim), dtype=np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    labels = rng.permutation(np.arange(count) // per_class)
+    return embeddings, labels
+
+
+def measured(function: Callable[[], object]) -> tuple[float, float]:
+    """Seconds taken and tracemalloc's peak in MiB."""
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        function()
+        seconds = time.perf_counter() - start
+        return seconds, tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def machine() -> str:
+    """CPU model, usable CPUs, FAISS threads and OS, e.g. for comparing rows recorded on shared machines."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        model = names[0] if names else model
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = faiss.omp_get_max_threads()
+    return f"{model}, {cpus} CPUs ({os.cpu_count()} on host), FAISS {threads} threads, {platform.system()}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""``sct index``, ``sct eval`` and ``sct search``: build, evaluate and query gallery folders."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable, Sequence
+
+import catalog
+from retrieval.columns import format_columns
+from retrieval.embedder import OnnxEmbedder
+from retrieval.evaluation import evaluate_gallery, format_table, save_eval
+from retrieval.gallery import (EVAL_FILE, INDEX_TYPES, Gallery, GalleryItem, build_gallery, check_index_options,
+                               read_manifest)
+from retrieval.image_folder import list_image_folder
+
+#: The split that is the gallery, per dataset; "test" for the others.
+GALLERY_SPLITS = {"hotels50k": "train", "inshop": "gallery"}
+#: The K of each dataset's published Recall@K table; (1, 2, 4, 8) for the others.
+DATASET_KS = {"inshop": (1, 10, 20, 30, 40), "hotels50k": (1, 10, 100)}
+DEFAULT_KS = (1, 2, 4, 8)
+#: ``dataset`` in the manifest of a gallery built with --images
+IMAGE_FOLDER = "image-folder"
+
+INDEX_EPILOG = """\
+Examples:
+  sct index --model runs/cub/model.onnx --dataset cub --data-root data/CUB_200_2011 --out index_data/cub
+  sct index --model runs/inshop/model.onnx --dataset inshop --data-root data/inshop --out index_data/inshop
+  sct index --model runs/sop/model.onnx --dataset sop --data-root data/sop --out index_data/sop --index-type hnsw
+  sct index --model model.onnx --images photos/ --out index_data/photos   # labels = subfolder names
+
+  The default split is the dataset's gallery: test; train for hotels50k; gallery for inshop.
+  Unreadable images are skipped and listed. The folder is replaced atomically.
+"""
+EVAL_EPILOG = """\
+Examples:
+  sct eval --index index_data/cub                                          # leave-one-out, K = 1 2 4 8
+  sct eval --index index_data/inshop --queries-split query --data-root data/inshop --k 1 10 20 30 40
+  sct eval --index index_data/photos --queries-images queries/ --json results/photos.json
+
+  Without queries every gallery image is a query against the others (itself
+  excluded by id). Queries whose label has no other gallery image are skipped
+  and counted. The result is also written to eval.json in the gallery folder.
+"""
+SEARCH_EPILOG = """\
+Examples:
+  sct search --index index_data/cub bird.jpg
+  sct search --index index_data/sop chair.png lamp.png --k 5
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``index``, ``eval`` and ``search`` subcommands."""
+    index = subparsers.add_parser(
+        "index",
+        help="embed images with an ONNX model and build a gallery folder",
+        description="Embed a dataset split or a folder of images and write a gallery folder "
+        "(manifest.json, index.faiss, items.csv, model.onnx).",
+        epilog=INDEX_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    index.add_argument("--model", required=True, metavar="ONNX", help="model exported by `sct export`")
+    source = index.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", metavar="NAME", help=f"dataset name ({', '.join(sorted(catalog.DATASETS))})")
+    source.add_argument("--images", metavar="DIR", help="folder of images; subfolder names are the labels")
+    index.add_argument("--data-root", metavar="PATH", help="dataset folder (with --dataset)")
+    index.add_argument("--split", help="split to index (with --dataset; default: the dataset's gallery split)")
+    index.add_argument("--out", required=True, metavar="DIR", help="gallery folder to write, e.g. index_data/NAME")
+    index.add_argument(
+        "--index-type", choices=INDEX_TYPES, default="flat", help="FAISS index (default: %(default)s, exact search)"
+    )
+    index.add_argument("--nlist", type=_positive_int, help="IVF lists (ivf types; default about 4·√N)")
+    index.add_argument("--nprobe", type=_positive_int, help="IVF lists searched per query (default nlist / 8)")
+    index.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="images per model call (default: %(default)s)"
+    )
+    index.set_defaults(func=index_command)
+
+    evaluation = subparsers.add_parser(
+        "eval",
+        help="Recall@K, MAP@R and P@1 of a gallery",
+        description="Evaluate a gallery folder, leave-one-out or with separate query images, print a "
+        "table and write eval.json into the folder.",
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluation.add_argument("--index", required=True, metavar="DIR", help="gallery folder")
+    queries = evaluation.add_mutually_exclusive_group()
+    queries.add_argument(
+        "--queries-split", metavar="SPLIT", help="query split of the gallery's dataset (needs --data-root)"
+    )
+    queries.add_argument(
+        "--queries-images", metavar="DIR", help="folder of query images; subfolder names are the labels"
+    )
+    evaluation.add_argument("--data-root", metavar="PATH", help="dataset folder (with --queries-split)")
+    evaluation.add_argument(
+        "--k", type=_positive_int, nargs="+", help="K of Recall@K (default: the dataset's usual ones, else 1 2 4 8)"
+    )
+    evaluation.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    evaluation.add_argument("--batch-size", type=_positive_int, default=64, help="query images per model call")
+    evaluation.set_defaults(func=eval_command)
+
+    search = subparsers.add_parser(
+        "search",
+        help="print the nearest gallery images of query images",
+        description="Embed each query image with the gallery's model and print its top K gallery images.",
+        epilog=SEARCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    search.add_argument("--index", required=True, metavar="DIR", help="gallery folder")
+    search.add_argument("images", nargs="+", metavar="IMAGE", help="query image file(s)")
+    search.add_argument("--k", type=_positive_int, default=10, help="results per query (default: %(default)s)")
+    search.set_defaults(func=search_command)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _reporting_user_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the errors a user can cause (bad paths, mismatched files, bad data) into `error: ...` and status 2."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (OSError, ValueError, catalog.DatasetError, catalog.ImageLoadError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_reporting_user_errors
+def index_command(args: argparse.Namespace) -> int:
+    """Embed the images and write the gallery folder."""
+    check_index_options(args.index_type, args.nlist, args.nprobe)
+    if args.dataset:
+        if not args.data_root:
+            raise ValueError("--dataset needs --data-root")
+        split = args.split or GALLERY_SPLITS.get(args.dataset, "test")
+        records = catalog.read_dataset(args.dataset, args.data_root)
+        print(catalog.summarize(records), file=sys.stderr)
+        sources = [(r.path, r.label, r.chain) for r in catalog.select_split(records, split)]
+        dataset = args.dataset
+    else:
+        if args.data_root or args.split:
+            raise ValueError("--data-root and --split go with --dataset, not --images")
+        sources = [(path, label, None) for path, label in list_image_folder(args.images)]
+        dataset, split = IMAGE_FOLDER, ""
+    embedder = OnnxEmbedder(args.model)
+    print(f"indexing {len(sources):,} images of {dataset} {split}".rstrip(), file=sys.stderr)
+    result = embedder.embed_paths([path for path, _, _ in sources], batch_size=args.batch_size)
+    _report_unreadable(result.failures)
+    if not len(result.kept_indices):
+        raise ValueError("none of the images could be read; nothing to index")
+    items = [GalleryItem(row, *sources[source]) for row, source in enumerate(result.kept_indices)]
+    out = build_gallery(
+        args.out,
+        result.embeddings,
+        items,
+        args.model,
+        dataset=dataset,
+        split=split,
+        index_type=args.index_type,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+    )
+    manifest = read_manifest(out)
+    summary = f"wrote {out}: {manifest['count']:,} items, {manifest['embedding_dim']}-d"
+    summary += f", FAISS {manifest['faiss_factory']}"
+    if "recall_at_10_vs_exact" in manifest:
+        summary += f", Recall@10 vs exact search {manifest['recall_at_10_vs_exact']:.4f}"
+    print(summary)
+    return 0
+
+
+@_reporting_user_errors
+def eval_command(args: argparse.Namespace) -> int:
+    """Evaluate the gallery, print the table, write eval.json (and --json)."""
+    gallery = Gallery.load(args.index)
+    dataset = gallery.manifest.get("dataset", "")
+    queries: Sequence[tuple[str, str, str | None]] | str | None = args.queries_images
+    if args.queries_split:
+        if not args.data_root:
+            raise ValueError("--queries-split needs --data-root")
+        if dataset == IMAGE_FOLDER:
+            raise ValueError(f"gallery {gallery.name} was built from an image folder; use --queries-images")
+        records = catalog.select_split(catalog.read_dataset(dataset, args.data_root), args.queries_split)
+        queries = [(r.path, r.label, r.chain) for r in records]
+    elif args.data_root:
+        raise ValueError("--data-root goes with --queries-split")
+    ks = args.k or DATASET_KS.get(dataset, DEFAULT_KS)
+    results = evaluate_gallery(gallery, ks, queries, batch_size=args.batch_size)
+    _report_unreadable([(failure["path"], failure["reason"]) for failure in results["unreadable_queries"]])
+    print(format_table(results))
+    for path in [gallery.directory / EVAL_FILE, *([args.json] if args.json else [])]:
+        print(f"wrote {save_eval(results, path)}", file=sys.stderr)
+    return 0
+
+
+@_reporting_user_errors
+def search_command(args: argparse.Namespace) -> int:
+    """Print the top K of each query image; 2 if any query image could not be read."""
+    gallery = Gallery.load(args.index)
+    unreadable = 0
+    for path in args.images:
+        try:
+            image = catalog.load_rgb(path)
+        except catalog.ImageLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            unreadable += 1
+            continue
+        scores, ids = gallery.search(gallery.embedder.embed_images([image]), args.k)
+        rows = [
+            (rank, f"{score:.4f}", gallery.items[item].label, item, gallery.items[item].path)
+            for rank, (score, item) in enumerate(zip(scores[0], ids[0].tolist()), start=1)
+        ]
+        print(f"query: {path}")
+        print(format_columns(("rank", "score", "label", "id", "path"), rows, (True, True, False, True, False)))
+        print()
+    return 2 if unreadable else 0
+
+
+def _report_unreadable(failures: Sequence[tuple[str, str]]) -> None:
+    for path, reason in failures:
+        print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
+    if failures:
+        print(f"skipped {len(failures):,} unreadable image(s)", file=sys.stderr)

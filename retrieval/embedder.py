@@ -1,0 +1,164 @@
+"""Embed images with an exported ONNX model (contract: docs/ARCHITECTURE.md, "ONNX model")."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from PIL import Image
+from tqdm import tqdm
+
+import catalog
+from retrieval.preprocessing import Preprocessing, preprocess, preprocess_batch
+
+INPUT_NAME = "image"
+EMBEDDING_OUTPUT = "embedding"
+FEATURE_MAP_OUTPUT = "feature_map"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks (models are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it, else CPU."""
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Embeddings of the readable images; ``kept_indices`` maps rows back to the input paths."""
+
+    embeddings: np.ndarray  # float32 [K, d]
+    kept_indices: np.ndarray  # int64 [K], positions in the input path list
+    failures: list[tuple[str, str]]  # (path, reason) of each skipped image
+
+
+class OnnxEmbedder:
+    """An onnxruntime session plus the preprocessing stored in the model's metadata."""
+
+    def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None) -> None:
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.model_path}")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = usable_cpus()
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(self.model_path), options, providers=list(providers or default_providers())
+            )
+        except Exception as exc:  # onnxruntime's errors derive from Exception only
+            raise ValueError(f"cannot load ONNX model {self.model_path}: {exc}") from exc
+        self._check_signature()
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.preprocessing = Preprocessing.from_metadata(metadata)
+            self.dim = self._embedding_dim(metadata)
+        except ValueError as exc:
+            raise ValueError(f"{self.model_path}: {exc}") from None
+
+    @cached_property
+    def sha256(self) -> str:
+        """sha256 of the model file, the model's identity in gallery manifests."""
+        return file_sha256(self.model_path)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Unit embeddings [N, d] of PIL RGB images, in one model call."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._run(preprocess_batch(images, self.preprocessing), [EMBEDDING_OUTPUT])[0]
+
+    def embed_with_maps(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """Unit embeddings [N, d] and projected feature maps [N, Z, d] (for similarity heatmaps)."""
+        batch = preprocess_batch(images, self.preprocessing)
+        embeddings, maps = self._run(batch, [EMBEDDING_OUTPUT, FEATURE_MAP_OUTPUT])
+        return embeddings, maps
+
+    def embed_paths(
+        self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 64, progress: bool = True
+    ) -> EmbedResult:
+        """Embed image files in batches; unreadable files are skipped and reported, never fatal.
+
+        Decoding and preprocessing run in a thread pool (Pillow releases the
+        GIL), and the next batch is prepared while the model runs on this one.
+        """
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        chunks: list[np.ndarray] = []
+        kept: list[int] = []
+        failures: list[tuple[str, str]] = []
+        with (
+            ThreadPoolExecutor(max_workers=usable_cpus()) as pool,
+            tqdm(total=len(paths), unit="img", desc="embedding", disable=not progress) as bar,
+        ):
+
+            def prepare(start: int) -> list[Future[np.ndarray]]:
+                return [pool.submit(self._load_and_preprocess, path) for path in paths[start : start + batch_size]]
+
+            upcoming = prepare(0)
+            for start in range(0, len(paths), batch_size):
+                current, upcoming = upcoming, prepare(start + batch_size)
+                inputs = []
+                for index, future in enumerate(current, start=start):
+                    try:
+                        inputs.append(future.result())
+                        kept.append(index)
+                    except catalog.ImageLoadError as exc:
+                        failures.append((str(paths[index]), exc.reason))
+                if inputs:
+                    chunks.append(self._run(np.stack(inputs), [EMBEDDING_OUTPUT])[0])
+                bar.update(len(current))
+                if failures:
+                    bar.set_postfix(skipped=len(failures))
+        embeddings = np.concatenate(chunks) if chunks else np.zeros((0, self.dim), dtype=np.float32)
+        return EmbedResult(embeddings, np.asarray(kept, dtype=np.int64), failures)
+
+    def _load_and_preprocess(self, path: str | os.PathLike[str]) -> np.ndarray:
+        return preprocess(catalog.load_rgb(path), self.preprocessing)
+
+    def _run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        return self.session.run(outputs, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+
+    def _check_signature(self) -> None:
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = {o.name for o in self.session.get_outputs()}
+        missing = {EMBEDDING_OUTPUT, FEATURE_MAP_OUTPUT} - outputs
+        if inputs != [INPUT_NAME] or missing:
+            raise ValueError(
+                f"{self.model_path} does not follow the model contract: expected input {INPUT_NAME!r} and outputs "
+                f"{EMBEDDING_OUTPUT!r}, {FEATURE_MAP_OUTPUT!r}; it has inputs {inputs} and outputs {sorted(outputs)}"
+            )
+
+    def _embedding_dim(self, metadata: dict[str, str]) -> int:
+        """``embedding_dim`` from the metadata, cross-checked with the output shape when that is static."""
+        if "embedding_dim" not in metadata:
+            raise ValueError("model metadata lacks embedding_dim")
+        try:
+            dim = int(metadata["embedding_dim"])
+        except ValueError:
+            text = metadata["embedding_dim"]
+            raise ValueError(f"model metadata embedding_dim must be an integer, got {text!r}") from None
+        output = next(o for o in self.session.get_outputs() if o.name == EMBEDDING_OUTPUT)
+        graph_dim = output.shape[-1] if output.shape else None
+        if isinstance(graph_dim, int) and graph_dim != dim:
+            raise ValueError(f"metadata embedding_dim {dim} disagrees with the embedding output's size {graph_dim}")
+        return dim

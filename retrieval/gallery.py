@@ -1,0 +1,318 @@
+"""A gallery folder: FAISS index + items + the model that embedded them (docs/ARCHITECTURE.md).
+
+``build_gallery`` writes the folder atomically and checks it loads before
+publishing it; ``Gallery.load`` refuses a folder whose parts disagree, naming
+what disagrees, so metadata can never silently drift from the index.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retrieval.atomic import atomic_directory, atomic_file
+from retrieval.embedder import OnnxEmbedder, file_sha256
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+ITEMS_FILE = "items.csv"
+MODEL_FILE = "model.onnx"
+EVAL_FILE = "eval.json"
+INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
+_IVF_TYPES = ("ivf-flat", "ivf-pq")
+_MANIFEST_KEYS = ("format_version", "model_sha256", "embedding_dim", "count", "faiss_factory", "metric")
+_HNSW_NEIGHBORS = 32
+_HNSW_EF_SEARCH = 128
+_RECALL_QUERIES = 1000
+_RECALL_K = 10
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One indexed image; ``id`` is its FAISS id and its row in items.csv."""
+
+    id: int
+    path: str
+    label: str
+    chain: str | None = None
+
+
+class GalleryMismatchError(ValueError):
+    """The files of a gallery folder disagree with each other."""
+
+
+def build_gallery(
+    out_dir: str | os.PathLike[str],
+    embeddings: np.ndarray,
+    items: Sequence[GalleryItem],
+    model_path: str | os.PathLike[str],
+    *,
+    dataset: str,
+    split: str,
+    index_type: str = "flat",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a gallery folder atomically and return its path.
+
+    ``embeddings`` are the unit vectors of ``items`` (row i is the item with
+    id i). Non-flat indexes record their Recall@10 against exact search in the
+    manifest (``recall_at_10_vs_exact``). ``nlist``/``nprobe`` tune the IVF
+    types; by default nlist ≈ 4·√N and nprobe = nlist / 8.
+    """
+    embeddings = _check_embeddings(embeddings, items)
+    index, factory = _make_index(embeddings, index_type, nlist=nlist, nprobe=nprobe, seed=seed)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model_sha256": file_sha256(model_path),
+        "embedding_dim": int(embeddings.shape[1]),
+        "count": len(items),
+        "faiss_factory": factory,
+        "index_type": index_type,
+        "metric": "inner_product",
+        "dataset": dataset,
+        "split": split,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if index_type != "flat":
+        manifest["recall_at_10_vs_exact"] = _recall_vs_exact(index, embeddings, seed=seed)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as staging:
+        shutil.copyfile(model_path, staging / MODEL_FILE)
+        (staging / ITEMS_FILE).write_text(_items_csv(items), encoding="utf-8")
+        with atomic_file(staging / INDEX_FILE) as index_path:
+            faiss.write_index(index, str(index_path))
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        Gallery.load(staging)  # never publish a folder that would not load
+    return out_dir
+
+
+class Gallery:
+    """A loaded, verified gallery folder; use ``Gallery.load``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        items: list[GalleryItem],
+        index: faiss.Index,
+        embedder: OnnxEmbedder,
+    ) -> None:
+        self.directory = directory
+        self.name = directory.name
+        self.manifest = manifest
+        self.items = items
+        self.labels = np.array([item.label for item in items], dtype=str)
+        has_chains = bool(items) and all(item.chain is not None for item in items)
+        self.chains = np.array([item.chain for item in items], dtype=str) if has_chains else None
+        self.model_path = directory / MODEL_FILE
+        self.index = index
+        self.embedder = embedder
+        self._search_index = _on_gpu_if_available(index)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], providers: Sequence[str] | None = None) -> Gallery:
+        """Load and cross-check manifest, index, items and model; raise GalleryMismatchError on disagreement."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"gallery folder not found: {directory}")
+        for file in (MANIFEST_FILE, INDEX_FILE, ITEMS_FILE, MODEL_FILE):
+            if not (directory / file).is_file():
+                raise FileNotFoundError(f"gallery {directory} lacks {file}")
+        manifest = read_manifest(directory)
+        items = _read_items(directory / ITEMS_FILE)
+        try:
+            index = faiss.read_index(str(directory / INDEX_FILE))
+        except RuntimeError as exc:  # FAISS reports unreadable files this way
+            raise GalleryMismatchError(f"{directory / INDEX_FILE} is not a readable FAISS index: {exc}") from None
+        manifest_count = (f"{MANIFEST_FILE} count", manifest["count"])
+        _check_agree("count", manifest_count, (f"{INDEX_FILE} ntotal", index.ntotal), (f"{ITEMS_FILE} rows", len(items)))
+        manifest_dim = (f"{MANIFEST_FILE} embedding_dim", manifest["embedding_dim"])
+        _check_agree("embedding dimension", manifest_dim, (f"{INDEX_FILE} d", index.d))
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise GalleryMismatchError(f"{INDEX_FILE} metric is {index.metric_type}, expected inner product")
+        _check_agree(
+            "model sha256",
+            (f"{MANIFEST_FILE} model_sha256", manifest["model_sha256"]),
+            (f"sha256 of {MODEL_FILE}", file_sha256(directory / MODEL_FILE)),
+        )
+        embedder = OnnxEmbedder(directory / MODEL_FILE, providers=providers)
+        _check_agree("embedding dimension", manifest_dim, (f"{MODEL_FILE} embedding dim", embedder.dim))
+        return cls(directory, manifest, items, index, embedder)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner-product neighbours: scores [M, k'] and ids [M, k'] (int64), k' = min(k, count)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.d:
+            raise ValueError(f"queries must have shape [M, {self.index.d}], got {list(queries.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        scores, ids = self._search_index.search(queries, min(k, self.index.ntotal))
+        return scores, ids.astype(np.int64, copy=False)
+
+    def embeddings(self) -> np.ndarray:
+        """The stored vectors [N, d] in id order (for IVF-PQ: their quantised reconstructions)."""
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.make_direct_map()
+        return self.index.reconstruct_n(0, self.index.ntotal)
+
+
+def _check_embeddings(embeddings: np.ndarray, items: Sequence[GalleryItem]) -> np.ndarray:
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise ValueError(f"embeddings must have shape [N, d] with N > 0, got {list(embeddings.shape)}")
+    if len(items) != embeddings.shape[0]:
+        raise ValueError(f"{len(items)} items for {embeddings.shape[0]} embeddings")
+    wrong = next((row for row, item in enumerate(items) if item.id != row), None)
+    if wrong is not None:
+        raise ValueError(f"item ids must be their row numbers 0..N-1; row {wrong} has id {items[wrong].id}")
+    norms = np.linalg.norm(embeddings, axis=1)
+    not_unit = np.flatnonzero(~(np.abs(norms - 1) < 1e-2))  # NaN norms included
+    if not_unit.size:
+        row = not_unit[0]
+        raise ValueError(f"embeddings must be unit vectors; row {row} has norm {norms[row]:.4g}")
+    return embeddings
+
+
+def check_index_options(index_type: str, nlist: int | None = None, nprobe: int | None = None) -> None:
+    """Reject an unknown index type, or IVF options given for another type, before any work is done."""
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    if index_type not in _IVF_TYPES and (nlist is not None or nprobe is not None):
+        raise ValueError(f"nlist and nprobe apply to the ivf index types, not {index_type!r}")
+
+
+def _make_index(
+    embeddings: np.ndarray, index_type: str, *, nlist: int | None, nprobe: int | None, seed: int
+) -> tuple[faiss.Index, str]:
+    check_index_options(index_type, nlist, nprobe)
+    count, dim = embeddings.shape
+    is_ivf = index_type in _IVF_TYPES
+    if index_type == "flat":
+        factory = "Flat"
+    elif index_type == "hnsw":
+        factory = f"HNSW{_HNSW_NEIGHBORS}"
+    else:
+        nlist = _default_nlist(count) if nlist is None else nlist
+        nprobe = max(1, nlist // 8) if nprobe is None else nprobe
+        if not 1 <= nlist <= count:
+            raise ValueError(f"nlist must be between 1 and the item count {count}, got {nlist}")
+        if not 1 <= nprobe <= nlist:
+            raise ValueError(f"nprobe must be between 1 and nlist {nlist}, got {nprobe}")
+        factory = f"IVF{nlist},Flat" if index_type == "ivf-flat" else f"IVF{nlist},PQ{_pq_parts(dim)}x{_pq_bits(count)}"
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if is_ivf:
+        # k-means needs no more than a few hundred points per list
+        sample = np.random.default_rng(seed).choice(count, min(count, 256 * nlist), replace=False)
+        index.train(embeddings[np.sort(sample)])
+        index.nprobe = nprobe
+    if index_type == "hnsw":
+        index.hnsw.efSearch = _HNSW_EF_SEARCH
+    index.add(embeddings)
+    return index, factory
+
+
+def _default_nlist(count: int) -> int:
+    """About 4·√N lists, but at least 39 training points per list (FAISS's minimum for k-means)."""
+    return int(min(max(round(4 * math.sqrt(count)), 1), max(count // 39, 1)))
+
+
+def _pq_parts(dim: int) -> int:
+    """Sub-quantisers: the largest divisor of d that is at most d / 4 (4 dims per byte-sized code)."""
+    return max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
+
+
+def _pq_bits(count: int) -> int:
+    """Bits per PQ code: 8, unless there are too few points to train 2^bits centroids."""
+    return int(min(8, max(1, math.floor(math.log2(max(count / 39, 2))))))
+
+
+def _recall_vs_exact(index: faiss.Index, embeddings: np.ndarray, *, seed: int) -> float:
+    """Share of the exact top-10 that the index returns, for up to 1000 gallery vectors as queries."""
+    count = embeddings.shape[0]
+    rows = np.random.default_rng(seed).choice(count, min(count, _RECALL_QUERIES), replace=False)
+    queries = embeddings[rows]
+    k = min(_RECALL_K, count)
+    _, exact = faiss.knn(queries, embeddings, k, metric=faiss.METRIC_INNER_PRODUCT)
+    _, approximate = index.search(queries, k)
+    found = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact))
+    return round(found / (len(rows) * k), 4)
+
+
+def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
+    """Exact (flat) search is one big matrix product; run it on the GPUs when this FAISS build has them."""
+    if isinstance(index, faiss.IndexFlat) and faiss.get_num_gpus() > 0:
+        return faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def _items_csv(items: Sequence[GalleryItem]) -> str:
+    with_chain = any(item.chain is not None for item in items)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "path", "label", "chain"] if with_chain else ["id", "path", "label"])
+    for item in items:
+        row = [item.id, item.path, item.label]
+        writer.writerow([*row, item.chain or ""] if with_chain else row)
+    return buffer.getvalue()
+
+
+def _read_items(path: Path) -> list[GalleryItem]:
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.reader(file)
+        header = next(reader, [])
+        if header not in (["id", "path", "label"], ["id", "path", "label", "chain"]):
+            raise GalleryMismatchError(f"{ITEMS_FILE} header must be id,path,label[,chain], got {','.join(header)}")
+        items = []
+        for row_number, row in enumerate(reader):
+            if len(row) != len(header) or row[0] != str(row_number):
+                raise GalleryMismatchError(
+                    f"{ITEMS_FILE} line {row_number + 2} must have {len(header)} fields starting with id {row_number}, "
+                    f"got {row}"
+                )
+            chain = (row[3] or None) if len(row) == 4 else None
+            items.append(GalleryItem(id=row_number, path=row[1], label=row[2], chain=chain))
+    return items
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked manifest.json of a gallery folder (without loading the rest)."""
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise GalleryMismatchError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise GalleryMismatchError(f"{path} must hold a JSON object")
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise GalleryMismatchError(f"{MANIFEST_FILE} lacks {', '.join(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise GalleryMismatchError(
+            f"{MANIFEST_FILE} format_version is {manifest['format_version']!r}; this version reads {FORMAT_VERSION}"
+        )
+    if manifest["metric"] != "inner_product":
+        raise GalleryMismatchError(f"{MANIFEST_FILE} metric is {manifest['metric']!r}, expected 'inner_product'")
+    return manifest
+
+
+def _check_agree(what: str, *sources: tuple[str, Any]) -> None:
+    """Raise GalleryMismatchError naming each (source, value) unless all values are equal."""
+    if any(value != sources[0][1] for _, value in sources):
+        listed = ", ".join(f"{source} = {value}" for source, value in sources)
+        raise GalleryMismatchError(f"{what} mismatch: {listed}")

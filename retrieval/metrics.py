@@ -1,0 +1,180 @@
+"""Retrieval metrics: Recall@K, MAP@R and P@1 (Musgrave et al. 2020, "A Metric Learning Reality Check").
+
+Neighbours come from exact inner-product search, done in chunks of queries so
+memory stays O(chunk · depth) instead of the N × N similarity matrix. In
+leave-one-out evaluation a query is removed from its own neighbours by its id,
+not by dropping the first neighbour, because ties and duplicate images happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+DEFAULT_CHUNK_SIZE = 8192
+
+
+def knn_exclude_self(
+    gallery: np.ndarray,
+    queries: np.ndarray,
+    depth: int,
+    query_ids: np.ndarray | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``depth`` inner-product neighbours: scores [M, D] float32 and ids [M, D] int64.
+
+    With ``query_ids`` (each query's own row in ``gallery``) that row is left
+    out of its results: the search goes one deeper and drops the entry whose
+    id is the query's, or the last entry when the query is not among them
+    (it can be pushed out by at least depth+1 exact duplicates). D is
+    ``depth``, or fewer when the gallery is smaller.
+    """
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if gallery.ndim != 2 or queries.ndim != 2 or gallery.shape[1] != queries.shape[1]:
+        raise ValueError(f"gallery [N, d] and queries [M, d] must agree on d, got {gallery.shape} and {queries.shape}")
+    if depth < 1 or chunk_size < 1:
+        raise ValueError(f"depth and chunk_size must be at least 1, got {depth} and {chunk_size}")
+    exclude = query_ids is not None
+    if exclude and len(query_ids) != len(queries):
+        raise ValueError(f"{len(query_ids)} query ids for {len(queries)} queries")
+    searched = min(depth + exclude, len(gallery))
+    kept = searched - exclude
+    scores = np.empty((len(queries), kept), dtype=np.float32)
+    ids = np.empty((len(queries), kept), dtype=np.int64)
+    for start in range(0, len(queries), chunk_size):
+        stop = start + chunk_size
+        chunk_scores, chunk_ids = faiss.knn(queries[start:stop], gallery, searched, metric=faiss.METRIC_INNER_PRODUCT)
+        if exclude:
+            chunk_scores, chunk_ids = _drop_self(chunk_scores, chunk_ids, np.asarray(query_ids[start:stop]))
+        scores[start:stop] = chunk_scores
+        ids[start:stop] = chunk_ids
+    return scores, ids
+
+
+def _drop_self(scores: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove exactly one entry per row: the query's own id, else the last (ids are unique within a row)."""
+    drop = ids == self_ids[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    keep = ~drop
+    rows = len(ids)
+    return scores[keep].reshape(rows, -1), ids[keep].reshape(rows, -1)
+
+
+@dataclass(frozen=True)
+class _LabelSet:
+    """One labelling of gallery and queries (e.g. instance, or Hotels-50K chain) to score against."""
+
+    prefix: str  # "" for the main labels, "chain_" etc. for extra ones
+    gallery_codes: np.ndarray  # int [N]
+    query_codes: np.ndarray  # int [M]
+    relevant: np.ndarray  # R: gallery items with the query's label, the query itself excluded [M]
+    ks: tuple[int, ...]
+    with_map: bool  # MAP@R and P@1 are reported for the main labels only
+
+
+def evaluate(
+    gallery_emb: np.ndarray,
+    gallery_labels: Sequence | np.ndarray,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    query_emb: np.ndarray | None = None,
+    query_labels: Sequence | np.ndarray | None = None,
+    *,
+    extra_labels: Mapping[str, tuple[Sequence | np.ndarray, Sequence | np.ndarray | None, Sequence[int]]] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict[str, float | int]:
+    """Recall@k for each k, MAP@R and P@1 of unit embeddings, by exact search.
+
+    Without ``query_emb`` every gallery item is a query against the others
+    (leave-one-out). Queries whose label has no other gallery item are left
+    out and counted as "skipped". ``extra_labels`` maps a name to (gallery
+    labels, query labels or None in leave-one-out, ks) and adds
+    "<name>_recall@k", "<name>_queries" and "<name>_skipped", e.g. Hotels-50K
+    chains: ``{"chain": (gallery_chain, query_chain, (1, 3, 5))}``.
+    """
+    leave_one_out = query_emb is None
+    if leave_one_out != (query_labels is None):
+        raise ValueError("give query_emb and query_labels together, or neither for leave-one-out")
+    gallery_emb = np.ascontiguousarray(gallery_emb, dtype=np.float32)
+    queries = gallery_emb if leave_one_out else np.ascontiguousarray(query_emb, dtype=np.float32)
+    query_labels = gallery_labels if leave_one_out else query_labels
+    sizes = (len(gallery_emb), len(queries))
+    label_sets = [_label_set("", gallery_labels, query_labels, ks, sizes, leave_one_out, with_map=True)]
+    for name, (gallery_extra, query_extra, extra_ks) in (extra_labels or {}).items():
+        query_extra = gallery_extra if leave_one_out else query_extra
+        if query_extra is None:
+            raise ValueError(f"extra labels {name!r} need query labels when queries are given")
+        label_sets.append(
+            _label_set(f"{name}_", gallery_extra, query_extra, extra_ks, sizes, leave_one_out, with_map=False)
+        )
+
+    evaluated = [label_set.relevant > 0 for label_set in label_sets]
+    for label_set, mask in zip(label_sets, evaluated):
+        if not mask.any():
+            kind = label_set.prefix.rstrip("_") or "label"
+            raise ValueError(f"no query has another gallery item with the same {kind}; nothing to evaluate")
+    main = label_sets[0]
+    depth = max(max(max(s.ks) for s in label_sets), int(main.relevant.max()))
+    first_hit = [np.full(len(queries), np.inf) for _ in label_sets]  # rank (0-based) of the first correct neighbour
+    average_precision = np.zeros(len(queries))
+    searched = np.flatnonzero(np.logical_or.reduce(evaluated))
+    for start in range(0, len(searched), chunk_size):
+        rows = searched[start : start + chunk_size]
+        _, ids = knn_exclude_self(
+            gallery_emb, queries[rows], depth, query_ids=rows if leave_one_out else None, chunk_size=chunk_size
+        )
+        for label_set, ranks in zip(label_sets, first_hit):
+            hits = label_set.gallery_codes[ids] == label_set.query_codes[rows, None]
+            ranks[rows] = np.where(hits.any(axis=1), hits.argmax(axis=1), np.inf)
+            if label_set.with_map:
+                relevant = label_set.relevant[rows]
+                scored = relevant > 0
+                average_precision[rows[scored]] = _average_precision_at_r(hits[scored], relevant[scored])
+
+    results: dict[str, float | int] = {}
+    for label_set, ranks, mask in zip(label_sets, first_hit, evaluated):
+        for k in label_set.ks:
+            results[f"{label_set.prefix}recall@{k}"] = float(np.mean(ranks[mask] < k))
+        if label_set.with_map:
+            results["map@r"] = float(np.mean(average_precision[mask]))
+            results["precision@1"] = float(np.mean(ranks[mask] < 1))
+        results[f"{label_set.prefix}queries"] = int(mask.sum())
+        results[f"{label_set.prefix}skipped"] = int((~mask).sum())
+    return results
+
+
+def _label_set(
+    prefix: str,
+    gallery_labels: Sequence | np.ndarray,
+    query_labels: Sequence | np.ndarray,
+    ks: Sequence[int],
+    sizes: tuple[int, int],
+    leave_one_out: bool,
+    *,
+    with_map: bool,
+) -> _LabelSet:
+    """Encode both label arrays as shared integer codes and count R per query."""
+    ks = tuple(sorted({int(k) for k in ks}))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"k values must be at least 1, got {list(ks)}")
+    gallery_labels, query_labels = np.asarray(gallery_labels), np.asarray(query_labels)
+    if (len(gallery_labels), len(query_labels)) != sizes:
+        raise ValueError(
+            f"{prefix}labels: {len(gallery_labels)} for {sizes[0]} gallery embeddings and "
+            f"{len(query_labels)} for {sizes[1]} queries"
+        )
+    _, codes = np.unique(np.concatenate([gallery_labels, query_labels]), return_inverse=True)
+    gallery_codes, query_codes = codes[: len(gallery_labels)], codes[len(gallery_labels) :]
+    relevant = np.bincount(gallery_codes, minlength=codes.max() + 1)[query_codes] - int(leave_one_out)
+    return _LabelSet(prefix, gallery_codes, query_codes, relevant, ks, with_map)
+
+
+def _average_precision_at_r(hits: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """AP@R per row: (1/R) Σ_{i≤R} P(i)·rel(i), P(i) the precision of the top i; hits [M, D ≥ R]."""
+    ranks = np.arange(1, hits.shape[1] + 1)
+    correct_within_r = hits & (ranks <= relevant[:, None])
+    precision = np.cumsum(correct_within_r, axis=1) / ranks
+    return (precision * correct_within_r).sum(axis=1) / relevant

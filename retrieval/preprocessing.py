@@ -1,0 +1,131 @@
+"""Numpy mirror of the evaluation transform, so serving needs no torch.
+
+``preprocess`` reproduces, on a PIL RGB image, torchvision's
+
+    Compose([Resize(resize_size), CenterCrop(image_size), ToTensor(), Normalize(mean, std)])
+
+step by step: the same output size for the shorter-side resize, the same
+Pillow bilinear call (Pillow always antialiases), the same zero padding and
+crop offsets when the image is smaller than the crop, and the same float32
+arithmetic. The parity test holds it to 1e-4 of torchvision.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+RESIZE_RULE = "resize_shorter_bilinear_then_center_crop"
+_METADATA_KEYS = ("image_size", "resize_size", "mean", "std", "resize_rule")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are turned into model input; stored in the ONNX model's metadata."""
+
+    image_size: int  # side of the square crop fed to the model
+    resize_size: int  # the shorter side is resized to this before cropping
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0 or self.resize_size <= 0:
+            raise ValueError(f"image_size and resize_size must be positive, got {self.image_size}, {self.resize_size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be positive, got {self.std}")
+
+    def to_metadata(self) -> dict[str, str]:
+        """The ONNX ``metadata_props`` entries that describe this preprocessing."""
+        return {
+            "image_size": str(self.image_size),
+            "resize_size": str(self.resize_size),
+            "mean": json.dumps(list(self.mean)),
+            "std": json.dumps(list(self.std)),
+            "resize_rule": RESIZE_RULE,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> Preprocessing:
+        """Parse the entries written by ``to_metadata``; other keys are ignored."""
+        missing = [key for key in _METADATA_KEYS if key not in meta]
+        if missing:
+            raise ValueError(f"model metadata lacks preprocessing key(s): {', '.join(missing)}")
+        if meta["resize_rule"] != RESIZE_RULE:
+            rule = meta["resize_rule"]
+            raise ValueError(f"model metadata resize_rule is {rule!r}; only {RESIZE_RULE!r} is supported")
+        return cls(
+            image_size=_parse_int(meta, "image_size"),
+            resize_size=_parse_int(meta, "resize_size"),
+            mean=_parse_triple(meta, "mean"),
+            std=_parse_triple(meta, "std"),
+        )
+
+
+def _parse_int(meta: Mapping[str, str], key: str) -> int:
+    try:
+        return int(meta[key])
+    except ValueError:
+        raise ValueError(f"model metadata {key} must be an integer, got {meta[key]!r}") from None
+
+
+def _parse_triple(meta: Mapping[str, str], key: str) -> tuple[float, float, float]:
+    try:
+        values = json.loads(meta[key])
+        if not isinstance(values, list) or len(values) != 3:
+            raise ValueError
+        return (float(values[0]), float(values[1]), float(values[2]))
+    except (ValueError, TypeError):
+        raise ValueError(f"model metadata {key} must be a JSON list of 3 numbers, got {meta[key]!r}") from None
+
+
+def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """One PIL image to the model's float32 input of shape [3, S, S]."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    pixels = np.asarray(_resize_shorter_side(image, spec.resize_size))
+    pixels = _center_crop(pixels, spec.image_size)
+    scaled = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return (scaled - mean) / std
+
+
+def preprocess_batch(images: Sequence[Image.Image], spec: Preprocessing) -> np.ndarray:
+    """Several PIL images to one float32 array of shape [N, 3, S, S]."""
+    if not images:
+        return np.zeros((0, 3, spec.image_size, spec.image_size), dtype=np.float32)
+    return np.stack([preprocess(image, spec) for image in images])
+
+
+def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """torchvision ``Resize(size)`` on PIL: the longer side is truncated, not rounded."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+    if (new_width, new_height) == (width, height):
+        return image
+    return image.resize((new_width, new_height), Image.BILINEAR)
+
+
+def _center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """torchvision ``CenterCrop(size)``: zero-pad a side smaller than the crop, then crop.
+
+    Padding puts the odd pixel on the right/bottom; the crop offset uses
+    Python's round (half to even), as torchvision does.
+    """
+    height, width = pixels.shape[:2]
+    if size > width or size > height:
+        pad_w = max(size - width, 0)
+        pad_h = max(size - height, 0)
+        pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
+        height, width = pixels.shape[:2]
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return pixels[top : top + size, left : left + size]

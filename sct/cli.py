@@ -1,0 +1,61 @@
+"""The ``sct`` console script: one parser, subcommands contributed by each package.
+
+Nothing imported here loads torch; ``train``, ``export`` and ``demo`` import it
+when they run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from sct import __version__
+
+EPILOG = """\
+The pipeline, in order:
+  sct train  --dataset fashion-mnist --data-root data/fashion-mnist --out runs/fmnist
+  sct export --checkpoint runs/fmnist/best.pt --out runs/fmnist/model.onnx
+  sct index  --model runs/fmnist/model.onnx --dataset fashion-mnist --data-root data/fashion-mnist \\
+             --split test --out index_data/fashion-mnist
+  sct eval   --index index_data/fashion-mnist --k 1 2 4 8
+  sct search --index index_data/fashion-mnist query.png --k 10
+  sct serve  --index index_data/fashion-mnist
+
+Or all of it on Fashion-MNIST at once:
+  sct demo            (then open http://127.0.0.1:5000)
+
+Run `sct COMMAND --help` for each command's options and examples.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from retrieval import cli as retrieval_cli
+    from sct import demo
+    from training import cli as training_cli
+    from webapp import cli as webapp_cli
+
+    parser = argparse.ArgumentParser(
+        prog="sct",
+        description="Image retrieval with the Selectively Contrastive Triplet loss (Xuan et al., ECCV 2020).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sct {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    training_cli.register(subparsers)
+    retrieval_cli.register(subparsers)
+    webapp_cli.register(subparsers)
+    demo.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, LookupError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

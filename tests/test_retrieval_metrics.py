@@ -1,0 +1,153 @@
+"""Metrics against a brute-force reference written with explicit Python loops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.metrics import evaluate, knn_exclude_self
+
+
+def unit_vectors(rng: np.random.Generator, count: int, dim: int = 16) -> np.ndarray:
+    vectors = rng.standard_normal((count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def reference_metrics(gallery, gallery_labels, queries, query_labels, query_ids, ks):
+    """Rank every gallery item for every query in float64, one query at a time."""
+    per_k = {k: [] for k in ks}
+    average_precisions, skipped = [], 0
+    for q, (vector, label, own_id) in enumerate(zip(queries, query_labels, query_ids)):
+        candidates = [j for j in range(len(gallery)) if j != own_id]
+        relevant = sum(1 for j in candidates if gallery_labels[j] == label)
+        if relevant == 0:
+            skipped += 1
+            continue
+        scores = {j: float(np.dot(vector.astype(np.float64), gallery[j].astype(np.float64))) for j in candidates}
+        ranked = sorted(candidates, key=lambda j: -scores[j])
+        correct = [gallery_labels[j] == label for j in ranked]
+        for k in ks:
+            per_k[k].append(any(correct[:k]))
+        precision_sum, found = 0.0, 0
+        for i in range(relevant):
+            if correct[i]:
+                found += 1
+                precision_sum += found / (i + 1)
+        average_precisions.append(precision_sum / relevant)
+    expected = {f"recall@{k}": float(np.mean(per_k[k])) for k in ks}
+    expected["map@r"] = float(np.mean(average_precisions))
+    expected["precision@1"] = float(np.mean(per_k[ks[0]])) if ks[0] == 1 else None
+    expected["queries"] = len(average_precisions)
+    expected["skipped"] = skipped
+    return expected
+
+
+def assert_metrics_equal(actual, expected):
+    for key, value in expected.items():
+        if value is None:
+            continue
+        assert actual[key] == pytest.approx(value, abs=1e-9), key
+
+
+def clustered_gallery(rng, class_sizes, dim=16, spread=1.0):
+    """Unit vectors around one random centre per class, so recall is neither 0 nor 1."""
+    centres = unit_vectors(rng, len(class_sizes), dim)
+    labels = np.repeat(np.arange(len(class_sizes)), class_sizes)
+    vectors = centres[labels] + spread * unit_vectors(rng, len(labels), dim)
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def test_leave_one_out_matches_brute_force_with_singletons_skipped():
+    rng = np.random.default_rng(1)
+    class_sizes = [1, 2, 3, 5, 8, 20, 1, 4, 6, 30]  # largest R (29) exceeds max k
+    gallery, labels = clustered_gallery(rng, class_sizes)
+    labels = np.array([f"class-{label}" for label in labels])
+    ks = (1, 2, 4, 8)
+    actual = evaluate(gallery, labels, ks)
+    expected = reference_metrics(gallery, labels, gallery, labels, range(len(gallery)), ks)
+    assert expected["skipped"] == 2
+    assert 0.2 < expected["recall@1"] < 0.95 and 0.1 < expected["map@r"] < 0.9  # the case is not degenerate
+    assert_metrics_equal(actual, expected)
+
+
+def test_separate_queries_match_brute_force_and_unknown_labels_are_skipped():
+    rng = np.random.default_rng(2)
+    gallery, gallery_labels = clustered_gallery(rng, [3, 4, 5, 6, 7, 8])
+    queries, query_labels = clustered_gallery(rng, [2, 2, 2, 2, 2, 2, 3])  # class 6 is not in the gallery
+    ks = (1, 3, 10)
+    actual = evaluate(gallery, gallery_labels, ks, query_emb=queries, query_labels=query_labels)
+    expected = reference_metrics(gallery, gallery_labels, queries, query_labels, [-1] * len(queries), ks)
+    assert expected["skipped"] == 3 and actual["skipped"] == 3
+    assert_metrics_equal(actual, expected)
+
+
+def test_self_is_excluded_by_id_when_a_duplicate_of_another_class_ties_with_it():
+    rng = np.random.default_rng(3)
+    cluster, labels = clustered_gallery(rng, [4, 4, 4, 2, 2])  # classes 3 and 4 get a far-away twin each
+    cluster[:, 0] = 0
+    cluster = 0.7 * np.eye(16, dtype=np.float32)[0] + 0.714 * cluster / np.linalg.norm(cluster, axis=1, keepdims=True)
+    twin = -np.eye(16, dtype=np.float32)[0]  # scores about -0.7 with everything else: always ranked last
+    gallery = np.concatenate([cluster, [twin, twin]]).astype(np.float32)
+    labels = np.append(labels, [3, 4])  # identical vectors, different labels
+    twins = np.array([len(gallery) - 2, len(gallery) - 1])
+    _, ids = knn_exclude_self(gallery, gallery[twins], 1, query_ids=twins)
+    assert ids[:, 0].tolist() == twins[::-1].tolist()  # each sees its twin first, never itself
+    ks = (1, 2, 4)
+    actual = evaluate(gallery, labels, ks)
+    expected = reference_metrics(gallery, labels, gallery, labels, range(len(gallery)), ks)
+    assert_metrics_equal(actual, expected)
+
+
+def test_exact_duplicates_within_a_class_and_many_ties():
+    rng = np.random.default_rng(4)
+    base, base_labels = clustered_gallery(rng, [3, 3, 3, 3])
+    gallery = np.repeat(base, 3, axis=0)  # every vector three times, same label: scores tie exactly
+    labels = np.repeat(base_labels, 3)
+    ks = (1, 2, 4)
+    actual = evaluate(gallery, labels, ks)
+    expected = reference_metrics(gallery, labels, gallery, labels, range(len(gallery)), ks)
+    assert actual["recall@1"] == 1.0  # a twin is always first
+    assert_metrics_equal(actual, expected)
+
+
+def test_query_pushed_out_by_duplicates_drops_the_last_neighbour():
+    gallery = np.tile(np.array([[1.0, 0.0, 0.0, 0.0]], dtype=np.float32), (6, 1))
+    scores, ids = knn_exclude_self(gallery, gallery, 2, query_ids=np.arange(6))
+    assert ids.shape == (6, 2) and np.allclose(scores, 1.0)
+    for own_id, row in enumerate(ids):
+        assert own_id not in row and len(set(row.tolist())) == 2
+
+
+def test_knn_exclude_self_matches_sorting_in_chunks():
+    rng = np.random.default_rng(5)
+    gallery = unit_vectors(rng, 50)
+    queries = gallery[10:30]
+    scores, ids = knn_exclude_self(gallery, queries, 5, query_ids=np.arange(10, 30), chunk_size=7)
+    similarities = queries.astype(np.float64) @ gallery.T.astype(np.float64)
+    for row, own_id in enumerate(range(10, 30)):
+        similarities[row, own_id] = -np.inf
+        assert ids[row].tolist() == np.argsort(-similarities[row])[:5].tolist()
+        assert np.allclose(scores[row], similarities[row, ids[row]], atol=1e-6)
+    _, plain = knn_exclude_self(gallery, queries, 60)  # deeper than the gallery: all 50, self included
+    assert plain.shape == (20, 50) and plain[:, 0].tolist() == list(range(10, 30))
+
+
+def test_extra_labels_report_their_own_recall():
+    rng = np.random.default_rng(6)
+    gallery, hotels = clustered_gallery(rng, [2, 3, 1, 4, 2, 5, 1, 3])
+    chains = hotels // 3
+    actual = evaluate(gallery, hotels, (1, 2), extra_labels={"chain": (chains, None, (1, 3, 5))})
+    expected = reference_metrics(gallery, chains, gallery, chains, range(len(gallery)), (1, 3, 5))
+    for k in (1, 3, 5):
+        assert actual[f"chain_recall@{k}"] == pytest.approx(expected[f"recall@{k}"], abs=1e-9)
+    assert actual["chain_queries"] == expected["queries"] and actual["chain_skipped"] == expected["skipped"]
+    assert actual["skipped"] == 2  # the two singleton hotels, still scored for their chain
+    assert actual["chain_skipped"] == 0
+
+
+def test_nothing_to_evaluate_is_an_error():
+    rng = np.random.default_rng(7)
+    with pytest.raises(ValueError, match="no query"):
+        evaluate(unit_vectors(rng, 4), ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="together"):
+        evaluate(unit_vectors(rng, 4), ["a", "a", "b", "b"], query_emb=unit_vectors(rng, 2))

@@ -1,0 +1,117 @@
+"""Training settings: the paper's per-dataset defaults, overridden by a YAML file, then by flags."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    data_root: str
+    out: str
+    loss: str = "sct"
+    arch: str = "resnet50"
+    dim: int = 64
+    image_size: int = 256
+    epochs: int = 80
+    batch_size: int = 128
+    images_per_class: int = 2
+    lr: float = 0.009
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "step"  # "step": MultiStepLR at milestones·epochs; "cosine": cosine decay per iteration
+    milestones: list[float] = field(default_factory=lambda: [0.5])
+    gamma: float = 0.1
+    warmup_iters: int = 0
+    lam: float = 1.0
+    temperature: float = 0.1
+    hard_threshold: float | None = None
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    pretrained: str = "imagenet"
+    device: str = "auto"
+    seed: int = 0
+    eval_every: int = 1  # epochs between Recall@K evaluations on the test split; 0 = only at the end
+    eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    workers: int = 4
+    triplets_every: int = 100  # save sampled (S_ap, S_an) pairs every N iterations; 0 = never
+    max_iters_per_epoch: int | None = None  # cap for quick runs and tests
+    time_budget_s: float | None = None  # shorten the schedule so training ends within this many seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The paper's settings (DESIGN.md §3); "cpu" entries replace them where no GPU is present.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cub": dict(dim=64, batch_size=128, lr=0.009, lam=1.0, epochs=80, milestones=[0.5],
+                mean=[0.4707, 0.4601, 0.4549], std=[0.2767, 0.2760, 0.2850]),
+    "cars": dict(dim=64, batch_size=128, lr=0.02, lam=1.0, epochs=80, milestones=[0.5]),
+    "sop": dict(dim=512, batch_size=512, lr=0.03, lam=0.1, epochs=200, milestones=[0.5, 0.75]),
+    "inshop": dict(dim=512, batch_size=512, lr=0.1, lam=0.1, epochs=200, milestones=[0.5, 0.75]),
+    "hotels50k": dict(dim=256, batch_size=512, lr=0.1, lam=0.1, epochs=200, milestones=[0.5, 0.75]),
+    "folder": dict(dim=64, batch_size=128, lr=0.009, lam=1.0, epochs=80, milestones=[0.5]),
+    "fashion-mnist": dict(
+        arch="resnet18", pretrained="none", dim=64, image_size=32, epochs=12, batch_size=128,
+        images_per_class=16, lr=0.1, momentum=0.9, schedule="cosine", warmup_iters=100, lam=1.0,
+        mean=[0.2860] * 3, std=[0.3530] * 3, workers=2, eval_every=0, triplets_every=50,
+        cpu=dict(epochs=3, time_budget_s=270.0, workers=1),
+    ),
+}
+
+
+def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str | None = None,
+                   overrides: dict[str, Any] | None = None, cuda_available: bool = False) -> TrainConfig:
+    """Dataset defaults ← device defaults ← YAML ``config_file`` ← ``overrides`` (None values ignored)."""
+    settings: dict[str, Any] = dict(DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["folder"]))
+    cpu_settings = settings.pop("cpu", {})
+    device = (overrides or {}).get("device") or "auto"
+    if device == "cpu" or (device == "auto" and not cuda_available):
+        settings.update(cpu_settings)
+    if config_file:
+        settings.update(_read_yaml(Path(config_file)))
+    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - known - {"dataset", "data_root", "out"})
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}")
+    settings.update(dataset=dataset, data_root=data_root, out=out)
+    config = TrainConfig(**settings)
+    _validate(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {path}: expected a mapping of setting: value, got {type(loaded).__name__}")
+    return loaded
+
+
+def _validate(config: TrainConfig) -> None:
+    if config.batch_size % config.images_per_class:
+        raise ValueError(
+            f"batch size {config.batch_size} is not a multiple of images per class {config.images_per_class}"
+        )
+    if config.schedule not in ("step", "cosine"):
+        raise ValueError(f"schedule must be 'step' or 'cosine', not {config.schedule!r}")
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {config.device!r}")
+    for name in ("epochs", "batch_size", "image_size", "dim"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+
+
+def load_config_file(path: Path) -> TrainConfig:
+    """Read back a run's config.yaml."""
+    return TrainConfig(**_read_yaml(path))

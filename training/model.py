@@ -1,0 +1,88 @@
+"""ResNet trunk + linear embedding head, with the projected map used for similarity heatmaps."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+ARCHS = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 512),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1, 512),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1, 2048),
+}
+_TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+class PretrainedWeightsMissing(FileNotFoundError):
+    """ImageNet weights were asked for but are not on this machine."""
+
+
+class EmbeddingNet(nn.Module):
+    """A torchvision ResNet up to its last conv block, then mean pooling and fc → R^d.
+
+    ``forward`` returns the raw (unnormalised) embedding for the losses;
+    ``embed_with_map`` returns the unit embedding and the projected map
+    W·A_i + b at every location i, whose mean is the raw embedding
+    (Stylianou et al., WACV 2019).
+    """
+
+    def __init__(self, arch: str = "resnet50", dim: int = 512) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        builder, _, features = ARCHS[arch]
+        resnet = builder(weights=None)
+        self.arch, self.dim = arch, dim
+        self.trunk = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in _TRUNK_LAYERS))
+        self.head = nn.Linear(features, dim)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.trunk(images).mean(dim=(2, 3)))
+
+    def embed_with_map(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        feature_map = self.trunk(images).flatten(2).transpose(1, 2)  # [N, Z, C]
+        projected = self.head(feature_map)  # [N, Z, d]
+        return F.normalize(projected.mean(dim=1), dim=1), projected
+
+    def load_trunk_weights(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a torchvision ResNet state dict (its fc is ignored)."""
+        trunk_state = {k: v for k, v in state_dict.items() if k.split(".")[0] in _TRUNK_LAYERS}
+        missing, unexpected = self.trunk.load_state_dict(trunk_state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"pretrained weights do not fit {self.arch}: missing {missing[:3]}…, unexpected {unexpected[:3]}…"
+            )
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where torchvision keeps the ImageNet weights of ``arch`` once downloaded."""
+    url = ARCHS[arch][1].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def build_model(arch: str, dim: int, pretrained: str) -> EmbeddingNet:
+    """``pretrained`` is "imagenet" (torchvision's cache), "none" (from scratch) or a file path."""
+    model = EmbeddingNet(arch, dim)
+    if pretrained == "none":
+        return model
+    if pretrained == "imagenet":
+        path = imagenet_weights_path(arch)
+        if not path.is_file():
+            raise PretrainedWeightsMissing(
+                f"ImageNet weights for {arch} are not in torchvision's cache ({path}). "
+                f"Download {ARCHS[arch][1].url} on a machine with internet access and copy it to that path, "
+                "or pass --pretrained PATH to a torchvision state dict, or --pretrained none to train from scratch."
+            )
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise PretrainedWeightsMissing(f"--pretrained {pretrained}: no such file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    model.load_trunk_weights(state)
+    return model

@@ -1,0 +1,245 @@
+"""The training loop: P×K batches, a mined triplet loss, SGD, Recall@K on the test split, atomic checkpoints."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import catalog
+from retrieval.atomic import atomic_write_bytes, atomic_write_text
+from retrieval.metrics import evaluate
+from retrieval.preprocessing import Preprocessing
+from training.config import TrainConfig
+from training.data import (RecordImages, class_index_of, collate_skipping_failures, drop_small_classes,
+                           embed_records)
+from training.losses import build_loss
+from training.model import build_model
+from training.sampler import PKBatchSampler
+from training.transforms import eval_transform, train_transform
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def preprocessing_of(config: TrainConfig) -> Preprocessing:
+    return Preprocessing(image_size=config.image_size, resize_size=config.image_size,
+                         mean=tuple(config.mean), std=tuple(config.std))
+
+
+def lr_factor(iteration: int, config: TrainConfig, iters_per_epoch: int) -> float:
+    """Learning-rate multiplier at ``iteration``: linear warm-up, then step (per epoch) or cosine decay."""
+    warmup = min(1.0, (iteration + 1) / config.warmup_iters) if config.warmup_iters else 1.0
+    total = config.epochs * iters_per_epoch
+    if config.schedule == "cosine":
+        return warmup * 0.5 * (1.0 + math.cos(math.pi * min(iteration, total) / total))
+    epoch = iteration // iters_per_epoch
+    passed = sum(epoch >= round(m * config.epochs) for m in config.milestones)
+    return warmup * config.gamma ** passed
+
+
+class Trainer:
+    """One run: ``Trainer(config).fit()`` writes everything into ``config.out``."""
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+        self.config, self.progress = config, progress
+        self.run_dir = Path(config.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "triplets").mkdir(exist_ok=True)
+        self.device = pick_device(config.device)
+        _seed_everything(config.seed)
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+        records = catalog.read_dataset(config.dataset, config.data_root)
+        print(catalog.summarize(records))
+        self.train_records, dropped = drop_small_classes(catalog.select_split(records, "train"))
+        if dropped:
+            print(f"dropped {len(dropped)} class(es) with fewer than 2 training images: {', '.join(dropped[:10])}")
+        if not self.train_records:
+            raise ValueError(f"dataset {config.dataset} at {config.data_root} has no usable training images")
+        self.test_records = catalog.select_split(records, "test")
+        self.spec = preprocessing_of(config)
+        class_index = class_index_of(self.train_records)
+        labels = [class_index[r.label] for r in self.train_records]
+        p = config.batch_size // config.images_per_class
+        self.sampler = PKBatchSampler(labels, min(p, len(class_index)), config.images_per_class, seed=config.seed)
+        self.dataset = RecordImages(self.train_records, class_index, train_transform(self.spec))
+        self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
+
+        self.model = build_model(config.arch, config.dim, config.pretrained).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
+                                  hard_threshold=config.hard_threshold)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(it, config, self.iters_per_epoch))
+        self.start_epoch, self.iteration, self.best_recall = 0, 0, -1.0
+        self.skipped_images = 0
+        if resume:
+            self._resume()
+        else:
+            (self.run_dir / "metrics.jsonl").write_text("")
+
+    # ---------------------------------------------------------------- running
+    def fit(self) -> Path:
+        config = self.config
+        for epoch in range(self.start_epoch, config.epochs):
+            self._train_epoch(epoch)
+            is_last = epoch == config.epochs - 1
+            recall = None
+            if self.test_records and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
+                recall = self.evaluate(epoch)
+            self._save_checkpoint(epoch, recall)
+        if self.skipped_images:
+            print(f"skipped {self.skipped_images} unreadable training image(s) in all")
+        return self.run_dir
+
+    def _train_epoch(self, epoch: int) -> None:
+        config = self.config
+        self.sampler.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.workers,
+                            collate_fn=collate_skipping_failures, generator=generator,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if config.workers else None)
+        self.model.train()
+        bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="it",
+                   disable=not self.progress, dynamic_ncols=True)
+        started = time.perf_counter()
+        with open(self.run_dir / "metrics.jsonl", "a") as metrics:
+            for step, batch in enumerate(loader):
+                if step >= self.iters_per_epoch:
+                    break
+                self._report_failures(batch.failures)
+                if len(batch.labels) < 2:
+                    continue
+                record = self._train_step(batch, epoch)
+                now = time.perf_counter()
+                record["images_per_s"] = len(batch.labels) / max(now - started, 1e-9)
+                started = now
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", hard=f"{record['hard_fraction']:.2f}",
+                                img_s=f"{record['images_per_s']:.0f}")
+                bar.update()
+        bar.close()
+
+    def _train_step(self, batch: Any, epoch: int) -> dict[str, Any]:
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            embeddings = self.model(images)
+        loss = self.loss_fn(embeddings.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        stats = self.loss_fn.stats
+        if self.config.triplets_every and self.iteration % self.config.triplets_every == 0:
+            pairs = stats.pairs.numpy()
+            np.savez(self.run_dir / "triplets" / f"iter_{self.iteration:07d}.npz",
+                     s_ap=pairs[:, 0], s_an=pairs[:, 1], iteration=self.iteration, epoch=epoch)
+        record = {"iter": self.iteration, "epoch": epoch, "loss": float(loss.detach()),
+                  "hard_fraction": stats.hard_fraction, "mean_s_ap": stats.mean_s_ap,
+                  "mean_s_an": stats.mean_s_an, "lr": lr}
+        self.iteration += 1
+        return record
+
+    def evaluate(self, epoch: int) -> float:
+        """Recall@K (leave-one-out) on the test split, with the metric code of ``sct eval``."""
+        embeddings, labels, failures = embed_records(self.model, self.test_records, eval_transform(self.spec),
+                                                     self.device, workers=self.config.workers)
+        self._report_failures(failures)
+        results = evaluate(embeddings, labels, ks=tuple(self.config.eval_ks))
+        line = {"type": "eval", "epoch": epoch, "iter": self.iteration, **results}
+        with open(self.run_dir / "metrics.jsonl", "a") as metrics:
+            metrics.write(json.dumps(line) + "\n")
+        shown = "  ".join(f"R@{k} {results[f'recall@{k}']:.4f}" for k in self.config.eval_ks)
+        print(f"epoch {epoch + 1}: {shown}  MAP@R {results['map@r']:.4f}  ({results['queries']} queries)")
+        return float(results[f"recall@{self.config.eval_ks[0]}"])
+
+    def _report_failures(self, failures: list[str]) -> None:
+        for failure in failures:
+            tqdm.write(f"skipped unreadable image: {failure}")
+        self.skipped_images += len(failures)
+
+    # ------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, epoch: int, recall: float | None) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "iteration": self.iteration,
+            "best_recall": self.best_recall,
+            "config": self.config.to_dict(),
+            "recall@1": recall,
+        }
+        payload = _serialise(state)
+        atomic_write_bytes(self.run_dir / "last.pt", payload)
+        if recall is None and (self.run_dir / "best.pt").exists():
+            return
+        if recall is None or recall > self.best_recall:
+            self.best_recall = recall if recall is not None else self.best_recall
+            state["best_recall"] = self.best_recall
+            atomic_write_bytes(self.run_dir / "best.pt", _serialise(state))
+
+    def _resume(self) -> None:
+        path = self.run_dir / "last.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: {path} does not exist; start without --resume")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.iteration = state["epoch"] + 1, state["iteration"]
+        self.best_recall = state["best_recall"]
+        _truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
+        print(f"resumed from {path} after epoch {state['epoch'] + 1} (iteration {self.iteration})")
+
+
+def _serialise(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric lines written after the checkpoint, so a resumed run's log reads like an unbroken one."""
+    if not path.exists():
+        return
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [json.dumps(e) for e in entries
+            if (e["iter"] <= iteration if e.get("type") == "eval" else e["iter"] < iteration)]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train a model as ``config`` says; returns the run folder."""
+    return Trainer(config, resume=resume, progress=progress).fit()

@@ -1,0 +1,57 @@
+"""The web app: a search page and a JSON API over one or more gallery folders.
+
+``create_app`` is the app factory, for ``sct serve`` and for WSGI servers::
+
+    gunicorn -w 2 -b 127.0.0.1:5000 'webapp:create_app(["index_data/NAME"])'
+
+Nothing here imports torch; a serving host needs onnxruntime, faiss, flask,
+pillow and numpy only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from flask import Flask
+
+from webapp.api import api
+from webapp.errors import register_error_handlers
+from webapp.pages import pages
+from webapp.served import SearchSettings, load_indexes
+
+MiB = 1 << 20
+
+
+def create_app(
+    index_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    max_upload_bytes: int = 16 * MiB,
+    default_k: int = 10,
+    max_k: int = 100,
+    max_pixels: int = 40_000_000,
+) -> Flask:
+    """Build the Flask app serving the galleries in ``index_dirs``; the first is the default.
+
+    Each gallery is named after its folder. Loading fails (FileNotFoundError,
+    retrieval.gallery.GalleryMismatchError, ValueError) before any request is
+    served when a gallery is missing or inconsistent.
+    """
+    if not 1 <= default_k <= max_k:
+        raise ValueError(f"default_k must be between 1 and max_k = {max_k}, got {default_k}")
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
+    app.extensions["sct"] = SearchSettings(
+        indexes=load_indexes(index_dirs),
+        default_k=default_k,
+        max_k=max_k,
+        max_pixels=max_pixels,
+        max_upload_bytes=max_upload_bytes,
+    )
+    app.register_blueprint(pages)
+    app.register_blueprint(api)
+    register_error_handlers(app)
+    return app
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,58 @@
+"""``sct serve``: the web app on Flask's threaded server (see the epilog for production)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from retrieval.gallery import GalleryMismatchError
+from webapp import MiB, create_app
+
+EPILOG = """\
+Examples:
+  sct serve --index index_data/fashion-mnist
+  sct serve --index index_data/cub --index index_data/cars --port 8080
+  sct serve --index index_data/sop --host 0.0.0.0 --max-upload-mb 32   # reachable from other hosts
+
+  The first --index is the default gallery; each is named after its folder.
+
+Production (several worker processes behind a real WSGI server):
+  gunicorn -w 2 -b 127.0.0.1:5000 'webapp:create_app(["index_data/NAME"])'
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` subcommand."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve galleries in a web page and a JSON API",
+        description="Serve one or more gallery folders (built by `sct index`): a search page at / "
+        "and the JSON API /api/search, /api/items/<id>/image, /healthz.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--index", action="append", required=True, metavar="DIR", help="gallery folder; repeat to serve several"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=16, metavar="MB", help="largest accepted upload in MiB (default: %(default)s)"
+    )
+    parser.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load the galleries and serve them until interrupted; 2 when a gallery cannot be loaded."""
+    if args.max_upload_mb <= 0:
+        print("error: --max-upload-mb must be positive", file=sys.stderr)
+        return 2
+    try:
+        app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * MiB))
+    except (OSError, GalleryMismatchError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    names = ", ".join(app.extensions["sct"].indexes)
+    print(f"serving {names} at http://{args.host}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr)
+    app.run(host=args.host, port=args.port, threaded=True)
+    return 0

@@ -1,0 +1,156 @@
+// Search page: choose / drop / paste an image, preview it, POST it to /api/search, show the results grid.
+"use strict";
+
+document.addEventListener("DOMContentLoaded", () => {
+  const form = document.getElementById("search-form");
+  const input = document.getElementById("image-input");
+  const dropZone = document.getElementById("drop-zone");
+  const preview = document.getElementById("preview");
+  const hint = document.getElementById("drop-hint");
+  const kInput = document.getElementById("k-input");
+  const indexSelect = document.getElementById("index-select");
+  const button = document.getElementById("search-button");
+  const status = document.getElementById("status");
+  const results = document.getElementById("results");
+  const maxBytes = Number(form.dataset.maxBytes);
+
+  let queryFile = null;
+  let previewUrl = null;
+  let searchNumber = 0; // only the latest search may update the page
+
+  function showStatus(message, isError = false) {
+    status.textContent = message;
+    status.classList.toggle("error", isError);
+  }
+
+  function chooseFile(file) {
+    if (!file) return;
+    if (file.type && !file.type.startsWith("image/")) {
+      showStatus(`“${file.name}” is not an image.`, true);
+      return;
+    }
+    if (file.size > maxBytes) {
+      showStatus(`“${file.name}” is ${(file.size / 1048576).toFixed(1)} MiB; the limit is ${(maxBytes / 1048576).toFixed(0)} MiB.`, true);
+      return;
+    }
+    queryFile = file;
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = URL.createObjectURL(file);
+    preview.src = previewUrl;
+    preview.hidden = false;
+    dropZone.classList.add("has-image");
+    hint.querySelector("strong").textContent = "Drop another image to search again";
+    button.disabled = false;
+    search();
+  }
+
+  async function search() {
+    if (!queryFile) return;
+    const k = Number(kInput.value);
+    if (!Number.isInteger(k) || k < 1 || k > Number(kInput.max)) {
+      showStatus(`K must be a whole number from 1 to ${kInput.max}.`, true);
+      return;
+    }
+    const body = new FormData();
+    body.append("image", queryFile, queryFile.name || "query");
+    body.append("k", String(k));
+    if (indexSelect) body.append("index", indexSelect.value);
+
+    const number = ++searchNumber;
+    button.disabled = true;
+    form.setAttribute("aria-busy", "true");
+    showStatus("Searching…");
+    try {
+      const response = await fetch(form.action, { method: "POST", body });
+      const payload = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
+      if (number !== searchNumber) return;
+      if (!response.ok) throw new Error(payload.error || `${response.status} ${response.statusText}`);
+      renderResults(payload);
+    } catch (error) {
+      if (number !== searchNumber) return;
+      results.replaceChildren();
+      showStatus(error.message || String(error), true);
+    } finally {
+      if (number === searchNumber) {
+        button.disabled = false;
+        form.removeAttribute("aria-busy");
+      }
+    }
+  }
+
+  function renderResults(payload) {
+    const t = payload.timings_ms;
+    showStatus(
+      `${payload.results.length} results from ${payload.index} in ${t.total.toFixed(1)} ms ` +
+      `(decode ${t.decode.toFixed(1)} · embed ${t.embed.toFixed(1)} · search ${t.search.toFixed(1)} ms)`
+    );
+    const cards = payload.results.map((result, position) => {
+      const card = document.createElement("figure");
+      card.className = "result";
+
+      const image = document.createElement("img");
+      image.src = result.image_url;
+      image.alt = result.label;
+      image.loading = "lazy";
+      image.decoding = "async";
+      image.addEventListener("load", () => {
+        // keep tiny images (e.g. 28 px Fashion-MNIST) crisp when scaled up
+        if (image.naturalWidth < 96) image.classList.add("pixelated");
+      });
+
+      const caption = document.createElement("figcaption");
+      const rank = document.createElement("span");
+      rank.className = "rank";
+      rank.textContent = `#${position + 1}`;
+      const label = document.createElement("span");
+      label.className = "label";
+      label.textContent = result.label;
+      label.title = result.label;
+      const score = document.createElement("span");
+      score.className = "score";
+      score.textContent = result.score.toFixed(3);
+      score.title = "cosine similarity";
+      caption.append(rank, label, score);
+
+      card.append(image, caption);
+      return card;
+    });
+    results.replaceChildren(...cards);
+  }
+
+  input.addEventListener("change", () => chooseFile(input.files[0]));
+
+  dropZone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      input.click();
+    }
+  });
+  for (const type of ["dragenter", "dragover"]) {
+    dropZone.addEventListener(type, (event) => {
+      event.preventDefault();
+      dropZone.classList.add("dragging");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    dropZone.addEventListener(type, () => dropZone.classList.remove("dragging"));
+  }
+  dropZone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    chooseFile(event.dataTransfer.files[0]);
+  });
+  // dropping next to the zone should not navigate away from the page
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => event.preventDefault());
+
+  document.addEventListener("paste", (event) => {
+    const file = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
+    if (file) chooseFile(file);
+  });
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    search();
+  });
+  if (indexSelect) indexSelect.addEventListener("change", search);
+});
