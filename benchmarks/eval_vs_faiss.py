@@ -18,22 +18,19 @@ benchmarks/results/eval_vs_faiss.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
-import shlex
 import statistics
 import sys
 import time
 import tracemalloc
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
 from retrieval.metrics import evaluate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_vs_faiss.md"
@@ -78,9 +75,9 @@ def main() -> int:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     row = [
-        datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "`" + shlex.join(["python", "benchmarks/eval_vs_faiss.py", *sys.argv[1:]]) + "`",
-        machine(),
+        now_utc(),
+        this_command("benchmarks/eval_vs_faiss.py"),
+        machine(f"FAISS {faiss.omp_get_max_threads()} threads"),
         f"{args.n:,} × {args.dim}",
         str(depth),
         f"{evaluate_s:.2f}",
@@ -90,14 +87,10 @@ def main() -> int:
         f"{args.n * args.n * 4 / 2**20:,.0f}",
         f"{peak_rss_mb:,.0f}",
     ]
-    line = "| " + " | ".join(row) + " |"
-    print(line)
-    if not args.no_record:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        if not RESULTS.exists():
-            RESULTS.write_text(HEADER, encoding="utf-8")
-        with RESULTS.open("a", encoding="utf-8") as results:
-            results.write(line + "\n")
+    if args.no_record:
+        print("| " + " | ".join(row) + " |")
+    else:
+        print(append_row(RESULTS, HEADER, row))
     return 0
 
 
@@ -119,19 +112,6 @@ def measured(function: Callable[[], object]) -> tuple[float, float]:
         return seconds, tracemalloc.get_traced_memory()[1] / 2**20
     finally:
         tracemalloc.stop()
-
-
-def machine() -> str:
-    """CPU model, usable CPUs, FAISS threads and OS, e.g. for comparing rows recorded on shared machines."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        lines = cpuinfo.read_text().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        model = names[0] if names else model
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = faiss.omp_get_max_threads()
-    return f"{model}, {cpus} CPUs ({os.cpu_count()} on host), FAISS {threads} threads, {platform.system()}"
 
 
 if __name__ == "__main__":

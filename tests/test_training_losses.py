@@ -22,7 +22,7 @@ def reference_loss(embeddings: torch.Tensor, labels: list[int], kind: str, lam: 
     n = len(labels)
     per_anchor = []
     for a in range(n):
-        sims = {j: float(unit[a] @ unit[j]) for j in range(n) if j != a}
+        sims = {j: float((unit[a] @ unit[j]).detach()) for j in range(n) if j != a}
         positives = [j for j in sims if labels[j] == labels[a]]
         negatives = [j for j in sims if labels[j] != labels[a]]
         if not positives or not negatives:

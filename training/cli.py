@@ -57,6 +57,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--hard-threshold", type=float, metavar="T",
                         help="also treat S_an > T as hard (the official code used 0.8, its 2020 version 0.5)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when present")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--pretrained", metavar="imagenet|none|PATH",
                         help="ImageNet weights from torchvision's cache, none, or a state-dict file")
@@ -81,7 +83,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "lam",
-             "temperature", "hard_threshold", "device", "seed", "pretrained", "eval_every", "workers",
+             "temperature", "hard_threshold", "device", "precision", "seed", "pretrained", "eval_every", "workers",
              "max_iters_per_epoch")
 
 

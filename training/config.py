@@ -34,17 +34,18 @@ class TrainConfig:
     lam: float = 1.0
     temperature: float = 0.1
     hard_threshold: float | None = None
+    augment: bool = True  # random crop from 1.1× and horizontal flip, as in the paper; False: the eval transform
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     pretrained: str = "imagenet"
     device: str = "auto"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     seed: int = 0
     eval_every: int = 1  # epochs between Recall@K evaluations on the test split; 0 = only at the end
     eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     workers: int = 4
     triplets_every: int = 100  # save sampled (S_ap, S_an) pairs every N iterations; 0 = never
     max_iters_per_epoch: int | None = None  # cap for quick runs and tests
-    time_budget_s: float | None = None  # shorten the schedule so training ends within this many seconds
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,7 +64,6 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         arch="resnet18", pretrained="none", dim=64, image_size=32, epochs=12, batch_size=128,
         images_per_class=16, lr=0.1, momentum=0.9, schedule="cosine", warmup_iters=100, lam=1.0,
         mean=[0.2860] * 3, std=[0.3530] * 3, workers=2, eval_every=0, triplets_every=50,
-        cpu=dict(epochs=3, time_budget_s=270.0, workers=1),
     ),
 }
 
@@ -105,6 +105,8 @@ def _validate(config: TrainConfig) -> None:
         )
     if config.schedule not in ("step", "cosine"):
         raise ValueError(f"schedule must be 'step' or 'cosine', not {config.schedule!r}")
+    if config.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {config.precision!r}")
     if config.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {config.device!r}")
     for name in ("epochs", "batch_size", "image_size", "dim"):

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from catalog import ImageLoadError, ImageRecord, load_rgb
+from training.precision import autocast
 
 MIN_IMAGES_PER_CLASS = 2  # an anchor needs at least one positive
 
@@ -61,7 +62,8 @@ def class_index_of(records: Sequence[ImageRecord]) -> dict[str, int]:
 
 @torch.no_grad()
 def embed_records(model: torch.nn.Module, records: Sequence[ImageRecord], transform: Callable, device: torch.device,
-                  *, batch_size: int = 256, workers: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  *, batch_size: int = 256, workers: int = 0,
+                  amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Unit embeddings and labels of the readable records, plus the failures."""
     class_index = class_index_of(records)
     names = np.array(sorted(class_index))
@@ -74,8 +76,8 @@ def embed_records(model: torch.nn.Module, records: Sequence[ImageRecord], transf
         failures.extend(batch.failures)
         if len(batch.labels) == 0:
             continue
-        images = batch.images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        images = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
             output = model(images)
         embeddings.append(torch.nn.functional.normalize(output.float(), dim=1).cpu().numpy())
         labels.append(names[batch.labels.numpy()])

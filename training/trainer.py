@@ -24,6 +24,7 @@ from training.data import (RecordImages, class_index_of, collate_skipping_failur
                            embed_records)
 from training.losses import build_loss
 from training.model import build_model
+from training.precision import autocast, autocast_dtype
 from training.sampler import PKBatchSampler
 from training.transforms import eval_transform, train_transform
 
@@ -77,12 +78,12 @@ class Trainer:
         labels = [class_index[r.label] for r in self.train_records]
         p = config.batch_size // config.images_per_class
         self.sampler = PKBatchSampler(labels, min(p, len(class_index)), config.images_per_class, seed=config.seed)
-        self.dataset = RecordImages(self.train_records, class_index, train_transform(self.spec))
+        self.dataset = RecordImages(self.train_records, class_index, train_transform(self.spec) if config.augment else eval_transform(self.spec))
         self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
 
         self.model = build_model(config.arch, config.dim, config.pretrained).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = autocast_dtype(self.device, config.precision)
         self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
                                   hard_threshold=config.hard_threshold)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -144,9 +145,8 @@ class Trainer:
     def _train_step(self, batch: Any, epoch: int) -> dict[str, Any]:
         images = batch.images.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
             embeddings = self.model(images)
         loss = self.loss_fn(embeddings.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -168,7 +168,8 @@ class Trainer:
     def evaluate(self, epoch: int) -> float:
         """Recall@K (leave-one-out) on the test split, with the metric code of ``sct eval``."""
         embeddings, labels, failures = embed_records(self.model, self.test_records, eval_transform(self.spec),
-                                                     self.device, workers=self.config.workers)
+                                                     self.device, workers=self.config.workers,
+                                                     amp_dtype=self.amp_dtype)
         self._report_failures(failures)
         results = evaluate(embeddings, labels, ks=tuple(self.config.eval_ks))
         line = {"type": "eval", "epoch": epoch, "iter": self.iteration, **results}

@@ -36,6 +36,7 @@ document.addEventListener("DOMContentLoaded", () => {
     queryFile = file;
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
+    preview.onload = () => preview.classList.toggle("pixelated", preview.naturalWidth < 96);
     preview.src = previewUrl;
     preview.hidden = false;
     dropZone.classList.add("has-image");
