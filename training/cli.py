@@ -52,6 +52,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, help="images per batch (P classes × K images)")
     parser.add_argument("--images-per-class", type=int, metavar="K", help="K in the P×K batch (paper: 2)")
     parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], help="the paper's SGD (default) or AdamW")
     parser.add_argument("--lam", type=float, help="SCT's λ on hard triplets")
     parser.add_argument("--temperature", type=float, help="NCA temperature τ (default 0.1)")
     parser.add_argument("--hard-threshold", type=float, metavar="T",
@@ -82,7 +83,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_export)
 
 
-OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "lam",
+OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
              "temperature", "hard_threshold", "device", "precision", "seed", "pretrained", "eval_every", "workers",
              "max_iters_per_epoch")
 

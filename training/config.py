@@ -25,6 +25,7 @@ class TrainConfig:
     batch_size: int = 128
     images_per_class: int = 2
     lr: float = 0.009
+    optimizer: str = "sgd"  # the paper's SGD, or "adamw"
     momentum: float = 0.0
     weight_decay: float = 0.0
     schedule: str = "step"  # "step": MultiStepLR at milestones·epochs; "cosine": cosine decay per iteration
@@ -103,6 +104,8 @@ def _validate(config: TrainConfig) -> None:
         raise ValueError(
             f"batch size {config.batch_size} is not a multiple of images per class {config.images_per_class}"
         )
+    if config.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be sgd or adamw, not {config.optimizer!r}")
     if config.schedule not in ("step", "cosine"):
         raise ValueError(f"schedule must be 'step' or 'cosine', not {config.schedule!r}")
     if config.precision not in ("auto", "fp32", "bf16"):

@@ -42,6 +42,13 @@ def preprocessing_of(config: TrainConfig) -> Preprocessing:
                          mean=tuple(config.mean), std=tuple(config.std))
 
 
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
 def lr_factor(iteration: int, config: TrainConfig, iters_per_epoch: int) -> float:
     """Learning-rate multiplier at ``iteration``: linear warm-up, then step (per epoch) or cosine decay."""
     warmup = min(1.0, (iteration + 1) / config.warmup_iters) if config.warmup_iters else 1.0
@@ -86,8 +93,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.device, config.precision)
         self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
                                   hard_threshold=config.hard_threshold)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(it, config, self.iters_per_epoch))
         self.start_epoch, self.iteration, self.best_recall = 0, 0, -1.0

@@ -1,0 +1,111 @@
+"""The trainer on tiny synthetic data: files written, resume reproduces an unbroken run, bad settings refused."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.config import resolve_config
+from training.trainer import Trainer, lr_factor
+
+
+def _images(root: Path, classes: int = 6, per_class: int = 4) -> Path:
+    rng = np.random.default_rng(1)
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        colour = rng.integers(0, 256, size=3)
+        for i in range(per_class):
+            pixels = np.clip(colour + rng.integers(-40, 41, size=(20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
+def _config(data: Path, out: Path, **overrides):
+    settings = dict(arch="resnet18", pretrained="none", dim=8, image_size=16, epochs=2, batch_size=4,
+                    images_per_class=2, lr=0.05, workers=0, device="cpu", eval_every=1, triplets_every=2)
+    settings.update(overrides)
+    return resolve_config("folder", str(data), str(out), overrides=settings)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_an_interruption_matches_an_unbroken_run(tmp_path: Path, monkeypatch) -> None:
+    data = _images(tmp_path / "data")
+    Trainer(_config(data, tmp_path / "whole"), progress=False).fit()
+
+    class Killed(Exception):
+        pass
+
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self, epoch, recall):
+        save(self, epoch, recall)
+        if epoch == 0:
+            # the process dies after the first checkpoint, with the next epoch's first lines already logged
+            with open(self.run_dir / "metrics.jsonl", "a") as metrics:
+                metrics.write(json.dumps({"iter": self.iteration, "epoch": 1, "loss": 123.0}) + "\n")
+            raise Killed
+
+    interrupted = _config(data, tmp_path / "broken")
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        Trainer(interrupted, progress=False).fit()
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+    Trainer(interrupted, resume=True, progress=False).fit()
+
+    whole, resumed = _metrics(tmp_path / "whole"), _metrics(tmp_path / "broken")
+    assert [m["iter"] for m in whole] == [m["iter"] for m in resumed]
+    for a, b in zip(whole, resumed):
+        for key in ("loss", "hard_fraction", "mean_s_ap", "recall@1"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
+
+
+def test_run_folder_contents(tmp_path: Path) -> None:
+    data = _images(tmp_path / "data")
+    run = Trainer(_config(data, tmp_path / "run", epochs=1), progress=False).fit()
+    assert (run / "config.yaml").read_text().startswith("dataset: folder")
+    state = torch.load(run / "best.pt", weights_only=True)
+    assert state["epoch"] == 0 and state["config"]["dim"] == 8
+    lines = _metrics(run)
+    steps = [m for m in lines if "loss" in m]
+    assert steps and all({"loss", "hard_fraction", "mean_s_ap", "mean_s_an", "lr", "images_per_s"} <= set(m)
+                          for m in steps)
+    evaluation = [m for m in lines if m.get("type") == "eval"]
+    assert len(evaluation) == 1 and 0 <= evaluation[0]["recall@1"] <= 1
+    saved = sorted((run / "triplets").glob("*.npz"))
+    assert saved, "triplet pairs should be saved every 2 iterations"
+    pairs = np.load(saved[0])
+    assert pairs["s_ap"].shape == pairs["s_an"].shape and pairs["s_ap"].ndim == 1
+
+
+def test_learning_rate_schedules() -> None:
+    step = _config(Path("."), Path("."), epochs=10, lr=1.0)
+    step.milestones, step.warmup_iters = [0.5, 0.75], 0
+    assert [lr_factor(e * 5, step, 5) for e in (0, 4, 5, 7, 8, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = _config(Path("."), Path("."), epochs=2, schedule="cosine", warmup_iters=4)
+    assert lr_factor(0, cosine, 10) == pytest.approx(0.25)
+    assert lr_factor(10, cosine, 10) == pytest.approx(0.5)
+    assert lr_factor(20, cosine, 10) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"batch_size": 5}, "not a multiple"), ({"optimizer": "rmsprop"}, "optimizer"),
+    ({"precision": "fp8"}, "precision"), ({"epochs": 0}, "epochs"),
+])
+def test_bad_settings_are_refused_with_a_message(override: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _config(Path("."), Path("."), **override)
+
+
+def test_unknown_yaml_setting_is_named(tmp_path: Path) -> None:
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        resolve_config("folder", ".", ".", config_file=str(config_file))
