@@ -69,3 +69,23 @@ def test_gunicorn_loads_the_documented_factory_call(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = util.import_app('webapp:create_app(["index_data/NAME"])')
     assert app.test_client().get("/healthz").get_json()["indexes"][0]["name"] == "NAME"
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--threads", "--max-upload-mb"])
+def test_non_positive_server_settings_are_error_2(flag, capsys):
+    args = _parser().parse_args(["serve", "--index", "x", flag, "0"])
+    assert args.func(args) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_gunicorn_server_builds_the_app_from_the_factory():
+    from flask import Flask
+
+    from webapp.server import GunicornServer
+
+    built = []
+    server = GunicornServer(lambda: built.append(Flask("x")) or built[-1],
+                            {"bind": "127.0.0.1:0", "workers": 3, "threads": 2, "worker_class": "gthread"})
+    assert (server.cfg.workers, server.cfg.threads, server.cfg.bind) == (3, 2, ["127.0.0.1:0"])
+    assert not built  # nothing is built before a worker asks for it
+    assert server.load() is built[0]

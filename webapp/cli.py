@@ -1,4 +1,4 @@
-"""``sct serve``: the web app on Flask's threaded server (see the epilog for production)."""
+"""``sct serve``: the web app under gunicorn (or Flask's development server with --dev-server)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,22 @@ import argparse
 import sys
 
 from retrieval.gallery import GalleryMismatchError
+from flask import Flask
+
 from webapp import MiB, create_app
+from webapp.server import serve_with_gunicorn
 
 EPILOG = """\
 Examples:
   sct serve --index index_data/fashion-mnist
   sct serve --index index_data/cub --index index_data/cars --port 8080
   sct serve --index index_data/sop --host 0.0.0.0 --max-upload-mb 32   # reachable from other hosts
+  sct serve --index index_data/sop --workers 4 --threads 2              # more processes on a bigger machine
 
   The first --index is the default gallery; each is named after its folder.
 
-Production (several worker processes behind a real WSGI server):
+`sct serve` runs the app under gunicorn (threaded workers). The same with
+gunicorn's own command line, e.g. under a process manager:
   gunicorn -w 2 -b 127.0.0.1:5000 'webapp:create_app(["index_data/NAME"])'
 """
 
@@ -39,20 +44,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-upload-mb", type=float, default=16, metavar="MB", help="largest accepted upload in MiB (default: %(default)s)"
     )
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=4, help="threads per worker (default: %(default)s)")
+    parser.add_argument("--dev-server", action="store_true", help="use Flask's development server instead of gunicorn")
     parser.set_defaults(func=serve)
 
 
 def serve(args: argparse.Namespace) -> int:
     """Load the galleries and serve them until interrupted; 2 when a gallery cannot be loaded."""
-    if args.max_upload_mb <= 0:
-        print("error: --max-upload-mb must be positive", file=sys.stderr)
-        return 2
+    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--workers", args.workers),
+                        ("--threads", args.threads)):
+        if value <= 0:
+            print(f"error: {flag} must be positive", file=sys.stderr)
+            return 2
+
+    def factory() -> Flask:
+        return create_app(args.index, max_upload_bytes=int(args.max_upload_mb * MiB))
+
     try:
-        app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * MiB))
+        app = factory()  # load once here, so a bad gallery is reported before any worker starts
     except (OSError, GalleryMismatchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     names = ", ".join(app.extensions["sct"].indexes)
-    print(f"serving {names} at http://{args.host}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr)
-    app.run(host=args.host, port=args.port, threaded=True)
+    print(f"serving {names} at http://{args.host}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr, flush=True)
+    if args.dev_server:
+        app.run(host=args.host, port=args.port, threaded=True)
+    else:
+        del app
+        serve_with_gunicorn(factory, host=args.host, port=args.port, workers=args.workers, threads=args.threads)
     return 0
