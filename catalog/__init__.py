@@ -9,13 +9,23 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from catalog.cars import read_cars
+from catalog.cub import read_cub
 from catalog.fashion_mnist import read_fashion_mnist
 from catalog.folder import read_folder
+from catalog.hotels50k import read_hotels50k
 from catalog.images import ImageLoadError, decode_rgb, load_rgb
+from catalog.inshop import read_inshop
 from catalog.records import DatasetError, ImageRecord, select_split, summarize
+from catalog.sop import read_sop
 
-#: dataset name -> reader(root) -> records
+#: dataset name -> reader(root) -> records; the names are also the keys of training.config.DATASET_DEFAULTS
 DATASETS: dict[str, Callable[[Path], list[ImageRecord]]] = {
+    "cub": read_cub,
+    "cars": read_cars,
+    "sop": read_sop,
+    "inshop": read_inshop,
+    "hotels50k": read_hotels50k,
     "folder": read_folder,
     "fashion-mnist": read_fashion_mnist,
 }

@@ -71,13 +71,13 @@ def _split_row(split_file: Path, line: int, row: dict[str, str], root: Path) -> 
 
 
 def _read_class_folders(root: Path) -> list[ImageRecord]:
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = subfolders(root)
     if not class_dirs:
         raise DatasetError(
             f"dataset root {root} has no class folders; expected {root}/<class>/<images> "
             f"or a {SPLIT_FILE} with columns {','.join(_SPLIT_COLUMNS)}"
         )
-    images_per_class = {d.name: _image_files(d) for d in class_dirs}
+    images_per_class = {d.name: image_files(d) for d in class_dirs}
     classes = [name for name, files in images_per_class.items() if files]
     if not classes:
         raise DatasetError(
@@ -92,10 +92,15 @@ def _read_class_folders(root: Path) -> list[ImageRecord]:
     ]
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    """Image files anywhere below class_dir, sorted; hidden files and folders are skipped."""
+def subfolders(directory: Path) -> list[Path]:
+    """Folders directly in directory, sorted by name; hidden ones are skipped."""
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def image_files(directory: Path) -> list[Path]:
+    """Image files anywhere below directory, sorted; hidden files and folders are skipped."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
+    for dirpath, dirnames, filenames in os.walk(directory):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found.extend(
             Path(dirpath, name)

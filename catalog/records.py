@@ -18,6 +18,9 @@ class ImageRecord:
     label: str  # class name as shown to users, e.g. "Sandal"
     split: str  # "train" | "test" | "query" | "gallery"
     chain: str | None = None  # Hotels-50K chain id
+    # Coarser category for people, e.g. the SOP super-class "bicycle_final" or In-shop's
+    # "WOMEN/Dresses"; training and evaluation ignore it.
+    group: str | None = None
 
 
 class DatasetError(ValueError):

@@ -110,6 +110,14 @@ def test_unknown_dataset_lists_valid_names(tmp_path):
     assert {"folder", "fashion-mnist"} <= set(catalog.DATASETS)
 
 
+def test_dataset_names_match_the_training_defaults():
+    """`sct train --dataset NAME` picks the paper's settings by the same name the reader is registered under."""
+    from training.config import DATASET_DEFAULTS  # no torch: config.py needs only yaml
+
+    assert set(catalog.DATASETS) == set(DATASET_DEFAULTS)
+    assert {"cub", "cars", "sop", "inshop", "hotels50k"} <= set(catalog.DATASETS)
+
+
 def test_select_split_and_summarize():
     records = [
         ImageRecord("a", "x", "train"),

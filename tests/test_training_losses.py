@@ -77,7 +77,7 @@ def test_loss_and_gradient_match_explicit_loop(name: str, k: int, seed: int) -> 
     expected = reference_loss(reference_input, labels, **REFERENCE[name])
     ours.backward()
     expected.backward()
-    assert math.isclose(float(ours), float(expected), rel_tol=1e-4, abs_tol=1e-5)
+    assert math.isclose(ours.item(), expected.item(), rel_tol=1e-4, abs_tol=1e-5)
     assert torch.allclose(ours_input.grad.float(), reference_input.grad.float(), atol=1e-4, rtol=1e-3)
 
 

@@ -109,3 +109,19 @@ def test_unknown_yaml_setting_is_named(tmp_path: Path) -> None:
     config_file.write_text("learning_rate: 0.1\n")
     with pytest.raises(ValueError, match="learning_rate"):
         resolve_config("folder", ".", ".", config_file=str(config_file))
+
+
+def test_evaluation_splits_follow_each_benchmark_protocol() -> None:
+    from catalog import ImageRecord
+    from training.trainer import evaluation_splits
+
+    def records(*splits: str) -> list[ImageRecord]:
+        return [ImageRecord(f"{s}{i}.png", "x", s) for s in splits for i in range(2)]
+
+    queries, gallery = evaluation_splits(records("train", "test"))
+    assert {r.split for r in queries} == {"test"} and gallery is None
+    queries, gallery = evaluation_splits(records("train", "query", "gallery"))  # In-shop
+    assert {r.split for r in queries} == {"query"} and {r.split for r in gallery} == {"gallery"}
+    queries, gallery = evaluation_splits(records("train", "query"))  # Hotels-50K: the gallery is the train set
+    assert {r.split for r in queries} == {"query"} and {r.split for r in gallery} == {"train"}
+    assert evaluation_splits(records("train")) == ([], None)

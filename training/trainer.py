@@ -1,6 +1,7 @@
 """The training loop: P×K batches, a mined triplet loss, SGD, Recall@K on the test split, atomic checkpoints."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -79,7 +80,7 @@ class Trainer:
             print(f"dropped {len(dropped)} class(es) with fewer than 2 training images: {', '.join(dropped[:10])}")
         if not self.train_records:
             raise ValueError(f"dataset {config.dataset} at {config.data_root} has no usable training images")
-        self.test_records = catalog.select_split(records, "test")
+        self.queries, self.gallery = evaluation_splits(records)
         self.spec = preprocessing_of(config)
         class_index = class_index_of(self.train_records)
         labels = [class_index[r.label] for r in self.train_records]
@@ -110,7 +111,7 @@ class Trainer:
             self._train_epoch(epoch)
             is_last = epoch == config.epochs - 1
             recall = None
-            if self.test_records and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
+            if self.queries and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
                 recall = self.evaluate(epoch)
             self._save_checkpoint(epoch, recall)
         if self.skipped_images:
@@ -172,12 +173,18 @@ class Trainer:
         return record
 
     def evaluate(self, epoch: int) -> float:
-        """Recall@K (leave-one-out) on the test split, with the metric code of ``sct eval``."""
-        embeddings, labels, failures = embed_records(self.model, self.test_records, eval_transform(self.spec),
-                                                     self.device, workers=self.config.workers,
-                                                     amp_dtype=self.amp_dtype)
+        """Recall@K on unseen data with the metric code of ``sct eval``: leave-one-out, or query → gallery."""
+        embed = functools.partial(embed_records, self.model, transform=eval_transform(self.spec), device=self.device,
+                                  workers=self.config.workers, amp_dtype=self.amp_dtype)
+        query_emb, query_labels, failures = embed(self.queries)
         self._report_failures(failures)
-        results = evaluate(embeddings, labels, ks=tuple(self.config.eval_ks))
+        if self.gallery is None:
+            results = evaluate(query_emb, query_labels, ks=tuple(self.config.eval_ks))
+        else:
+            gallery_emb, gallery_labels, failures = embed(self.gallery)
+            self._report_failures(failures)
+            results = evaluate(gallery_emb, gallery_labels, ks=tuple(self.config.eval_ks),
+                               query_emb=query_emb, query_labels=query_labels)
         line = {"type": "eval", "epoch": epoch, "iter": self.iteration, **results}
         with open(self.run_dir / "metrics.jsonl", "a") as metrics:
             metrics.write(json.dumps(line) + "\n")
@@ -223,6 +230,23 @@ class Trainer:
         self.best_recall = state["best_recall"]
         _truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
         print(f"resumed from {path} after epoch {state['epoch'] + 1} (iteration {self.iteration})")
+
+
+def evaluation_splits(records: list[catalog.ImageRecord]) -> tuple[list, list | None]:
+    """(queries, gallery) for evaluation during training; gallery None means leave-one-out over the queries.
+
+    CUB, CARS, SOP and folders: leave-one-out over "test". In-shop: "query" →
+    "gallery". Hotels-50K: "query" → "train" (its gallery is the training set).
+    No such split: nothing to evaluate on.
+    """
+    by_split: dict[str, list] = {}
+    for record in records:
+        by_split.setdefault(record.split, []).append(record)
+    if "test" in by_split:
+        return by_split["test"], None
+    if "query" in by_split:
+        return by_split["query"], by_split.get("gallery") or by_split.get("train")
+    return [], None
 
 
 def _serialise(state: dict[str, Any]) -> bytes:
