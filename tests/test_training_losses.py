@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from training.losses import HNLoss, SCTLoss, SHNLoss
+from training.losses import BatchAllTripletLoss, EasyPositiveLoss, HNLoss, SCTLoss, SHNLoss
 
 TAU = 0.1
 
@@ -44,6 +44,40 @@ def reference_loss(embeddings: torch.Tensor, labels: list[int], kind: str, lam: 
     return torch.stack(per_anchor).mean()
 
 
+def reference_easy_positive(embeddings: torch.Tensor, labels: list[int]) -> torch.Tensor:
+    """−log(e^{S_ap/τ} / (e^{S_ap/τ} + Σ_n e^{S_an/τ})) with the easiest positive, anchor by anchor."""
+    unit = [e / e.norm() for e in embeddings]
+    per_anchor = []
+    for a in range(len(labels)):
+        positives = [j for j in range(len(labels)) if j != a and labels[j] == labels[a]]
+        negatives = [j for j in range(len(labels)) if labels[j] != labels[a]]
+        if not positives or not negatives:
+            continue
+        p = max(positives, key=lambda j: float((unit[a] @ unit[j]).detach()))
+        numerator = torch.exp(unit[a] @ unit[p] / TAU)
+        denominator = numerator + sum(torch.exp(unit[a] @ unit[n] / TAU) for n in negatives)
+        per_anchor.append(-torch.log(numerator / denominator))
+    return torch.stack(per_anchor).mean() if per_anchor else embeddings.sum() * 0
+
+
+def reference_batch_all(embeddings: torch.Tensor, labels: list[int], margin: float = 0.2) -> torch.Tensor:
+    """Mean of max(0, S_an − S_ap + m) over every violating (a, p, n) triplet."""
+    unit = [e / e.norm() for e in embeddings]
+    violations = []
+    n = len(labels)
+    for a in range(n):
+        for p in range(n):
+            if p == a or labels[p] != labels[a]:
+                continue
+            for q in range(n):
+                if labels[q] == labels[a]:
+                    continue
+                value = unit[a] @ unit[q] - unit[a] @ unit[p] + margin
+                if float(value.detach()) > 0:
+                    violations.append(value)
+    return torch.stack(violations).mean() if violations else embeddings.sum() * 0
+
+
 def _batch(k: int, seed: int, classes: int = 5, dim: int = 6) -> tuple[torch.Tensor, list[int]]:
     generator = torch.Generator().manual_seed(seed)
     labels = [c for c in range(classes) for _ in range(k)]
@@ -58,11 +92,14 @@ LOSSES = {
     "sct-threshold": lambda: SCTLoss(lam=1.0, temperature=TAU, hard_threshold=0.5),
     "hn": lambda: HNLoss(temperature=TAU),
     "shn": lambda: SHNLoss(temperature=TAU),
+    "ep": lambda: EasyPositiveLoss(temperature=TAU),
+    "batch-all": lambda: BatchAllTripletLoss(margin=0.2),
 }
 REFERENCE = {
     "sct": dict(kind="sct"), "sct-lam0.1": dict(kind="sct", lam=0.1),
     "sct-threshold": dict(kind="sct", threshold=0.5), "hn": dict(kind="hn"), "shn": dict(kind="shn"),
 }
+REFERENCE_FUNCTIONS = {"ep": reference_easy_positive, "batch-all": reference_batch_all}
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -74,7 +111,10 @@ def test_loss_and_gradient_match_explicit_loop(name: str, k: int, seed: int) -> 
     reference_input = embeddings.clone().requires_grad_(True)
     loss_fn = LOSSES[name]()
     ours = loss_fn(ours_input.float(), torch.tensor(labels))
-    expected = reference_loss(reference_input, labels, **REFERENCE[name])
+    if name in REFERENCE_FUNCTIONS:
+        expected = REFERENCE_FUNCTIONS[name](reference_input, labels)
+    else:
+        expected = reference_loss(reference_input, labels, **REFERENCE[name])
     ours.backward()
     expected.backward()
     assert math.isclose(ours.item(), expected.item(), rel_tol=1e-4, abs_tol=1e-5)
@@ -109,10 +149,10 @@ def test_hard_triplet_gives_its_positive_no_gradient() -> None:
 def test_no_valid_anchor_gives_zero_loss_that_backpropagates() -> None:
     embeddings = torch.randn(4, 8, requires_grad=True)
     for labels in (torch.tensor([0, 1, 2, 3]), torch.tensor([5, 5, 5, 5])):
-        for loss_fn in (SCTLoss(), HNLoss(), SHNLoss()):
+        for loss_fn in (SCTLoss(), HNLoss(), SHNLoss(), EasyPositiveLoss(), BatchAllTripletLoss()):
             loss = loss_fn(embeddings, labels)
             loss.backward()
-            assert float(loss) == 0.0 and not torch.isnan(loss)
+            assert loss.item() == 0.0 and not torch.isnan(loss)
             assert embeddings.grad is not None and not torch.isnan(embeddings.grad).any()
             assert loss_fn.stats.valid_anchors == 0
 

@@ -43,7 +43,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(catalog.DATASETS), help="dataset layout to read")
     parser.add_argument("--data-root", required=True, metavar="PATH", help="folder holding the dataset")
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder for config, metrics and checkpoints")
-    parser.add_argument("--loss", choices=["sct", "hn", "shn"], help="loss (default: sct)")
+    parser.add_argument("--loss", choices=["sct", "hn", "shn", "ep", "batch-all"],
+                        help="sct (default); baselines: hn, shn, ep (easy positive), batch-all (triplet margin)")
     parser.add_argument("--config", metavar="YAML", help="YAML file of settings that override the dataset defaults")
     parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], help="backbone")
     parser.add_argument("--dim", type=int, help="embedding size")
@@ -55,6 +56,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], help="the paper's SGD (default) or AdamW")
     parser.add_argument("--lam", type=float, help="SCT's λ on hard triplets")
     parser.add_argument("--temperature", type=float, help="NCA temperature τ (default 0.1)")
+    parser.add_argument("--margin", type=float, help="margin of --loss batch-all (default 0.2)")
     parser.add_argument("--hard-threshold", type=float, metavar="T",
                         help="also treat S_an > T as hard (the official code used 0.8, its 2020 version 0.5)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when present")
@@ -84,7 +86,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
-             "temperature", "hard_threshold", "device", "precision", "seed", "pretrained", "eval_every", "workers",
+             "temperature", "margin", "hard_threshold", "device", "precision", "seed", "pretrained", "eval_every", "workers",
              "max_iters_per_epoch")
 
 

@@ -35,6 +35,7 @@ class TrainConfig:
     lam: float = 1.0
     temperature: float = 0.1
     hard_threshold: float | None = None
+    margin: float = 0.2  # batch-all triplet loss only
     augment: bool = True  # random crop from 1.1× and horizontal flip, as in the paper; False: the eval transform
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
@@ -45,6 +46,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between Recall@K evaluations on the test split; 0 = only at the end
     eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     workers: int = 4
+    cache_images: bool = False  # keep preprocessed training images in memory; only with augment: false, workers: 0
     triplets_every: int = 100  # save sampled (S_ap, S_an) pairs every N iterations; 0 = never
     max_iters_per_epoch: int | None = None  # cap for quick runs and tests
 
@@ -64,10 +66,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # The demo: a small ResNet from scratch at 32 px. Tuned on CPU for a 5-minute budget (benchmarks/results/demo.md):
     # AdamW, no crop/flip augmentation, and all 10 classes in every batch (P = 10, K = 12) learn fastest.
     "fashion-mnist": dict(
-        arch="resnet18", pretrained="none", dim=64, image_size=32, epochs=12, batch_size=120,
-        images_per_class=12, optimizer="adamw", lr=0.002, weight_decay=1e-4, schedule="cosine", warmup_iters=100,
+        arch="resnet18", pretrained="none", dim=128, image_size=32, epochs=12, batch_size=120,
+        images_per_class=12, optimizer="adamw", lr=0.001, weight_decay=1e-4, schedule="cosine", warmup_iters=100,
         augment=False, lam=1.0, mean=[0.2860] * 3, std=[0.3530] * 3, workers=2, eval_every=0, triplets_every=50,
-        cpu=dict(epochs=3, max_iters_per_epoch=450, workers=1),  # about 5 minutes on 2 cores
+        cpu=dict(epochs=3, max_iters_per_epoch=450, workers=0, cache_images=True),  # about 5 minutes on 2 cores
     ),
 }
 

@@ -24,21 +24,33 @@ class Batch:
 
 
 class RecordImages(Dataset):
-    """Images of ``records`` with integer labels; an unreadable image yields its error instead."""
+    """Images of ``records`` with integer labels; an unreadable image yields its error instead.
 
-    def __init__(self, records: Sequence[ImageRecord], class_index: dict[str, int], transform: Callable) -> None:
+    With ``cache``, each transformed image is kept in memory (as float16) after
+    its first load, which only makes sense for a deterministic transform read
+    in the main process: small datasets trained without augmentation on CPU.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], class_index: dict[str, int], transform: Callable,
+                 *, cache: bool = False) -> None:
         self.records, self.class_index, self.transform = records, class_index, transform
+        self.cache: dict[int, Tensor] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | str:
         record = self.records[index]
+        label = self.class_index[record.label]
+        if self.cache is not None and index in self.cache:
+            return self.cache[index].float(), label
         try:
-            image = load_rgb(record.path)
+            image = self.transform(load_rgb(record.path))
         except ImageLoadError as error:
             return str(error)
-        return self.transform(image), self.class_index[record.label]
+        if self.cache is not None:
+            self.cache[index] = image.half()
+        return image, label
 
 
 def collate_skipping_failures(items: list[tuple[Tensor, int] | str]) -> Batch:

@@ -37,12 +37,30 @@ def _masked_argmax(similarities: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return best, mask.any(dim=1)
 
 
+@dataclass(frozen=True)
+class Mining:
+    """One batch's similarities and the selection every loss starts from."""
+
+    similarities: Tensor  # [B, B] live cosine similarities
+    positives: Tensor  # [B, B] same class, not self
+    negatives: Tensor  # [B, B] other class
+    positive: Tensor  # [B] index of the easiest (most similar) positive
+    has_positive: Tensor  # [B] bool
+
+    @property
+    def s_ap(self) -> Tensor:
+        """Detached similarity of each anchor to its easiest positive."""
+        return self.similarities.detach().gather(1, self.positive[:, None]).squeeze(1)
+
+
 class MinedTripletLoss(nn.Module):
     """Base class: mines (anchor, easiest positive, hardest negative) and averages a per-anchor loss.
 
-    Subclasses implement ``per_anchor_loss(s_ap, s_an)``; they may narrow the
-    negatives with ``negative_mask``. After each call, ``self.stats`` holds the
-    batch's hard-triplet fraction, mean similarities and (S_ap, S_an) pairs.
+    Subclasses implement ``per_anchor_loss(s_ap, s_an)`` and may narrow the
+    negatives with ``negative_mask``; losses over more than one negative
+    override ``batch_loss`` instead. After each call, ``self.stats`` holds the
+    batch's hard-triplet fraction, mean similarities and (S_ap, S_an) pairs,
+    always measured on the hardest negative, whichever triplets the loss uses.
     """
 
     def __init__(self) -> None:
@@ -52,34 +70,34 @@ class MinedTripletLoss(nn.Module):
     def per_anchor_loss(self, s_ap: Tensor, s_an: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def negative_mask(self, detached: Tensor, different: Tensor, s_ap: Tensor) -> Tensor:
-        """Which negatives an anchor may use; all images of other classes by default."""
-        return different
+    def negative_mask(self, mining: Mining) -> Tensor:
+        """Which negatives each anchor may use; all images of other classes by default."""
+        return mining.negatives
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         unit = F.normalize(embeddings.float(), dim=1)
         similarities = unit @ unit.T
-        detached = similarities.detach()
         labels = labels.to(embeddings.device)
         same = labels[:, None] == labels[None, :]
         not_self = ~torch.eye(len(labels), dtype=torch.bool, device=embeddings.device)
-        different = ~same
+        positive, has_positive = _masked_argmax(similarities.detach(), same & not_self)
+        mining = Mining(similarities, same & not_self, ~same, positive, has_positive)
 
-        positive, has_positive = _masked_argmax(detached, same & not_self)
-        rows = torch.arange(len(labels), device=embeddings.device)
-        s_ap_detached = detached[rows, positive]
+        hardest, has_negative = _masked_argmax(similarities.detach(), mining.negatives)
+        s_an_hardest = similarities.detach().gather(1, hardest[:, None]).squeeze(1)
+        self.stats = _stats(mining.s_ap, s_an_hardest, has_positive & has_negative)
+        loss = self.batch_loss(mining)
+        return loss if loss is not None else (embeddings * 0.0).sum()
 
-        hardest, has_negative = _masked_argmax(detached, different)
-        self.stats = _stats(s_ap_detached, detached[rows, hardest], has_positive & has_negative)
-
-        allowed = self.negative_mask(detached, different, s_ap_detached)
-        negative, has_allowed = _masked_argmax(detached, allowed)
-        valid = has_positive & has_allowed
+    def batch_loss(self, mining: Mining) -> Tensor | None:
+        """Mean per-anchor loss over anchors with a positive and an allowed negative; None if there are none."""
+        negative, has_negative = _masked_argmax(mining.similarities.detach(), self.negative_mask(mining))
+        valid = mining.has_positive & has_negative
         if not bool(valid.any()):
-            return (embeddings * 0.0).sum()
-        anchors = rows[valid]
-        s_ap = similarities[anchors, positive[valid]]
-        s_an = similarities[anchors, negative[valid]]
+            return None
+        anchors = valid.nonzero().squeeze(1)
+        s_ap = mining.similarities[anchors, mining.positive[anchors]]
+        s_an = mining.similarities[anchors, negative[anchors]]
         return self.per_anchor_loss(s_ap, s_an).mean()
 
 
@@ -116,8 +134,8 @@ class HNLoss(MinedTripletLoss):
 class SHNLoss(HNLoss):
     """NCA on the hardest negative that is not closer than the positive; anchors with none are skipped."""
 
-    def negative_mask(self, detached: Tensor, different: Tensor, s_ap: Tensor) -> Tensor:
-        return different & (detached <= s_ap[:, None])
+    def negative_mask(self, mining: Mining) -> Tensor:
+        return mining.negatives & (mining.similarities.detach() <= mining.s_ap[:, None])
 
 
 class SCTLoss(MinedTripletLoss):
@@ -141,13 +159,57 @@ class SCTLoss(MinedTripletLoss):
         return torch.where(hard, self.lam * s_an, nca(s_ap, s_an, self.temperature))
 
 
-LOSSES = {"sct": SCTLoss, "hn": HNLoss, "shn": SHNLoss}
+class EasyPositiveLoss(MinedTripletLoss):
+    """NCA of the easiest positive against every negative of the batch (Xuan et al., WACV 2020):
+    −log(e^{S_ap/τ} / (e^{S_ap/τ} + Σ_n e^{S_an/τ}))."""
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def batch_loss(self, mining: Mining) -> Tensor | None:
+        valid = mining.has_positive & mining.negatives.any(dim=1)
+        if not bool(valid.any()):
+            return None
+        anchors = valid.nonzero().squeeze(1)
+        logits = mining.similarities[anchors] / self.temperature
+        positive_logit = logits.gather(1, mining.positive[anchors, None])
+        negative_logits = logits.masked_fill(~mining.negatives[anchors], float("-inf"))
+        all_logits = torch.cat([positive_logit, negative_logits], dim=1)
+        return (torch.logsumexp(all_logits, dim=1) - positive_logit.squeeze(1)).mean()
 
 
-def build_loss(name: str, *, lam: float, temperature: float, hard_threshold: float | None) -> MinedTripletLoss:
+class BatchAllTripletLoss(MinedTripletLoss):
+    """Margin loss max(0, S_an − S_ap + margin) over every (anchor, positive, negative) of the batch,
+    averaged over the triplets that still violate the margin (Hermans et al. 2017, "batch all").
+    Memory grows as B³: fine for the paper's batches (B ≤ 512 gives 134 M triplets)."""
+
+    def __init__(self, margin: float = 0.2) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def batch_loss(self, mining: Mining) -> Tensor | None:
+        sims = mining.similarities
+        valid = mining.positives[:, :, None] & mining.negatives[:, None, :]  # [a, p, n]
+        if not bool(valid.any()):
+            return None
+        violation = F.relu(sims[:, None, :] - sims[:, :, None] + self.margin)[valid]
+        active = violation.detach() > 0
+        if not bool(active.any()):
+            return violation.sum() * 0.0
+        return violation[active].mean()
+
+
+LOSSES = {"sct": SCTLoss, "hn": HNLoss, "shn": SHNLoss, "ep": EasyPositiveLoss, "batch-all": BatchAllTripletLoss}
+
+
+def build_loss(name: str, *, lam: float, temperature: float, hard_threshold: float | None,
+               margin: float = 0.2) -> MinedTripletLoss:
     """The loss called ``name`` with the run's settings."""
     if name == "sct":
         return SCTLoss(lam=lam, temperature=temperature, hard_threshold=hard_threshold)
+    if name == "batch-all":
+        return BatchAllTripletLoss(margin=margin)
     if name in LOSSES:
         return LOSSES[name](temperature=temperature)
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")

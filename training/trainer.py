@@ -86,14 +86,18 @@ class Trainer:
         labels = [class_index[r.label] for r in self.train_records]
         p = config.batch_size // config.images_per_class
         self.sampler = PKBatchSampler(labels, min(p, len(class_index)), config.images_per_class, seed=config.seed)
-        self.dataset = RecordImages(self.train_records, class_index, train_transform(self.spec) if config.augment else eval_transform(self.spec))
+        transform = train_transform(self.spec) if config.augment else eval_transform(self.spec)
+        cache = config.cache_images and not config.augment and config.workers == 0
+        if config.cache_images and not cache:
+            print("note: cache_images is ignored: it needs augment: false and workers: 0")
+        self.dataset = RecordImages(self.train_records, class_index, transform, cache=cache)
         self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
 
         self.model = build_model(config.arch, config.dim, config.pretrained).to(self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(self.device, config.precision)
         self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
-                                  hard_threshold=config.hard_threshold)
+                                  hard_threshold=config.hard_threshold, margin=config.margin)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(it, config, self.iters_per_epoch))
@@ -129,7 +133,7 @@ class Trainer:
                             prefetch_factor=4 if config.workers else None)
         self.model.train()
         bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="it",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
         started = time.perf_counter()
         with open(self.run_dir / "metrics.jsonl", "a") as metrics:
             for step, batch in enumerate(loader):
