@@ -64,6 +64,8 @@ case "$command" in
         exec "$VENV/bin/sct" demo "$@"
         ;;
     test)
+        # Debian's Chromium for the real-browser tests; without it those tests skip and say why.
+        [ -x /usr/bin/chromium ] || apt_install chromium || true
         setup
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

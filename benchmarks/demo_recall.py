@@ -51,6 +51,7 @@ def raw_pixel_recall_at_1(images: np.ndarray, labels: np.ndarray) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, help="passed to sct demo (default: the demo's own)")
+    parser.add_argument("--augment", action="store_true", help="passed to sct demo")
     parser.add_argument("--data-root", default=str(ROOT / "data" / "fashion-mnist"))
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -60,6 +61,8 @@ def main() -> int:
                    "--run", str(run), "--index-out", str(index)]
         if args.epochs:
             command += ["--epochs", str(args.epochs)]
+        if args.augment:
+            command += ["--augment"]
         started = time.perf_counter()
         subprocess.run(command, cwd=ROOT, check=True)
         total = time.perf_counter() - started

@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--run", default="runs/fashion-mnist", help="run folder (default: %(default)s)")
     parser.add_argument("--index-out", default="index_data/fashion-mnist", help="gallery folder (default: %(default)s)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 3 on CPU)")
+    parser.add_argument("--augment", action="store_true", help="train with random crops and flips (for longer runs)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--no-serve", action="store_true", help="stop after the evaluation")
     parser.add_argument("--host", default="127.0.0.1")
@@ -47,6 +48,8 @@ def run_demo(args: argparse.Namespace) -> int:
              "--device", args.device]
     if args.epochs:
         train += ["--epochs", str(args.epochs)]
+    if args.augment:
+        train += ["--augment"]
     steps = [
         train,
         ["export", "--checkpoint", f"{args.run}/best.pt", "--out", model],

@@ -74,3 +74,16 @@ def test_save_eval_and_a_foreign_embedder(setup, tmp_path):
     other = OnnxEmbedder(make_tiny_model(tmp_path / "other.onnx", seed=7))
     with pytest.raises(GalleryMismatchError, match="sha256 mismatch"):
         evaluate_gallery(gallery, queries=[(str(setup["queries"][0]), "red")], embedder=other)
+
+
+def test_queries_of_hotels_outside_any_chain_are_left_out_of_chain_recall(setup):
+    """Hotels-50K's own evaluation treats chain id -1 as "no chain": such queries get no chain score."""
+    gallery = setup["gallery"]
+    queries = [(str(p), p.parent.name, CHAINS[p.parent.name]) for p in setup["queries"]]
+    queries[0] = (queries[0][0], queries[0][1], "-1")
+    results = evaluate_gallery(gallery, ks=(1,), queries=queries, progress=False)
+    assert (results["queries"], results["chain_queries"], results["chain_skipped"]) == (3, 2, 1)
+    query_embeddings = gallery.embedder.embed_images([load_rgb(p) for p in setup["queries"][1:]])
+    similarities = query_embeddings @ setup["embeddings"].T
+    expected = recall_at(similarities, [q[2] for q in queries[1:]], gallery.chains, 1)
+    assert results["chain_recall@1"] == pytest.approx(expected)

@@ -84,3 +84,25 @@ def test_parity_failure_is_an_export_error(exported, tmp_path: Path, monkeypatch
     with pytest.raises(ExportError, match="ONNX Runtime disagrees with torch"):
         export_onnx(path.parent / "best.pt", tmp_path / "never.onnx")
     assert not (tmp_path / "never.onnx").exists()
+
+
+def test_embedder_matches_the_trainers_evaluation_path(exported, tmp_path: Path) -> None:
+    """The same image files through torch (trainer's eval transform) and the ONNX embedder agree to 1e-4."""
+    from PIL import Image
+
+    from catalog import load_rgb
+    from retrieval.embedder import OnnxEmbedder
+    from training.transforms import eval_transform
+
+    path, model = exported
+    rng = np.random.default_rng(5)
+    files = []
+    for i, (height, width) in enumerate([(64, 64), (97, 130), (150, 71), (40, 50)]):  # incl. smaller than the crop
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(files[-1])
+    embedder = OnnxEmbedder(path)
+    result = embedder.embed_paths(files, batch_size=3, progress=False)
+    transform = eval_transform(embedder.preprocessing)
+    with torch.no_grad():
+        expected, _ = model.embed_with_map(torch.stack([transform(load_rgb(f)) for f in files]))
+    assert np.abs(result.embeddings - expected.numpy()).max() <= 1e-4

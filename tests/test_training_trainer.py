@@ -125,3 +125,24 @@ def test_evaluation_splits_follow_each_benchmark_protocol() -> None:
     queries, gallery = evaluation_splits(records("train", "query"))  # Hotels-50K: the gallery is the train set
     assert {r.split for r in queries} == {"query"} and {r.split for r in gallery} == {"train"}
     assert evaluation_splits(records("train")) == ([], None)
+
+
+def test_corrupt_images_and_one_image_classes_are_reported_not_fatal(tmp_path: Path, capsys) -> None:
+    # Sorted class folders: a0, a1_lonely, a2 train; b0, b1, b2 test. After a1_lonely is dropped,
+    # every P×K = 2×2 batch holds all four training images, the two unreadable ones included.
+    data = tmp_path / "data"
+    sizes = {"a0": 2, "a1_lonely": 1, "a2": 2, "b0": 3, "b1": 3, "b2": 3}
+    rng = np.random.default_rng(0)
+    for name, count in sizes.items():
+        (data / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(data / name / f"{i}.png")
+    (data / "a0" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (data / "a2" / "1.png").write_bytes(b"")
+    run = Trainer(_config(data, tmp_path / "run", epochs=2), progress=False).fit()
+    out = capsys.readouterr().out
+    assert "dropped 1 class(es) with fewer than 2 training images: a1_lonely" in out
+    assert "a0/0.png" in out and "a2/1.png" in out
+    assert "skipped 4 unreadable training image(s) in all" in out  # two per epoch
+    assert (run / "best.pt").is_file()

@@ -66,6 +66,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pretrained", metavar="imagenet|none|PATH",
                         help="ImageNet weights from torchvision's cache, none, or a state-dict file")
     parser.add_argument("--eval-every", type=int, metavar="EPOCHS", help="evaluate every N epochs (0: at the end)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="random crop from 1.1× and horizontal flip (the paper's; default on, off for the demo)")
     parser.add_argument("--workers", type=int, help="data-loading processes")
     parser.add_argument("--max-iters-per-epoch", type=int, metavar="N", help="cap iterations per epoch (quick runs)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -86,7 +88,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
-             "temperature", "margin", "hard_threshold", "device", "precision", "seed", "pretrained", "eval_every", "workers",
+             "temperature", "margin", "hard_threshold", "device", "precision", "seed", "pretrained", "eval_every", "augment", "workers",
              "max_iters_per_epoch")
 
 
