@@ -1,4 +1,6 @@
-"""The web app on a tiny gallery: page, search (vs brute force), images, health, bad input, limits."""
+"""The web app on a tiny gallery: page, search (vs brute force), images, health, bad input, limits.
+
+Also the helpers that the other webapp tests build their galleries and requests with."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ MAX_UPLOAD = 100_000
 MAX_K = 8
 
 
-def _build(directory: Path, model: Path, paths: list[Path], embedder: OnnxEmbedder) -> np.ndarray:
+def build_gallery_of(directory: Path, model: Path, paths: list[Path], embedder: OnnxEmbedder) -> np.ndarray:
     embeddings = embedder.embed_images([load_rgb(p) for p in paths])
     items = [GalleryItem(id=i, path=str(p), label=p.parent.name) for i, p in enumerate(paths)]
     build_gallery(directory, embeddings, items, model, dataset="synthetic", split="test")
@@ -37,8 +39,9 @@ def served(tmp_path_factory):
     paths = make_color_images(root / "images", per_class=3)
     embedder = OnnxEmbedder(model)
     galleries = {
-        "colors": _build(root / "index_data" / "colors", model, paths, embedder),
-        "reds": _build(root / "index_data" / "reds", model, [p for p in paths if p.parent.name == "red"], embedder),
+        "colors": build_gallery_of(root / "index_data" / "colors", model, paths, embedder),
+        "reds": build_gallery_of(root / "index_data" / "reds", model, [p for p in paths if p.parent.name == "red"],
+                                 embedder),
     }
     app = create_app(
         [root / "index_data" / "colors", root / "index_data" / "reds"],
@@ -51,7 +54,7 @@ def served(tmp_path_factory):
             "paths": paths, "model": model, "root": root}  # fmt: skip
 
 
-def _png(color=(200, 40, 40), size=(24, 18), seed=1) -> bytes:
+def png_bytes(color=(200, 40, 40), size=(24, 18), seed=1) -> bytes:
     rng = np.random.default_rng(seed)
     pixels = np.clip(np.array(color) + rng.integers(-20, 21, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
@@ -67,7 +70,7 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"garbage") + chunk(b"IEND", b"")
 
 
-def _search(client, data: bytes | None = None, filename="q.png", **fields):
+def post_search(client, data: bytes | None = None, filename="q.png", **fields):
     form = {key: str(value) for key, value in fields.items()}
     if data is not None:
         form["image"] = (io.BytesIO(data), filename)
@@ -82,8 +85,8 @@ def _brute_force(served, name: str, data: bytes, k: int) -> tuple[np.ndarray, np
 
 
 def _assert_good_search(served, name="colors", k=3):
-    data = _png()
-    response = _search(served["client"], data, k=k, index=name)
+    data = png_bytes()
+    response = post_search(served["client"], data, k=k, index=name)
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
     ids, scores = _brute_force(served, name, data, k)
@@ -99,7 +102,8 @@ def test_page_loads(served):
     assert page.status_code == 200 and page.mimetype == "text/html"
     html = page.get_data(as_text=True)
     for needle in ('id="search-form"', 'id="drop-zone"', 'type="file"', 'id="k-input"', 'max="8"',
-                   'value="4"', 'id="index-select"', '<option value="reds">', "/static/app.js", "/static/style.css"):  # fmt: skip
+                   'value="4"', 'id="index-select"', '<option value="reds">', "/static/app.js", "/static/style.css",
+                   'id="evaluation-link" href="/evaluation?index=colors"'):  # fmt: skip
         assert needle in html
     for asset in ("/static/app.js", "/static/style.css"):
         with client.get(asset) as response:
@@ -109,19 +113,21 @@ def test_page_loads(served):
 @pytest.mark.parametrize(("name", "k"), [("colors", 1), ("colors", 5), ("reds", 2)])
 def test_search_matches_brute_force(served, name, k):
     body = _assert_good_search(served, name, k)
-    gallery = served["app"].extensions["sct"].indexes[name]
+    gallery = served["app"].extensions["sct"].indexes[name].current()
     for result in body["results"]:
         assert result["label"] == gallery.items[result["id"]].label
         assert result["image_url"] == f"/api/items/{result['id']}/image?index={name}"
-    assert set(body["timings_ms"]) == {"decode", "embed", "search", "total"}
+        assert result["heatmap_url"] == f"/api/heatmap?query={body['query_id']}&item={result['id']}&index={name}"
+        assert result["pair_url"] == f"/pair?query={body['query_id']}&item={result['id']}&index={name}"
+    assert set(body["timings_ms"]) == {"decode", "embed", "search", "render", "total"}
     assert all(value >= 0 for value in body["timings_ms"].values())
     assert body["results"][0]["label"] == "red"
 
 
 def test_search_defaults_and_k_above_gallery_size(served):
-    body = _search(served["client"], _png()).get_json()
+    body = post_search(served["client"], png_bytes()).get_json()
     assert body["index"] == "colors" and len(body["results"]) == 4  # default gallery, default_k
-    body = _search(served["client"], _png(), k=MAX_K, index="reds").get_json()
+    body = post_search(served["client"], png_bytes(), k=MAX_K, index="reds").get_json()
     assert len(body["results"]) == 3  # the gallery has only 3 images
 
 
@@ -170,25 +176,25 @@ def test_healthz(served):
         (b"", {}, 400, "empty upload"),
         (b"GIF89a but not really", {}, 400, "not a recognised image"),
         (b"just some text, not an image", {}, 400, "not a recognised image"),
-        (_png(size=(64, 64))[:150], {}, 400, "truncated or corrupt"),
+        (png_bytes(size=(64, 64))[:150], {}, 400, "truncated or corrupt"),
         (_png_header_only(50_000, 50_000), {}, 400, "decompression bomb"),
         (_png_header_only(1000, 1000), {}, 400, "too large: 1000×1000"),
-        (_png(), {"k": "abc"}, 400, "k must be an integer"),
-        (_png(), {"k": "2.5"}, 400, "k must be an integer"),
-        (_png(), {"k": "0"}, 400, "k must be between 1 and 8"),
-        (_png(), {"k": "9"}, 400, "k must be between 1 and 8"),
-        (_png(), {"index": "nope"}, 400, "unknown index 'nope'; served: colors, reds"),
+        (png_bytes(), {"k": "abc"}, 400, "k must be an integer"),
+        (png_bytes(), {"k": "2.5"}, 400, "k must be an integer"),
+        (png_bytes(), {"k": "0"}, 400, "k must be between 1 and 8"),
+        (png_bytes(), {"k": "9"}, 400, "k must be between 1 and 8"),
+        (png_bytes(), {"index": "nope"}, 400, "unknown index 'nope'; served: colors, reds"),
     ],
 )
 def test_bad_input_is_a_4xx_json_error(served, data, fields, status, message):
-    response = _search(served["client"], data, **fields)
+    response = post_search(served["client"], data, **fields)
     assert response.status_code == status
     assert message in response.get_json()["error"]
     _assert_good_search(served)  # the server keeps serving
 
 
 def test_oversize_upload_is_413(served):
-    response = _search(served["client"], b"\0" * (MAX_UPLOAD + 1))
+    response = post_search(served["client"], b"\0" * (MAX_UPLOAD + 1))
     assert response.status_code == 413
     assert "upload too large" in response.get_json()["error"]
     _assert_good_search(served)
@@ -212,8 +218,12 @@ def test_serving_never_imports_torch(served):
         "import io, sys; from webapp import create_app; import webapp.cli; from PIL import Image\n"
         f"app = create_app([{str(served['root'] / 'index_data' / 'colors')!r}])\n"
         "buffer = io.BytesIO(); Image.new('RGB', (9, 9), 'red').save(buffer, 'PNG')\n"
-        "response = app.test_client().post('/api/search', data={'image': (io.BytesIO(buffer.getvalue()), 'q.png')})\n"
+        "client = app.test_client()\n"
+        "response = client.post('/api/search', data={'image': (io.BytesIO(buffer.getvalue()), 'q.png')})\n"
         "assert response.status_code == 200, response.data\n"
+        "for url in (response.json['results'][0]['heatmap_url'], response.json['results'][0]['pair_url'],\n"
+        "            '/evaluation', '/metrics'):\n"
+        "    assert client.get(url).status_code == 200, url\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))\n"
         "sys.exit(f'torch modules imported: {loaded}' if loaded else 0)\n"
     )

@@ -16,8 +16,11 @@ from collections.abc import Sequence
 from flask import Flask
 
 from webapp.api import api
+from webapp.cache import LruCache
 from webapp.errors import register_error_handlers
+from webapp.metrics import Metrics, count_requests
 from webapp.pages import pages
+from webapp.pair_api import pair_api
 from webapp.served import SearchSettings, load_indexes
 
 MiB = 1 << 20
@@ -30,27 +33,39 @@ def create_app(
     default_k: int = 10,
     max_k: int = 100,
     max_pixels: int = 40_000_000,
+    kept_queries: int = 128,
+    query_ttl_s: float = 15 * 60,
+    cached_items: int = 64,
 ) -> Flask:
     """Build the Flask app serving the galleries in ``index_dirs``; the first is the default.
 
     Each gallery is named after its folder. Loading fails (FileNotFoundError,
     retrieval.gallery.GalleryMismatchError, ValueError) before any request is
-    served when a gallery is missing or inconsistent.
+    served when a gallery is missing or inconsistent. Afterwards each gallery
+    follows its folder being rebuilt (webapp.live). Each worker keeps the
+    latest ``kept_queries`` searches for ``query_ttl_s`` seconds, for their
+    heatmaps, and the views of ``cached_items`` gallery items.
     """
     if not 1 <= default_k <= max_k:
         raise ValueError(f"default_k must be between 1 and max_k = {max_k}, got {default_k}")
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
+    metrics = Metrics()
     app.extensions["sct"] = SearchSettings(
         indexes=load_indexes(index_dirs),
         default_k=default_k,
         max_k=max_k,
         max_pixels=max_pixels,
         max_upload_bytes=max_upload_bytes,
+        queries=LruCache(kept_queries, query_ttl_s),
+        item_views=LruCache(cached_items, query_ttl_s),
+        metrics=metrics,
     )
     app.register_blueprint(pages)
     app.register_blueprint(api)
+    app.register_blueprint(pair_api)
     register_error_handlers(app)
+    count_requests(app, metrics)
     return app
 
 

@@ -31,8 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="serve galleries in a web page and a JSON API",
-        description="Serve one or more gallery folders (built by `sct index`): a search page at / "
-        "and the JSON API /api/search, /api/items/<id>/image, /healthz.",
+        description="Serve one or more gallery folders (built by `sct index`): a search page at /, a pair "
+        "view with similarity heatmaps at /pair, an evaluation page at /evaluation, and the JSON API "
+        "/api/search, /api/pair, /api/heatmap, /api/items/<id>/image, /healthz, /metrics. A gallery folder "
+        "rebuilt by `sct index` while serving is picked up at the next request, without a restart.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

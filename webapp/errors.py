@@ -1,8 +1,8 @@
-"""Errors as JSON ``{"error": "..."}`` for the API, so a client always gets a reason."""
+"""Errors as JSON ``{"error": "..."}`` for the API, so a client always gets a reason; as a page for the pages."""
 
 from __future__ import annotations
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
 
@@ -20,10 +20,12 @@ def error_response(status: int, message: str) -> tuple[Response, int]:
 
 
 def register_error_handlers(app: Flask) -> None:
-    """JSON errors for /api/* and /healthz; the HTML pages keep Flask's defaults."""
+    """JSON errors for /api/*, /healthz and /metrics; the pages show an ApiError's message in a page."""
 
     @app.errorhandler(ApiError)
     def api_error(error: ApiError):
+        if not _wants_json():
+            return render_template("error.html", status=error.status, message=error.message), error.status
         return error_response(error.status, error.message)
 
     @app.errorhandler(RequestEntityTooLarge)
@@ -45,4 +47,4 @@ def register_error_handlers(app: Flask) -> None:
 
 
 def _wants_json() -> bool:
-    return request.path.startswith("/api/") or request.path == "/healthz"
+    return request.path.startswith("/api/") or request.path in ("/healthz", "/metrics")

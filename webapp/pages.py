@@ -1,9 +1,12 @@
-"""The search page (server-rendered; static/app.js calls the JSON API)."""
+"""The HTML pages (server-rendered): search (static/app.js calls the JSON API), pair view, evaluation."""
 
 from __future__ import annotations
 
-from flask import Blueprint, render_template
+from flask import Blueprint, render_template, request, url_for
 
+from webapp.evaluation import manifest_rows, read_eval, recall_curves, summary_rows
+from webapp.pair_api import pair_urls
+from webapp.pairs import requested_pair
 from webapp.served import settings
 
 pages = Blueprint("pages", __name__)
@@ -14,8 +17,42 @@ def index():
     served = settings()
     return render_template(
         "index.html",
-        indexes=[(name, len(gallery.items)) for name, gallery in served.indexes.items()],
+        indexes=[(name, len(live.current().items)) for name, live in served.indexes.items()],
         default_k=served.default_k,
         max_k=served.max_k,
         max_upload_bytes=served.max_upload_bytes,
+    )
+
+
+@pages.get("/pair")
+def pair():
+    pair = requested_pair(request.args)
+    return render_template(
+        "pair.html",
+        pair=pair,
+        item_image_url=url_for("api.item_image", item_id=pair.item_id, index=pair.index),
+        **pair_urls(pair, request.args["query"]),
+    )
+
+
+@pages.get("/evaluation")
+def evaluation():
+    served = settings()
+    name, gallery = served.gallery(request.args.get("index"), unknown_status=404)
+    directory = served.indexes[name].directory
+    try:
+        results, problem = read_eval(directory), None
+    except ValueError as exc:
+        results, problem = None, str(exc)
+    return render_template(
+        "evaluation.html",
+        name=name,
+        names=list(served.indexes),
+        directory=directory,
+        model_sha256=gallery.manifest["model_sha256"],
+        facts=manifest_rows(gallery.manifest),
+        results=results,
+        curves=recall_curves(results) if results else [],
+        summary=summary_rows(results) if results else [],
+        problem=problem,
     )

@@ -1,34 +1,51 @@
-"""The galleries an app serves, and its search settings."""
+"""The galleries an app serves, its search settings, and the per-worker state of its requests."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flask import current_app
-from PIL import Image
 
 from retrieval.gallery import Gallery, GalleryItem
+from webapp.cache import LruCache
+from webapp.errors import ApiError
+from webapp.live import LiveGallery
+from webapp.metrics import Metrics
+
+if TYPE_CHECKING:
+    from webapp.pairs import ImageView
 
 
 @dataclass(frozen=True)
 class SearchSettings:
     """Everything the request handlers need, stored in ``app.extensions["sct"]``."""
 
-    indexes: dict[str, Gallery]  # by name, in the order given; the first is the default
+    indexes: dict[str, LiveGallery]  # by name, in the order given; the first is the default
     default_k: int
     max_k: int
     max_pixels: int
     max_upload_bytes: int
+    queries: LruCache[str, tuple[str, ImageView]]  # (gallery name, view) of recent searches, by query id
+    item_views: LruCache[tuple, ImageView]  # gallery items embedded for heatmaps, by (model, file)
+    metrics: Metrics
 
     @property
     def default_index(self) -> str:
         return next(iter(self.indexes))
 
+    def gallery(self, name: str | None, *, unknown_status: int) -> tuple[str, Gallery]:
+        """The named gallery (the default one when no name is given), as of now: see LiveGallery."""
+        name = name or self.default_index
+        if name not in self.indexes:
+            raise ApiError(unknown_status, f"unknown index {name!r}; served: {', '.join(self.indexes)}")
+        return name, self.indexes[name].current()
 
-def load_indexes(index_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, Gallery]:
+
+def load_indexes(index_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, LiveGallery]:
     """Load each gallery folder (with the embedder for its own model.onnx), keyed by folder name."""
     if not index_dirs:
         raise ValueError("no gallery folder given")
@@ -36,17 +53,7 @@ def load_indexes(index_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, Gall
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"gallery names must be unique; several folders are named {', '.join(duplicates)}")
-    indexes = {name: Gallery.load(directory) for name, directory in zip(names, index_dirs)}
-    _warm_up(indexes.values())
-    return indexes
-
-
-def _warm_up(galleries: Iterable[Gallery]) -> None:
-    """Pay one-off costs (Pillow's plugin registry, onnxruntime's first run) before the first request."""
-    Image.init()
-    for gallery in galleries:
-        size = gallery.embedder.preprocessing.image_size
-        gallery.embedder.embed_images([Image.new("RGB", (size, size))])
+    return {name: LiveGallery(directory) for name, directory in zip(names, index_dirs)}
 
 
 def settings() -> SearchSettings:

@@ -1,4 +1,6 @@
-// Search page: choose / drop / paste an image, preview it, POST it to /api/search, show the results grid.
+// Search page: choose / drop / paste an image, preview it, POST it to /api/search, show the results grid;
+// each result links to its pair view (query and result with their similarity heatmaps). The last search
+// is kept in sessionStorage, so that coming back from a pair view shows it again.
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -12,7 +14,9 @@ document.addEventListener("DOMContentLoaded", () => {
   const button = document.getElementById("search-button");
   const status = document.getElementById("status");
   const results = document.getElementById("results");
+  const evaluationLink = document.getElementById("evaluation-link");
   const maxBytes = Number(form.dataset.maxBytes);
+  const storageKey = "sct-last-search";
 
   let queryFile = null;
   let previewUrl = null;
@@ -36,13 +40,59 @@ document.addEventListener("DOMContentLoaded", () => {
     queryFile = file;
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
-    preview.onload = () => preview.classList.toggle("pixelated", preview.naturalWidth < 96);
-    preview.src = previewUrl;
+    showPreview(previewUrl);
+    button.disabled = false;
+    search();
+  }
+
+  function showPreview(url) {
+    preview.src = url;
     preview.hidden = false;
     dropZone.classList.add("has-image");
     hint.querySelector("strong").textContent = "Drop another image to search again";
-    button.disabled = false;
-    search();
+  }
+
+  // A small copy of the query as a data URL: the object URL of the file dies with the page.
+  function thumbnail() {
+    if (!preview.naturalWidth) return null;
+    const scale = Math.min(1, 320 / Math.max(preview.naturalWidth, preview.naturalHeight));
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(preview.naturalWidth * scale));
+    canvas.height = Math.max(1, Math.round(preview.naturalHeight * scale));
+    canvas.getContext("2d").drawImage(preview, 0, 0, canvas.width, canvas.height);
+    return canvas.toDataURL("image/png");
+  }
+
+  function remember(payload) {
+    const saved = { payload, preview: thumbnail(), k: kInput.value, index: indexSelect ? indexSelect.value : null };
+    try {
+      sessionStorage.setItem(storageKey, JSON.stringify(saved));
+    } catch {
+      // storage full or disabled: the search just won't come back after navigating away
+    }
+  }
+
+  function restore() {
+    let saved = null;
+    try {
+      saved = JSON.parse(sessionStorage.getItem(storageKey));
+    } catch {
+      return;
+    }
+    if (!saved) return;
+    if (saved.preview) showPreview(saved.preview);
+    kInput.value = saved.k;
+    if (indexSelect && saved.index) {
+      indexSelect.value = saved.index;
+      followIndex();
+    }
+    renderResults(saved.payload);
+  }
+
+  function followIndex() {
+    const url = new URL(evaluationLink.href);
+    url.searchParams.set("index", indexSelect.value);
+    evaluationLink.href = url.pathname + url.search;
   }
 
   async function search() {
@@ -67,9 +117,11 @@ document.addEventListener("DOMContentLoaded", () => {
       if (number !== searchNumber) return;
       if (!response.ok) throw new Error(payload.error || `${response.status} ${response.statusText}`);
       renderResults(payload);
+      remember(payload);
     } catch (error) {
       if (number !== searchNumber) return;
       results.replaceChildren();
+      sessionStorage.removeItem(storageKey);
       showStatus(error.message || String(error), true);
     } finally {
       if (number === searchNumber) {
@@ -83,11 +135,14 @@ document.addEventListener("DOMContentLoaded", () => {
     const t = payload.timings_ms;
     showStatus(
       `${payload.results.length} results from ${payload.index} in ${t.total.toFixed(1)} ms ` +
-      `(decode ${t.decode.toFixed(1)} · embed ${t.embed.toFixed(1)} · search ${t.search.toFixed(1)} ms)`
+      `(decode ${t.decode.toFixed(1)} · embed ${t.embed.toFixed(1)} · search ${t.search.toFixed(1)} · ` +
+      `render ${t.render.toFixed(1)} ms) · click a result for its similarity heatmaps`
     );
     const cards = payload.results.map((result, position) => {
-      const card = document.createElement("figure");
+      const card = document.createElement("a");
       card.className = "result";
+      card.href = result.pair_url;
+      card.title = "Compare with the query: similarity heatmaps";
 
       const image = document.createElement("img");
       image.src = result.image_url;
@@ -99,7 +154,8 @@ document.addEventListener("DOMContentLoaded", () => {
         if (image.naturalWidth < 96) image.classList.add("pixelated");
       });
 
-      const caption = document.createElement("figcaption");
+      const caption = document.createElement("span");
+      caption.className = "caption";
       const rank = document.createElement("span");
       rank.className = "rank";
       rank.textContent = `#${position + 1}`;
@@ -111,7 +167,7 @@ document.addEventListener("DOMContentLoaded", () => {
       score.className = "score";
       score.textContent = result.score.toFixed(3);
       score.title = "cosine similarity";
-      caption.append(rank, label, score);
+      caption.append(label, rank, score);
 
       card.append(image, caption);
       return card;
@@ -153,5 +209,12 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     search();
   });
-  if (indexSelect) indexSelect.addEventListener("change", search);
+  if (indexSelect) {
+    indexSelect.addEventListener("change", () => {
+      followIndex();
+      search();
+    });
+  }
+  preview.addEventListener("load", () => preview.classList.toggle("pixelated", preview.naturalWidth < 96));
+  restore();
 });

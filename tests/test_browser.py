@@ -1,0 +1,103 @@
+"""The web app in a real browser (playwright + Debian's chromium) against a real HTTP server:
+upload a query, see the results, open a pair view with both heatmaps, open the evaluation page, come back."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+from retrieval.embedder import OnnxEmbedder
+from retrieval.evaluation import evaluate_gallery, save_eval
+from retrieval.gallery import EVAL_FILE, Gallery
+from tests.onnx_fixture import make_color_images, make_tiny_model
+from tests.test_webapp_api import build_gallery_of, png_bytes
+from webapp import create_app
+
+CHROMIUM = Path(os.environ.get("SCT_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+LOADED = "image => image.complete && image.naturalWidth > 0"
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+if not CHROMIUM.is_file():
+    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set SCT_CHROMIUM)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[str]:
+    """The app on 127.0.0.1 and a free port, in a background thread; yields its base URL."""
+    root = tmp_path_factory.mktemp("browser")
+    model = make_tiny_model(root / "model.onnx")
+    paths = make_color_images(root / "images", per_class=3)
+    folder = root / "colors"
+    build_gallery_of(folder, model, paths, OnnxEmbedder(model))
+    save_eval(evaluate_gallery(Gallery.load(folder), ks=(1, 2, 4), progress=False), folder / EVAL_FILE)
+    httpd = make_server("127.0.0.1", 0, create_app([folder], default_k=6), threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(10_000)
+        yield context.new_page()
+        browser.close()
+
+
+def test_search_then_pair_view_then_evaluation(server, page, tmp_path):
+    query = tmp_path / "query.png"
+    query.write_bytes(png_bytes(color=(30, 40, 210), size=(40, 30)))  # a blue image
+    page.goto(server + "/")
+    page.set_input_files("#image-input", str(query))
+
+    page.wait_for_selector("#results a.result")
+    results = page.locator("#results a.result")
+    assert results.count() == 6
+    assert results.first.locator(".label").inner_text() == "blue"
+    assert "results from colors" in page.locator("#status").inner_text()
+    page.wait_for_function(f"[...document.querySelectorAll('#results img')].every({LOADED})")
+
+    results.first.click()
+    page.wait_for_url("**/pair?**")
+    assert page.locator("#pair-label").inner_text() == "blue"
+    assert 0 < float(page.locator("#pair-cosine").inner_text()) <= 1
+    for heatmap in ("#query-heatmap", "#item-heatmap"):
+        page.wait_for_function(f"({LOADED})(document.querySelector('{heatmap}'))")
+        assert page.eval_on_selector(heatmap, "image => image.naturalWidth") > 256  # image + colour bar
+
+    page.click("#evaluation-link")
+    page.wait_for_url("**/evaluation?index=colors")
+    page.wait_for_function(f"({LOADED})(document.querySelector('#recall-curve'))")
+    assert "Recall@K" in page.locator("#evaluation").inner_text()
+
+    page.go_back()
+    page.go_back()  # the search page again: it shows the last search, kept for this tab
+    page.wait_for_selector("#results a.result")
+    assert page.locator("#results a.result").count() == 6 and page.locator("#preview").is_visible()
+
+
+def test_a_bad_upload_shows_the_servers_reason(server, page, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(png_bytes()[:60])
+    page.goto(server + "/")
+    page.set_input_files("#image-input", str(broken))
+    page.wait_for_selector("#status.error")
+    assert "cannot read the uploaded image" in page.locator("#status").inner_text()
+    assert page.locator("#results a.result").count() == 0  # also those of an earlier search
+
+
+def test_an_expired_pair_link_shows_an_error_page(server, page):
+    response = page.goto(server + "/pair?query=expired&item=0")
+    assert response.status == 404
+    assert "unknown or expired query id" in page.locator("#error-message").inner_text()

@@ -1,0 +1,60 @@
+"""JSON API of query ↔ result pairs: the cosine split per location, and its heatmaps.
+
+``GET /api/pair?query=QID&item=ID[&index=NAME]``               cosine, label, both grids of contributions, URLs
+``GET /api/heatmap?query=QID&item=ID[&index=NAME][&side=item]``  PNG heatmap of the item (or ``side=query``) side
+
+``QID`` is the ``query_id`` of a search response; ``index`` defaults to the
+gallery that search ran in. Both sides share one colour scale.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from retrieval.heatmaps import render_heatmap
+from webapp.errors import ApiError
+from webapp.pairs import Pair, requested_pair
+from webapp.served import settings
+
+pair_api = Blueprint("pair_api", __name__)
+SIDES = ("item", "query")
+
+
+@pair_api.get("/api/pair")
+def pair():
+    pair = requested_pair(request.args)
+    return jsonify(
+        query_id=request.args["query"],
+        index=pair.index,
+        item={"id": pair.item_id, "label": pair.label,
+              "image_url": url_for("api.item_image", item_id=pair.item_id, index=pair.index)},
+        cosine=pair.cosine,
+        query_cells=pair.query_cells.tolist(),
+        item_cells=pair.item_cells.tolist(),
+        scale=pair.limit,
+        **pair_urls(pair, request.args["query"]),
+    )
+
+
+@pair_api.get("/api/heatmap")
+def heatmap():
+    side = request.args.get("side", "item")
+    if side not in SIDES:
+        raise ApiError(400, f"parameter 'side' must be one of {', '.join(SIDES)}, got {side!r}")
+    pair = requested_pair(request.args)
+    with settings().metrics.timed("heatmap"):
+        if side == "item":
+            png = render_heatmap(pair.item.image, pair.item_cells, pair.limit)
+        else:
+            png = render_heatmap(pair.query.image, pair.query_cells, pair.limit)
+    return Response(png, mimetype="image/png")
+
+
+def pair_urls(pair: Pair, query_id: str) -> dict[str, str]:
+    """The URLs of a pair's two heatmaps and of its page."""
+    names = {"query": query_id, "item": pair.item_id, "index": pair.index}
+    return {
+        "query_heatmap_url": url_for("pair_api.heatmap", **names, side="query"),
+        "item_heatmap_url": url_for("pair_api.heatmap", **names, side="item"),
+        "pair_url": url_for("pages.pair", **names),
+    }

@@ -1,0 +1,137 @@
+"""Query ↔ result pairs for similarity heatmaps: what a search keeps, and the pair it later compares.
+
+A search keeps its query's view (unit embedding, feature map and the crop the
+model saw) in a bounded LRU under a random query id, so that heatmaps can be
+drawn after the response went out. A gallery item's view is computed on
+demand by embedding its image file, found by id through items.csv, with the
+gallery's own model, and cached by (model, file) for the few requests of one
+pair view.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+import catalog
+from retrieval.gallery import Gallery
+from retrieval.heatmaps import contribution_grid, displayed_image, symmetric_limit
+from webapp.errors import ApiError
+from webapp.served import item_file, settings
+
+_ITEM_ID = re.compile(r"[0-9]{1,18}")
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """What a heatmap needs of one image, as embedded by one model."""
+
+    embedding: np.ndarray  # unit embedding [d]
+    feature_map: np.ndarray  # projected map [Z, d]
+    image: Image.Image  # the square crop the model saw
+    model_sha256: str
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A query and a gallery item, with each one's share of their cosine per location."""
+
+    index: str
+    item_id: int
+    label: str
+    query: ImageView
+    item: ImageView
+    query_cells: np.ndarray  # [h, w], sums to the cosine
+    item_cells: np.ndarray  # [h, w], sums to the cosine
+    limit: float  # the colour scale ±limit shared by both heatmaps
+
+    @property
+    def cosine(self) -> float:
+        return float(self.query.embedding @ self.item.embedding)
+
+
+def view_of(image: Image.Image, embedding: np.ndarray, feature_map: np.ndarray, gallery: Gallery) -> ImageView:
+    """The view of ``image``, whose embedding and map come from the model of ``gallery``."""
+    return ImageView(
+        embedding=embedding,
+        feature_map=feature_map,
+        image=displayed_image(image, gallery.embedder.preprocessing),
+        model_sha256=gallery.manifest["model_sha256"],
+    )
+
+
+def requested_pair(args: Mapping[str, str]) -> Pair:
+    """The pair named by the request parameters ``query``, ``item`` and ``index`` (default: the query's gallery)."""
+    raw_item = args.get("item")
+    if raw_item is None or not _ITEM_ID.fullmatch(raw_item):
+        raise ApiError(400, f"parameter 'item' must be a gallery item id (an integer from 0), got {raw_item!r}")
+    searched_in, query = kept_query(args.get("query"))
+    name, gallery = settings().gallery(args.get("index") or searched_in, unknown_status=404)
+    return compare(query, name, gallery, int(raw_item))
+
+
+def keep_query(name: str, view: ImageView) -> str:
+    """Keep the view of a query searched in gallery ``name`` for later heatmaps; returns its new random id."""
+    query_id = secrets.token_urlsafe(12)
+    settings().queries.put(query_id, (name, view))
+    return query_id
+
+
+def kept_query(query_id: str | None) -> tuple[str, ImageView]:
+    """The gallery name and view of a kept query."""
+    if not query_id:
+        raise ApiError(400, "missing parameter 'query' (the query_id of a search response)")
+    queries = settings().queries
+    kept = queries.get(query_id)
+    if kept is None:
+        raise ApiError(
+            404,
+            f"unknown or expired query id {query_id[:64]!r}: queries are kept for {queries.ttl_s / 60:g} minutes "
+            f"(the latest {queries.capacity} searches of this server process); search again",
+        )
+    return kept
+
+
+def compare(query: ImageView, name: str, gallery: Gallery, item_id: int) -> Pair:
+    """The pair of a kept query and gallery item ``item_id``; the query must come from the gallery's model."""
+    if query.model_sha256 != gallery.manifest["model_sha256"]:
+        raise ApiError(
+            409,
+            f"this query was embedded with model {query.model_sha256[:12]} but gallery {name!r} now uses "
+            f"model {gallery.manifest['model_sha256'][:12]} (it was rebuilt, or is another gallery); search again",
+        )
+    item = item_view(name, gallery, item_id)
+    query_cells = contribution_grid(query.feature_map, item.embedding)
+    item_cells = contribution_grid(item.feature_map, query.embedding)
+    limit = symmetric_limit(query_cells, item_cells)
+    return Pair(name, item_id, gallery.items[item_id].label, query, item, query_cells, item_cells, limit)
+
+
+def item_view(name: str, gallery: Gallery, item_id: int) -> ImageView:
+    """The view of gallery item ``item_id``, from the cache or by embedding its image file now."""
+    if not 0 <= item_id < len(gallery.items):
+        raise ApiError(404, f"no item {item_id} in gallery {name!r} ({len(gallery.items)} items)")
+    path = item_file(gallery.items[item_id])  # from items.csv only, never from the request
+    try:
+        status = path.stat()
+    except OSError:
+        raise ApiError(404, f"the image file of item {item_id} in gallery {name!r} is missing") from None
+    key = (gallery.manifest["model_sha256"], str(path), status.st_mtime_ns, status.st_size)
+    cached = settings().item_views.get(key)
+    if cached is not None:
+        return cached
+    with settings().metrics.timed("item_view"):
+        try:
+            image = catalog.load_rgb(path)
+        except catalog.ImageLoadError as exc:
+            raise ApiError(404, f"the image file of item {item_id} in gallery {name!r} "
+                                f"cannot be read: {exc.reason}") from None
+        embeddings, maps = gallery.embedder.embed_with_maps([image])
+        view = view_of(image, embeddings[0], maps[0], gallery)
+    settings().item_views.put(key, view)
+    return view
