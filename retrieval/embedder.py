@@ -89,7 +89,10 @@ class OnnxEmbedder:
 
     def embed_with_maps(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """Unit embeddings [N, d] and projected feature maps [N, Z, d] (for similarity heatmaps)."""
-        batch = preprocess_batch(images, self.preprocessing)
+        return self.embed_pixels_with_maps(preprocess_batch(images, self.preprocessing))
+
+    def embed_pixels_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``embed_with_maps`` of an already preprocessed batch [N, 3, S, S], for callers that keep the pixels."""
         embeddings, maps = self._run(batch, [EMBEDDING_OUTPUT, FEATURE_MAP_OUTPUT])
         return embeddings, maps
 

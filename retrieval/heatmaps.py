@@ -60,12 +60,13 @@ def contribution_grid(feature_map: np.ndarray, other_embedding: np.ndarray) -> n
 
 
 def displayed_image(image: Image.Image, spec: Preprocessing) -> Image.Image:
-    """The crop the model sees (resized, center-cropped, zero-padded if small) as an RGB image.
+    """The crop the model sees (resized, center-cropped, zero-padded if small) as an RGB image."""
+    return crop_of(preprocess(image, spec), spec)
 
-    Undoing the normalisation of ``preprocess``'s output keeps this exactly
-    the pixels the embedding was computed from.
-    """
-    pixels = preprocess(image, spec)
+
+def crop_of(pixels: np.ndarray, spec: Preprocessing) -> Image.Image:
+    """The RGB image of preprocessed ``pixels`` [3, S, S]: undoing the normalisation gives back
+    exactly the pixels the embedding was computed from."""
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
     restored = np.rint((pixels * std + mean) * 255).clip(0, 255).astype(np.uint8)

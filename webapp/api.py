@@ -21,6 +21,7 @@ from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
 import catalog
 from retrieval.gallery import Gallery
+from retrieval.preprocessing import preprocess
 from webapp.errors import ApiError
 from webapp.evaluation import read_eval, recall_curve_png
 from webapp.metrics import milliseconds
@@ -46,12 +47,13 @@ def search():
             image = catalog.decode_rgb(upload.read(), max_pixels=served.max_pixels)
         except catalog.ImageLoadError as exc:
             raise ApiError(400, f"cannot read the uploaded image: {exc.reason}") from None
-    with served.metrics.timed("embed", timings):
-        embeddings, maps = gallery.embedder.embed_with_maps([image])
+    with served.metrics.timed("embed", timings):  # preprocessing + the model, as in `sct index`
+        pixels = preprocess(image, gallery.embedder.preprocessing)
+        embeddings, maps = gallery.embedder.embed_pixels_with_maps(pixels[None])
     with served.metrics.timed("search", timings):
         scores, ids = _search_one_thread(gallery, embeddings, k)
     with served.metrics.timed("render", timings):
-        query_id = keep_query(name, view_of(image, embeddings[0], maps[0], gallery))
+        query_id = keep_query(name, view_of(pixels, embeddings[0], maps[0], gallery))
         results = [
             {
                 "id": item_id,

@@ -20,7 +20,8 @@ from PIL import Image
 
 import catalog
 from retrieval.gallery import Gallery
-from retrieval.heatmaps import contribution_grid, displayed_image, symmetric_limit
+from retrieval.heatmaps import contribution_grid, crop_of, symmetric_limit
+from retrieval.preprocessing import preprocess
 from webapp.errors import ApiError
 from webapp.served import item_file, settings
 
@@ -55,12 +56,12 @@ class Pair:
         return float(self.query.embedding @ self.item.embedding)
 
 
-def view_of(image: Image.Image, embedding: np.ndarray, feature_map: np.ndarray, gallery: Gallery) -> ImageView:
-    """The view of ``image``, whose embedding and map come from the model of ``gallery``."""
+def view_of(pixels: np.ndarray, embedding: np.ndarray, feature_map: np.ndarray, gallery: Gallery) -> ImageView:
+    """The view of an image preprocessed to ``pixels`` [3, S, S], embedded by the model of ``gallery``."""
     return ImageView(
         embedding=embedding,
         feature_map=feature_map,
-        image=displayed_image(image, gallery.embedder.preprocessing),
+        image=crop_of(pixels, gallery.embedder.preprocessing),
         model_sha256=gallery.manifest["model_sha256"],
     )
 
@@ -131,7 +132,8 @@ def item_view(name: str, gallery: Gallery, item_id: int) -> ImageView:
         except catalog.ImageLoadError as exc:
             raise ApiError(404, f"the image file of item {item_id} in gallery {name!r} "
                                 f"cannot be read: {exc.reason}") from None
-        embeddings, maps = gallery.embedder.embed_with_maps([image])
-        view = view_of(image, embeddings[0], maps[0], gallery)
+        pixels = preprocess(image, gallery.embedder.preprocessing)
+        embeddings, maps = gallery.embedder.embed_pixels_with_maps(pixels[None])
+        view = view_of(pixels, embeddings[0], maps[0], gallery)
     settings().item_views.put(key, view)
     return view
