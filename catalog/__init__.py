@@ -18,6 +18,7 @@ from catalog.images import ImageLoadError, decode_rgb, load_rgb
 from catalog.inshop import read_inshop
 from catalog.records import DatasetError, ImageRecord, select_split, summarize
 from catalog.sop import read_sop
+from catalog.validation import VALIDATION_SPLIT, carve_validation
 
 #: dataset name -> reader(root) -> records; the names are also the keys of training.config.DATASET_DEFAULTS
 DATASETS: dict[str, Callable[[Path], list[ImageRecord]]] = {
@@ -45,6 +46,8 @@ __all__ = [
     "DatasetError",
     "ImageLoadError",
     "ImageRecord",
+    "VALIDATION_SPLIT",
+    "carve_validation",
     "decode_rgb",
     "load_rgb",
     "read_dataset",

@@ -21,6 +21,10 @@ The pipeline, in order:
   sct search --index index_data/fashion-mnist query.png --k 10
   sct serve  --index index_data/fashion-mnist
 
+Research: figures of the paper from your own runs
+  sct report runs/hn runs/shn runs/sct --out reports/hard-negatives
+  sct simulate-gradients --loss nca sct --entanglement 0 0.5 1 --out reports/fields
+
 Or all of it on Fashion-MNIST at once:
   sct demo            (then open http://127.0.0.1:5000)
 
@@ -32,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from retrieval import cli as retrieval_cli
     from sct import demo
     from training import cli as training_cli
+    from training.analysis import report_cli, simulate_cli
     from webapp import cli as webapp_cli
 
     parser = argparse.ArgumentParser(
@@ -43,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sct {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     training_cli.register(subparsers)
+    report_cli.register(subparsers)
+    simulate_cli.register(subparsers)
     retrieval_cli.register(subparsers)
     webapp_cli.register(subparsers)
     demo.register(subparsers)

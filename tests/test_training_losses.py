@@ -163,13 +163,15 @@ def test_stats_describe_the_batch() -> None:
     loss_fn(embeddings.float(), torch.tensor(labels))
     unit = torch.nn.functional.normalize(embeddings.float(), dim=1)
     sims = unit @ unit.T
-    pairs = []
+    pairs, triplets = [], []
     for a in range(len(labels)):
         p = max((j for j in range(len(labels)) if j != a and labels[j] == labels[a]), key=lambda j: sims[a, j])
         q = max((j for j in range(len(labels)) if labels[j] != labels[a]), key=lambda j: sims[a, j])
         pairs.append((float(sims[a, p]), float(sims[a, q])))
+        triplets.append([a, p, q])
     stats = loss_fn.stats
     assert stats.valid_anchors == len(labels)
+    assert stats.triplets.tolist() == triplets
     assert torch.allclose(stats.pairs, torch.tensor(pairs), atol=1e-6)
     assert stats.hard_fraction == pytest.approx(sum(an > ap for ap, an in pairs) / len(pairs))
     assert stats.mean_s_ap == pytest.approx(sum(ap for ap, _ in pairs) / len(pairs), abs=1e-6)

@@ -146,3 +146,84 @@ def test_corrupt_images_and_one_image_classes_are_reported_not_fatal(tmp_path: P
     assert "a0/0.png" in out and "a2/1.png" in out
     assert "skipped 4 unreadable training image(s) in all" in out  # two per epoch
     assert (run / "best.pt").is_file()
+
+
+def test_saved_triplets_carry_their_similarities_one_step_later(tmp_path: Path, monkeypatch) -> None:
+    """s_ap_after / s_an_after are the same triplets re-measured with the weights right after the step,
+    recomputed here from a copy of those weights; the extra forward pass leaves BatchNorm's state alone."""
+    import copy
+
+    from training.model import build_model
+
+    captured = {}
+    original = Trainer._save_triplets
+
+    def capture(self, images, stats, epoch):
+        state = copy.deepcopy(self.model.state_dict())
+        original(self, images, stats, epoch)
+        captured[self.iteration] = (images.clone(), state, copy.deepcopy(self.model.state_dict()))
+
+    monkeypatch.setattr(Trainer, "_save_triplets", capture)
+    data = _images(tmp_path / "data")
+    run = Trainer(_config(data, tmp_path / "run", epochs=1, triplets_every=1, precision="fp32"),
+                  progress=False).fit()
+    assert len(captured) >= 2
+    for iteration, (images, before, after) in captured.items():
+        for key, value in before.items():
+            assert torch.equal(value, after[key]), f"{key} changed by the measuring pass"
+        saved = np.load(run / "triplets" / f"iter_{iteration:07d}.npz")
+        model = build_model("resnet18", 8, "none").to(memory_format=torch.channels_last)
+        model.load_state_dict(before)
+        model.train()
+        with torch.no_grad():
+            unit = torch.nn.functional.normalize(model(images), dim=1).numpy()
+        for row, (a, p, n) in enumerate(saved["triplets"]):
+            assert saved["s_ap_after"][row] == pytest.approx(float(unit[a] @ unit[p]), abs=1e-4)
+            assert saved["s_an_after"][row] == pytest.approx(float(unit[a] @ unit[n]), abs=1e-4)
+        assert saved["s_ap"].shape == saved["s_ap_after"].shape == (len(saved["triplets"]),)
+        assert not np.allclose(saved["s_an"], saved["s_an_after"]), "one SGD step at lr 0.05 moves something"
+
+
+def test_validation_split_is_carved_from_training_classes(tmp_path: Path, capsys) -> None:
+    # folder layout without split.csv: classes 0-2 train, 3-5 test; one training class is held out
+    data = _images(tmp_path / "data")
+    run = Trainer(_config(data, tmp_path / "run", epochs=1, val_fraction=0.34), progress=False).fit()
+    assert "evaluating on 4 held-out training images (1 classes)" in capsys.readouterr().out
+    evaluation = [m for m in _metrics(run) if m.get("type") == "eval"]
+    assert evaluation and all(m["split"] == "val" and m["queries"] == 4 for m in evaluation)
+    plain = Trainer(_config(data, tmp_path / "plain", epochs=1), progress=False).fit()
+    assert [m["split"] for m in _metrics(plain) if m.get("type") == "eval"] == ["test"]
+
+
+@pytest.mark.parametrize("override,message", [({"val_fraction": 1.0}, "val_fraction"), ({"val_by": "x"}, "val_by")])
+def test_bad_validation_settings_are_named(override: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _config(Path("."), Path("."), **override)
+
+
+def test_a_collapsed_embedding_is_flagged_at_evaluation(tmp_path: Path, capsys) -> None:
+    """A model that maps every image to nearly the same vector: the eval line records a mean pairwise
+    similarity near 1 and the trainer prints a warning that says what to try."""
+    data = _images(tmp_path / "data")
+    trainer = Trainer(_config(data, tmp_path / "run", epochs=1), progress=False)
+
+    class Collapsed(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return torch.ones(len(images), 8) + 1e-3 * images.flatten(1)[:, :8]
+
+    trainer.model = Collapsed()
+    trainer.evaluate(0)
+    line = _metrics(trainer.run_dir)[-1]
+    assert line["type"] == "eval" and line["mean_similarity"] > 0.99
+    out = capsys.readouterr().out
+    assert "warning: the embedding looks collapsed" in out and "--lr" in out and "--lam" in out
+    trainer.model = build_model_for_test()
+    trainer.evaluate(0)
+    assert "collapsed" not in capsys.readouterr().out
+
+
+def build_model_for_test() -> torch.nn.Module:
+    from training.model import build_model
+
+    torch.manual_seed(0)
+    return build_model("resnet18", 8, "none").eval()

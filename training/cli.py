@@ -13,8 +13,12 @@ Examples:
   sct train --dataset folder --data-root ~/photos --arch resnet18 --epochs 20 --pretrained none --out runs/mine
   sct train --dataset cub --data-root data/CUB_200_2011 --config my.yaml --out runs/cub   # YAML overrides defaults
   sct train --dataset cub --data-root data/CUB_200_2011 --out runs/cub --resume           # continue after a kill
+  sct train --dataset cub --data-root data/CUB_200_2011 --loss shn --val-fraction 0.2 --out runs/tune-shn
+      # tune on 20% of the training classes held out, never on the test classes
 
 Defaults follow the paper for each dataset (embedding size, batch, lr, λ, schedule).
+The dataset's lr is SCT's; with SGD, --loss hn or shn defaults to a quarter of it
+(docs/hard-negatives/README.md).
 The resolved settings are written to OUT/config.yaml before training starts;
 OUT/metrics.jsonl gets one line per iteration and per evaluation.
 """
@@ -70,6 +74,12 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                         help="random crop from 1.1× and horizontal flip (the paper's; default on, off for the demo)")
     parser.add_argument("--workers", type=int, help="data-loading processes")
     parser.add_argument("--max-iters-per-epoch", type=int, metavar="N", help="cap iterations per epoch (quick runs)")
+    parser.add_argument("--val-fraction", type=float, metavar="F",
+                        help="hold out this share of the training split and evaluate on it instead of the test "
+                             "split (for tuning; default 0: evaluate on test)")
+    parser.add_argument("--val-by", choices=["auto", "classes", "images"],
+                        help="hold out whole classes or images of every class (auto: images when train and test "
+                             "share their classes, as in Fashion-MNIST)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_train)
@@ -89,7 +99,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
              "temperature", "margin", "hard_threshold", "device", "precision", "seed", "pretrained", "eval_every", "augment", "workers",
-             "max_iters_per_epoch")
+             "max_iters_per_epoch", "val_fraction", "val_by")
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ class TripletStats:
     mean_s_an: float
     valid_anchors: int
     pairs: Tensor  # [valid_anchors, 2] detached (S_ap, S_an), float32 on CPU
+    triplets: Tensor  # [valid_anchors, 3] batch rows of (anchor, easiest positive, hardest negative), int64 on CPU
 
 
 _NEG_INF = float("-inf")
@@ -85,7 +86,8 @@ class MinedTripletLoss(nn.Module):
 
         hardest, has_negative = _masked_argmax(similarities.detach(), mining.negatives)
         s_an_hardest = similarities.detach().gather(1, hardest[:, None]).squeeze(1)
-        self.stats = _stats(mining.s_ap, s_an_hardest, has_positive & has_negative)
+        self.stats = _stats(mining.s_ap, s_an_hardest, has_positive & has_negative,
+                            torch.stack([torch.arange(len(labels), device=positive.device), positive, hardest], dim=1))
         loss = self.batch_loss(mining)
         return loss if loss is not None else (embeddings * 0.0).sum()
 
@@ -101,17 +103,18 @@ class MinedTripletLoss(nn.Module):
         return self.per_anchor_loss(s_ap, s_an).mean()
 
 
-def _stats(s_ap: Tensor, s_an: Tensor, valid: Tensor) -> TripletStats:
+def _stats(s_ap: Tensor, s_an: Tensor, valid: Tensor, triplets: Tensor) -> TripletStats:
     s_ap, s_an = s_ap[valid].float().cpu(), s_an[valid].float().cpu()
     count = int(valid.sum())
     if count == 0:
-        return TripletStats(0.0, 0.0, 0.0, 0, torch.zeros(0, 2))
+        return TripletStats(0.0, 0.0, 0.0, 0, torch.zeros(0, 2), torch.zeros(0, 3, dtype=torch.long))
     return TripletStats(
         hard_fraction=float((s_an > s_ap).float().mean()),
         mean_s_ap=float(s_ap.mean()),
         mean_s_an=float(s_an.mean()),
         valid_anchors=count,
         pairs=torch.stack([s_ap, s_an], dim=1),
+        triplets=triplets[valid].cpu(),
     )
 
 

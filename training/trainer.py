@@ -1,12 +1,14 @@
 """The training loop: P×K batches, a mined triplet loss, SGD, Recall@K on the test split, atomic checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,11 @@ import catalog
 from retrieval.atomic import atomic_write_bytes, atomic_write_text
 from retrieval.metrics import evaluate
 from retrieval.preprocessing import Preprocessing
+from training.analysis.model_diagram import mean_pairwise_similarity
 from training.config import TrainConfig
 from training.data import (RecordImages, class_index_of, collate_skipping_failures, drop_small_classes,
                            embed_records)
-from training.losses import build_loss
+from training.losses import TripletStats, build_loss
 from training.model import build_model
 from training.precision import autocast, autocast_dtype
 from training.sampler import PKBatchSampler
@@ -61,6 +64,9 @@ def lr_factor(iteration: int, config: TrainConfig, iters_per_epoch: int) -> floa
     return warmup * config.gamma ** passed
 
 
+COLLAPSE_SIMILARITY = 0.95  # mean pairwise cosine above which an evaluation warns of a collapsed embedding
+
+
 class Trainer:
     """One run: ``Trainer(config).fit()`` writes everything into ``config.out``."""
 
@@ -74,6 +80,8 @@ class Trainer:
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
         records = catalog.read_dataset(config.dataset, config.data_root)
+        if config.val_fraction:
+            records = catalog.carve_validation(records, config.val_fraction, by=config.val_by)
         print(catalog.summarize(records))
         self.train_records, dropped = drop_small_classes(catalog.select_split(records, "train"))
         if dropped:
@@ -81,6 +89,12 @@ class Trainer:
         if not self.train_records:
             raise ValueError(f"dataset {config.dataset} at {config.data_root} has no usable training images")
         self.queries, self.gallery = evaluation_splits(records)
+        self.evaluated_split = "test"
+        if config.val_fraction:
+            self.queries, self.gallery = catalog.select_split(records, catalog.VALIDATION_SPLIT), None
+            self.evaluated_split = catalog.VALIDATION_SPLIT
+            print(f"evaluating on {len(self.queries)} held-out training images "
+                  f"({len({r.label for r in self.queries})} classes), not on the test split")
         self.spec = preprocessing_of(config)
         class_index = class_index_of(self.train_records)
         labels = [class_index[r.label] for r in self.train_records]
@@ -167,14 +181,26 @@ class Trainer:
         self.scheduler.step()
         stats = self.loss_fn.stats
         if self.config.triplets_every and self.iteration % self.config.triplets_every == 0:
-            pairs = stats.pairs.numpy()
-            np.savez(self.run_dir / "triplets" / f"iter_{self.iteration:07d}.npz",
-                     s_ap=pairs[:, 0], s_an=pairs[:, 1], iteration=self.iteration, epoch=epoch)
+            self._save_triplets(images, stats, epoch)
         record = {"iter": self.iteration, "epoch": epoch, "loss": float(loss.detach()),
                   "hard_fraction": stats.hard_fraction, "mean_s_ap": stats.mean_s_ap,
                   "mean_s_an": stats.mean_s_an, "lr": lr}
         self.iteration += 1
         return record
+
+    def _save_triplets(self, images: torch.Tensor, stats: TripletStats, epoch: int) -> None:
+        """The batch's (S_ap, S_an) pairs before this step, and the same triplets' similarities after it."""
+        with torch.no_grad(), frozen_batchnorm_statistics(self.model), autocast(self.device, self.amp_dtype):
+            after = self.model(images)
+        unit = torch.nn.functional.normalize(after.float(), dim=1).cpu()
+        anchor, positive, negative = stats.triplets.unbind(dim=1)
+        pairs = stats.pairs.numpy()
+        buffer = io.BytesIO()
+        np.savez(buffer, s_ap=pairs[:, 0], s_an=pairs[:, 1], triplets=stats.triplets.numpy(),
+                 s_ap_after=(unit[anchor] * unit[positive]).sum(1).numpy(),
+                 s_an_after=(unit[anchor] * unit[negative]).sum(1).numpy(),
+                 iteration=self.iteration, epoch=epoch)
+        atomic_write_bytes(self.run_dir / "triplets" / f"iter_{self.iteration:07d}.npz", buffer.getvalue())
 
     def evaluate(self, epoch: int) -> float:
         """Recall@K on unseen data with the metric code of ``sct eval``: leave-one-out, or query → gallery."""
@@ -189,11 +215,18 @@ class Trainer:
             self._report_failures(failures)
             results = evaluate(gallery_emb, gallery_labels, ks=tuple(self.config.eval_ks),
                                query_emb=query_emb, query_labels=query_labels)
-        line = {"type": "eval", "epoch": epoch, "iter": self.iteration, **results}
+        results["mean_similarity"] = mean_pairwise_similarity(query_emb)
+        line = {"type": "eval", "epoch": epoch, "iter": self.iteration, "split": self.evaluated_split, **results}
         with open(self.run_dir / "metrics.jsonl", "a") as metrics:
             metrics.write(json.dumps(line) + "\n")
         shown = "  ".join(f"R@{k} {results[f'recall@{k}']:.4f}" for k in self.config.eval_ks)
         print(f"epoch {epoch + 1}: {shown}  MAP@R {results['map@r']:.4f}  ({results['queries']} queries)")
+        if results["mean_similarity"] > COLLAPSE_SIMILARITY:
+            print(f"warning: the embedding looks collapsed: mean pairwise similarity "
+                  f"{results['mean_similarity']:.3f} over the {self.evaluated_split} images. Every triplet is then "
+                  "hard; with SGD, SCT's push on hard triplets (λ·S_an) is about 1/τ times weaker than NCA's and "
+                  "may never escape. Try a larger --lr (SCT's tuned lr is several times SHN's) or a larger --lam; "
+                  "see docs/hard-negatives/README.md.")
         return float(results[f"recall@{self.config.eval_ks[0]}"])
 
     def _report_failures(self, failures: list[str]) -> None:
@@ -234,6 +267,25 @@ class Trainer:
         self.best_recall = state["best_recall"]
         _truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
         print(f"resumed from {path} after epoch {state['epoch'] + 1} (iteration {self.iteration})")
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_statistics(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, a train-mode forward pass normalises with batch statistics as training does,
+    but leaves every BatchNorm's running averages (and batch counter) as they were."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            counter = module.num_batches_tracked.clone() if module.num_batches_tracked is not None else None
+            saved.append((module, module.momentum, counter))
+            module.momentum = 0.0  # running = (1 − 0)·running + 0·batch
+    try:
+        yield
+    finally:
+        for module, momentum, counter in saved:
+            module.momentum = momentum
+            if counter is not None:
+                module.num_batches_tracked.copy_(counter)
 
 
 def evaluation_splits(records: list[catalog.ImageRecord]) -> tuple[list, list | None]:

@@ -1,0 +1,31 @@
+"""Settings resolution: dataset defaults, per-loss learning rates with SGD, optimiser-specific defaults."""
+from __future__ import annotations
+
+import pytest
+
+from training.config import DATASET_DEFAULTS, SGD_LR_FACTORS, resolve_config
+
+
+def _resolve(dataset: str, **overrides):
+    return resolve_config(dataset, "data", "out", overrides=overrides, cuda_available=True)
+
+
+@pytest.mark.parametrize("loss", ["hn", "shn"])
+def test_baselines_get_their_own_sgd_learning_rate(loss: str) -> None:
+    sct = _resolve("cub", loss="sct").lr
+    assert sct == DATASET_DEFAULTS["cub"]["lr"]
+    assert _resolve("cub", loss=loss).lr == pytest.approx(sct * SGD_LR_FACTORS[loss])
+    assert SGD_LR_FACTORS[loss] < 1  # SCT's push on hard triplets is weaker, so SCT takes the larger step
+
+
+def test_an_explicit_learning_rate_always_wins(tmp_path) -> None:
+    assert _resolve("cub", loss="shn", lr=0.05).lr == 0.05
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("lr: 0.07\nloss: hn\n")
+    assert resolve_config("cub", "data", "out", config_file=str(config_file)).lr == 0.07
+
+
+def test_the_factor_applies_to_sgd_only() -> None:
+    assert _resolve("cub", loss="shn", optimizer="adamw").lr == DATASET_DEFAULTS["cub"]["lr"]
+    demo = DATASET_DEFAULTS["fashion-mnist"]
+    assert demo["optimizer"] == "adamw" and _resolve("fashion-mnist", loss="shn").lr == demo["lr"]

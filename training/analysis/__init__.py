@@ -1,0 +1,1 @@
+"""Research analysis of runs: triplet diagrams, hard-triplet curves, gradient-field simulation, run reports."""
