@@ -145,3 +145,14 @@ def test_report_without_checkpoints_draws_from_the_logs_only(runs: list[Path], t
     row = json.loads((out / "report.json").read_text())["runs"][0]
     assert row["figures"] == {"triplets": "triplets_hn.png"}
     assert row["mean_similarity"] == load_run(runs[1]).final_evaluation["mean_similarity"]  # from the log
+
+
+def test_typed_lines_other_than_evaluations_are_not_iterations(tmp_path: Path) -> None:
+    """An HTL run logs "htl_tree" lines between iterations; they must not count as steps."""
+    (tmp_path / "config.yaml").write_text("loss: htl\n")
+    lines = [{"iter": 0, "loss": 1.0, "hard_fraction": 0.5}, {"type": "htl_tree", "iter": 1, "d0": 0.3},
+             {"iter": 1, "loss": 0.9, "hard_fraction": 0.25}, {"type": "eval", "iter": 2, "recall@1": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = load_run(tmp_path)
+    assert [s["iter"] for s in run.steps] == [0, 1] and len(run.evaluations) == 1
+    assert run.final_hard_fraction == 0.25

@@ -30,7 +30,12 @@ def test_every_batch_is_p_classes_times_k_images(p: int, k: int) -> None:
 
 def test_deterministic_under_seed_and_epoch() -> None:
     labels = _labels()
-    first, second, other_seed = (PKBatchSampler(labels, 3, 2, seed=s) for s in (7, 7, 8))
+    assert_deterministic_under_seed_and_epoch(lambda seed: PKBatchSampler(labels, 3, 2, seed=seed))
+
+
+def assert_deterministic_under_seed_and_epoch(make) -> None:
+    """Same (seed, epoch): same batches; another seed or epoch: other batches. ``make(seed)`` builds a sampler."""
+    first, second, other_seed = (make(s) for s in (7, 7, 8))
     assert list(first) == list(second)
     assert list(first) != list(other_seed)
     first.set_epoch(1)

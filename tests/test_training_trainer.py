@@ -39,6 +39,24 @@ def test_resume_after_an_interruption_matches_an_unbroken_run(tmp_path: Path, mo
     data = _images(tmp_path / "data")
     Trainer(_config(data, tmp_path / "whole"), progress=False).fit()
 
+    def log_a_line_of_the_next_epoch(trainer: Trainer) -> None:
+        # the process dies after the first checkpoint, with the next epoch's first lines already logged
+        with open(trainer.run_dir / "metrics.jsonl", "a") as metrics:
+            metrics.write(json.dumps({"iter": trainer.iteration, "epoch": 1, "loss": 123.0}) + "\n")
+
+    kill_after_first_checkpoint_then_resume(_config(data, tmp_path / "broken"), monkeypatch,
+                                            before_dying=log_a_line_of_the_next_epoch)
+
+    whole, resumed = _metrics(tmp_path / "whole"), _metrics(tmp_path / "broken")
+    assert [m["iter"] for m in whole] == [m["iter"] for m in resumed]
+    for a, b in zip(whole, resumed):
+        for key in ("loss", "hard_fraction", "mean_s_ap", "recall@1"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
+
+
+def kill_after_first_checkpoint_then_resume(config, monkeypatch, before_dying=None) -> None:
+    """Train ``config`` until its first checkpoint is written, die there, then finish it with --resume."""
     class Killed(Exception):
         pass
 
@@ -47,24 +65,15 @@ def test_resume_after_an_interruption_matches_an_unbroken_run(tmp_path: Path, mo
     def save_then_die(self, epoch, recall):
         save(self, epoch, recall)
         if epoch == 0:
-            # the process dies after the first checkpoint, with the next epoch's first lines already logged
-            with open(self.run_dir / "metrics.jsonl", "a") as metrics:
-                metrics.write(json.dumps({"iter": self.iteration, "epoch": 1, "loss": 123.0}) + "\n")
+            if before_dying:
+                before_dying(self)
             raise Killed
 
-    interrupted = _config(data, tmp_path / "broken")
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        Trainer(interrupted, progress=False).fit()
+        Trainer(config, progress=False).fit()
     monkeypatch.setattr(Trainer, "_save_checkpoint", save)
-    Trainer(interrupted, resume=True, progress=False).fit()
-
-    whole, resumed = _metrics(tmp_path / "whole"), _metrics(tmp_path / "broken")
-    assert [m["iter"] for m in whole] == [m["iter"] for m in resumed]
-    for a, b in zip(whole, resumed):
-        for key in ("loss", "hard_fraction", "mean_s_ap", "recall@1"):
-            if key in a:
-                assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
+    Trainer(config, resume=True, progress=False).fit()
 
 
 def test_run_folder_contents(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ Examples:
   sct train --dataset cub --data-root data/CUB_200_2011 --out runs/cub --resume           # continue after a kill
   sct train --dataset cub --data-root data/CUB_200_2011 --loss shn --val-fraction 0.2 --out runs/tune-shn
       # tune on 20% of the training classes held out, never on the test classes
+  sct train --dataset cars --data-root data/cars196 --loss htl --htl-neighbours 4 --out runs/cars-htl
+      # Hierarchical Triplet Loss: 16 groups of 4 neighbouring classes × 2 images per batch of 128
 
 Defaults follow the paper for each dataset (embedding size, batch, lr, λ, schedule).
 The dataset's lr is SCT's; with SGD, --loss hn or shn defaults to a quarter of it
@@ -47,8 +49,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(catalog.DATASETS), help="dataset layout to read")
     parser.add_argument("--data-root", required=True, metavar="PATH", help="folder holding the dataset")
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder for config, metrics and checkpoints")
-    parser.add_argument("--loss", choices=["sct", "hn", "shn", "ep", "batch-all"],
-                        help="sct (default); baselines: hn, shn, ep (easy positive), batch-all (triplet margin)")
+    parser.add_argument("--loss", choices=["sct", "hn", "shn", "ep", "batch-all", "htl"],
+                        help="sct (default); baselines: hn, shn, ep (easy positive), batch-all (triplet margin), "
+                             "htl (hierarchical triplet loss, Ge et al. 2018)")
     parser.add_argument("--config", metavar="YAML", help="YAML file of settings that override the dataset defaults")
     parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], help="backbone")
     parser.add_argument("--dim", type=int, help="embedding size")
@@ -63,6 +66,16 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--margin", type=float, help="margin of --loss batch-all (default 0.2)")
     parser.add_argument("--hard-threshold", type=float, metavar="T",
                         help="also treat S_an > T as hard (the official code used 0.8, its 2020 version 0.5)")
+    parser.add_argument("--htl-levels", type=int, metavar="L", help="--loss htl: levels of the class tree (default 16)")
+    parser.add_argument("--htl-beta", type=float, metavar="B",
+                        help="--loss htl: β in the margin α = β + d_H(ya,yn) − s_ya (default 0.1)")
+    parser.add_argument("--htl-neighbours", type=int, metavar="M",
+                        help="--loss htl: classes per group, a random class and its M − 1 nearest (default 4); "
+                             "the batch size must be a multiple of M × images per class")
+    parser.add_argument("--htl-rebuild-every", type=int, metavar="EPOCHS",
+                        help="--loss htl: rebuild the class tree every N epochs (default 1; 0: once, at the start)")
+    parser.add_argument("--htl-tree-images-per-class", type=int, metavar="N",
+                        help="--loss htl: embed at most N images per class to build the tree (default: all)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when present")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
@@ -99,7 +112,8 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
              "temperature", "margin", "hard_threshold", "device", "precision", "seed", "pretrained", "eval_every", "augment", "workers",
-             "max_iters_per_epoch", "val_fraction", "val_by")
+             "max_iters_per_epoch", "val_fraction", "val_by", "htl_levels", "htl_beta", "htl_neighbours",
+             "htl_rebuild_every", "htl_tree_images_per_class")
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -36,6 +36,16 @@ class TrainConfig:
     temperature: float = 0.1
     hard_threshold: float | None = None
     margin: float = 0.2  # batch-all triplet loss only
+    # Hierarchical Triplet Loss (--loss htl; Ge et al., ECCV 2018; DESIGN.md §3). A batch is l′ groups of
+    # m = htl_neighbours classes (a random class and its m − 1 nearest) × images_per_class (t) images, so
+    # batch_size must be a multiple of m·t; l′ = batch_size // (m·t). The paper trained with larger batches
+    # and its own per-dataset settings; we keep each dataset's defaults (SCT's batch, lr, schedule) so that
+    # HTL is compared with SCT/SHN/HN under one recipe, and only the loss and the sampler change.
+    htl_levels: int = 16  # L: levels of the class tree; level l merges classes closer than l·(4 − d0)/L + d0
+    htl_beta: float = 0.1  # β in the dynamic margin α = max(β + d_H(y_a, y_n) − s_{y_a}, 0)
+    htl_neighbours: int = 4  # m: classes per group, the group's own class included
+    htl_rebuild_every: int = 1  # epochs between rebuilds of the class tree; 0 = built once, before epoch 1
+    htl_tree_images_per_class: int | None = None  # embed at most this many images per class for the tree; None: all
     augment: bool = True  # random crop from 1.1× and horizontal flip, as in the paper; False: the eval transform
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
@@ -80,6 +90,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         arch="resnet18", pretrained="none", dim=128, image_size=32, epochs=12, batch_size=120,
         images_per_class=12, optimizer="adamw", lr=0.001, weight_decay=1e-4, schedule="cosine", warmup_iters=100,
         augment=False, lam=1.0, mean=[0.2860] * 3, std=[0.3530] * 3, workers=2, eval_every=0, triplets_every=50,
+        htl_neighbours=5,  # --loss htl: 120 = l′ 2 groups × m 5 classes × t 12 images (all 10 classes again)
         cpu=dict(epochs=3, max_iters_per_epoch=450, workers=0, cache_images=True),  # about 5 minutes on 2 cores
     ),
 }
@@ -147,6 +158,28 @@ def _validate(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "image_size", "dim"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.loss == "htl":
+        _validate_htl(config)
+
+
+def _validate_htl(config: TrainConfig) -> None:
+    for name in ("htl_levels", "htl_neighbours"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.htl_beta < 0:
+        raise ValueError(f"htl_beta must be at least 0, got {config.htl_beta}")
+    if config.htl_rebuild_every < 0:
+        raise ValueError(
+            f"htl_rebuild_every must be at least 0 (0: build the tree once), got {config.htl_rebuild_every}")
+    if config.htl_tree_images_per_class is not None and config.htl_tree_images_per_class < 2:
+        raise ValueError("htl_tree_images_per_class must be at least 2 (a within-class distance needs two images), "
+                         f"got {config.htl_tree_images_per_class}")
+    group = config.htl_neighbours * config.images_per_class
+    if config.batch_size % group:
+        raise ValueError(
+            f"--loss htl: batch size {config.batch_size} is not a multiple of htl_neighbours × images_per_class "
+            f"= {config.htl_neighbours} × {config.images_per_class} = {group}"
+        )
 
 
 def load_config_file(path: Path) -> TrainConfig:

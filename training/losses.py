@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.htl import ClassTree, margins
+
 
 @dataclass(frozen=True)
 class TripletStats:
@@ -47,6 +49,7 @@ class Mining:
     negatives: Tensor  # [B, B] other class
     positive: Tensor  # [B] index of the easiest (most similar) positive
     has_positive: Tensor  # [B] bool
+    labels: Tensor  # [B] class index of each row
 
     @property
     def s_ap(self) -> Tensor:
@@ -82,7 +85,7 @@ class MinedTripletLoss(nn.Module):
         same = labels[:, None] == labels[None, :]
         not_self = ~torch.eye(len(labels), dtype=torch.bool, device=embeddings.device)
         positive, has_positive = _masked_argmax(similarities.detach(), same & not_self)
-        mining = Mining(similarities, same & not_self, ~same, positive, has_positive)
+        mining = Mining(similarities, same & not_self, ~same, positive, has_positive, labels)
 
         hardest, has_negative = _masked_argmax(similarities.detach(), mining.negatives)
         s_an_hardest = similarities.detach().gather(1, hardest[:, None]).squeeze(1)
@@ -203,16 +206,59 @@ class BatchAllTripletLoss(MinedTripletLoss):
         return violation[active].mean()
 
 
-LOSSES = {"sct": SCTLoss, "hn": HNLoss, "shn": SHNLoss, "ep": EasyPositiveLoss, "batch-all": BatchAllTripletLoss}
+class HTLLoss(MinedTripletLoss):
+    """Hierarchical Triplet Loss (Ge et al., ECCV 2018): [d_ap − d_an + α]_+ over every (a, p, n) of the batch,
+    with squared distances d = ‖f_a − f_x‖² = 2 − 2·S_ax and a margin that depends on the classes' places in
+    the class tree: α = max(β + d_{H(y_a, y_n)} − s_{y_a}, 0) (``training.htl.margins``).
+
+    The batch loss is the mean over all valid triplets (a ≠ p of one class, n of another), those already
+    satisfying their margin included: the paper normalises by the batch's number of triplets Z^M, not by the
+    active ones, so the step shrinks as the batch gets easy instead of renormalising onto the few remaining
+    violations (which batch-all does). The paper's constant factor ½ is left to the learning rate.
+    Until ``set_tree`` gives it a tree (the trainer builds one before the first step) every margin is β.
+    Memory grows as B³, like batch-all.
+    """
+
+    def __init__(self, beta: float = 0.1) -> None:
+        super().__init__()
+        self.beta = beta
+        self.tree: ClassTree | None = None
+
+    def set_tree(self, tree: ClassTree | None) -> None:
+        self.tree = tree
+
+    def class_margins(self, labels: Tensor) -> Tensor:
+        """α for every (anchor row, negative row) of the batch, [B, B] float32 on the labels' device."""
+        if self.tree is None:
+            return torch.full((len(labels), len(labels)), self.beta, device=labels.device)
+        classes = labels.cpu().numpy()
+        alpha = margins(self.tree, classes[:, None], classes[None, :], self.beta)
+        return torch.from_numpy(alpha).float().to(labels.device)
+
+    def batch_loss(self, mining: Mining) -> Tensor | None:
+        valid = mining.positives[:, :, None] & mining.negatives[:, None, :]  # [a, p, n]
+        count = (mining.positives.sum(1) * mining.negatives.sum(1)).sum()
+        if int(count) == 0:
+            return None
+        distances = 2.0 - 2.0 * mining.similarities
+        alpha = self.class_margins(mining.labels)
+        violation = F.relu(distances[:, :, None] - distances[:, None, :] + alpha[:, None, :])
+        return torch.where(valid, violation, 0.0).sum() / count
+
+
+LOSSES = {"sct": SCTLoss, "hn": HNLoss, "shn": SHNLoss, "ep": EasyPositiveLoss, "batch-all": BatchAllTripletLoss,
+          "htl": HTLLoss}
 
 
 def build_loss(name: str, *, lam: float, temperature: float, hard_threshold: float | None,
-               margin: float = 0.2) -> MinedTripletLoss:
+               margin: float = 0.2, htl_beta: float = 0.1) -> MinedTripletLoss:
     """The loss called ``name`` with the run's settings."""
     if name == "sct":
         return SCTLoss(lam=lam, temperature=temperature, hard_threshold=hard_threshold)
     if name == "batch-all":
         return BatchAllTripletLoss(margin=margin)
+    if name == "htl":
+        return HTLLoss(beta=htl_beta)
     if name in LOSSES:
         return LOSSES[name](temperature=temperature)
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")

@@ -67,3 +67,65 @@ class PKBatchSampler:
                 pools[cls] = [int(i) for i in rng.permutation(members) if int(i) not in dealt]
             dealt.append(pools[cls].pop())
         return dealt
+
+
+class HTLBatchSampler(PKBatchSampler):
+    """Anchor-neighbour batches of the Hierarchical Triplet Loss (Ge et al., 2018): l′ groups of m classes,
+    t images each, so a batch holds l′·m·t images.
+
+    A group is a class drawn like PKBatchSampler draws its classes, followed by
+    its m − 1 nearest classes (``update_neighbours``, from the class tree) that
+    are not yet in the batch, taken in order of nearness. Without neighbours
+    (before the first tree) or when a class's list runs out, the group is
+    completed with the next classes of the shuffled order, so the sampler then
+    behaves like a P×K sampler with P = l′·m. Images are dealt as by
+    PKBatchSampler. Batches depend only on (seed, epoch, neighbours).
+    """
+
+    def __init__(self, labels: Sequence[int], groups_per_batch: int, classes_per_group: int, images_per_class: int,
+                 seed: int = 0) -> None:
+        if groups_per_batch < 1 or classes_per_group < 1:
+            raise ValueError("groups per batch and classes per group must be at least 1")
+        super().__init__(labels, groups_per_batch * classes_per_group, images_per_class, seed=seed)
+        self.groups, self.m = groups_per_batch, classes_per_group
+        self.neighbours: np.ndarray | None = None
+
+    def update_neighbours(self, neighbours: np.ndarray) -> None:
+        """Row c: classes nearest to class c, nearest first (at least m − 1 of them; −1 marks none)."""
+        self.neighbours = np.asarray(neighbours)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        pools: dict[int, list[int]] = {c: [] for c in self.classes}
+        class_order: list[int] = []
+        for _ in range(self.batches_per_epoch):
+            chosen: list[int] = []
+            deferred: list[int] = []  # already in this batch; first in line for the next one
+            for _ in range(self.groups):
+                chosen.append(self._next_class(class_order, chosen, deferred, rng))
+                group_end = len(chosen) + self.m - 1
+                for neighbour in self._neighbours_of(chosen[-1]):
+                    if len(chosen) == group_end:
+                        break
+                    if neighbour not in chosen:
+                        chosen.append(neighbour)
+                while len(chosen) < group_end:
+                    chosen.append(self._next_class(class_order, chosen, deferred, rng))
+            class_order.extend(reversed(deferred))
+            yield [i for cls in chosen for i in self._deal(cls, pools, rng)]
+
+    def _next_class(self, class_order: list[int], chosen: list[int], deferred: list[int],
+                    rng: np.random.Generator) -> int:
+        """The next class of the shuffled order (refilled when empty) that is not in the batch yet."""
+        while True:
+            if not class_order:
+                class_order.extend(int(c) for c in rng.permutation(self.classes))
+            candidate = class_order.pop()
+            if candidate not in chosen:
+                return candidate
+            deferred.append(candidate)
+
+    def _neighbours_of(self, cls: int) -> list[int]:
+        if self.neighbours is None or cls >= len(self.neighbours):
+            return []
+        return [int(c) for c in self.neighbours[cls] if c >= 0 and int(c) in self.members]

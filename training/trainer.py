@@ -1,4 +1,8 @@
-"""The training loop: P×K batches, a mined triplet loss, SGD, Recall@K on the test split, atomic checkpoints."""
+"""The training loop: P×K batches, a mined triplet loss, SGD, Recall@K on the test split, atomic checkpoints.
+
+With --loss htl, a class tree is built from the current model before the first epoch and then every
+htl_rebuild_every epochs (training.htl); it sets the loss's margins and the sampler's class groups.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -26,10 +30,11 @@ from training.analysis.model_diagram import mean_pairwise_similarity
 from training.config import TrainConfig
 from training.data import (RecordImages, class_index_of, collate_skipping_failures, drop_small_classes,
                            embed_records)
+from training.htl import ClassTree, build_tree
 from training.losses import TripletStats, build_loss
 from training.model import build_model
 from training.precision import autocast, autocast_dtype
-from training.sampler import PKBatchSampler
+from training.sampler import HTLBatchSampler, PKBatchSampler
 from training.transforms import eval_transform, train_transform
 
 
@@ -64,6 +69,17 @@ def lr_factor(iteration: int, config: TrainConfig, iters_per_epoch: int) -> floa
     return warmup * config.gamma ** passed
 
 
+def build_sampler(labels: list[int], num_classes: int, config: TrainConfig) -> PKBatchSampler:
+    """P×K batches, or for --loss htl anchor-neighbour batches of l′ = batch_size // (m·t) groups of m classes;
+    fewer classes per batch when the training split has fewer."""
+    t = config.images_per_class
+    if config.loss == "htl":
+        m = min(config.htl_neighbours, num_classes)
+        groups = max(1, min(config.batch_size // (config.htl_neighbours * t), num_classes // m))
+        return HTLBatchSampler(labels, groups, m, t, seed=config.seed)
+    return PKBatchSampler(labels, min(config.batch_size // t, num_classes), t, seed=config.seed)
+
+
 COLLAPSE_SIMILARITY = 0.95  # mean pairwise cosine above which an evaluation warns of a collapsed embedding
 
 
@@ -96,22 +112,23 @@ class Trainer:
             print(f"evaluating on {len(self.queries)} held-out training images "
                   f"({len({r.label for r in self.queries})} classes), not on the test split")
         self.spec = preprocessing_of(config)
-        class_index = class_index_of(self.train_records)
-        labels = [class_index[r.label] for r in self.train_records]
-        p = config.batch_size // config.images_per_class
-        self.sampler = PKBatchSampler(labels, min(p, len(class_index)), config.images_per_class, seed=config.seed)
+        self.class_index = class_index_of(self.train_records)
+        labels = [self.class_index[r.label] for r in self.train_records]
+        self.sampler = build_sampler(labels, len(self.class_index), config)
         transform = train_transform(self.spec) if config.augment else eval_transform(self.spec)
         cache = config.cache_images and not config.augment and config.workers == 0
         if config.cache_images and not cache:
             print("note: cache_images is ignored: it needs augment: false and workers: 0")
-        self.dataset = RecordImages(self.train_records, class_index, transform, cache=cache)
+        self.dataset = RecordImages(self.train_records, self.class_index, transform, cache=cache)
         self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
 
         self.model = build_model(config.arch, config.dim, config.pretrained).to(self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(self.device, config.precision)
         self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
-                                  hard_threshold=config.hard_threshold, margin=config.margin)
+                                  hard_threshold=config.hard_threshold, margin=config.margin,
+                                  htl_beta=config.htl_beta)
+        self.tree: ClassTree | None = None  # --loss htl: the class tree the loss and the sampler use
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(it, config, self.iters_per_epoch))
@@ -126,6 +143,8 @@ class Trainer:
     def fit(self) -> Path:
         config = self.config
         for epoch in range(self.start_epoch, config.epochs):
+            if self._tree_due(epoch):
+                self.rebuild_tree(epoch)
             self._train_epoch(epoch)
             is_last = epoch == config.epochs - 1
             recall = None
@@ -135,6 +154,54 @@ class Trainer:
         if self.skipped_images:
             print(f"skipped {self.skipped_images} unreadable training image(s) in all")
         return self.run_dir
+
+    def _tree_due(self, epoch: int) -> bool:
+        """--loss htl: before the first epoch, every htl_rebuild_every epochs, and whenever no tree is held."""
+        if self.config.loss != "htl":
+            return False
+        every = self.config.htl_rebuild_every
+        return self.tree is None or epoch == 0 or bool(every and epoch % every == 0)
+
+    def rebuild_tree(self, epoch: int) -> ClassTree:
+        """Embed the training images with the current model, build the class tree, hand it to the loss and
+        the sampler, and log it as an ``htl_tree`` line of metrics.jsonl."""
+        started = time.perf_counter()
+        records = self._tree_records(epoch)
+        embeddings, names, failures = embed_records(self.model, records, eval_transform(self.spec), self.device,
+                                                    workers=self.config.workers, amp_dtype=self.amp_dtype)
+        self._report_failures(failures)
+        labels = np.array([self.class_index[name] for name in names], dtype=np.int64)
+        m = self.config.htl_neighbours
+        tree = build_tree(embeddings, labels, len(self.class_index), levels=self.config.htl_levels,
+                          neighbours=min(2 * m, len(self.class_index) - 1))
+        self._use_tree(tree)
+        seconds = time.perf_counter() - started
+        line = {"type": "htl_tree", "epoch": epoch, "iter": self.iteration, "d0": tree.d0,
+                "classes": tree.num_classes, "images": len(labels), "seconds": seconds, "nodes_per_level": tree.nodes_per_level()}
+        with open(self.run_dir / "metrics.jsonl", "a") as metrics:
+            metrics.write(json.dumps(line) + "\n")
+        print(f"epoch {epoch + 1}: HTL class tree over {tree.num_classes} classes from {len(labels)} images, "
+              f"d0 {tree.d0:.3f}, nodes per level {' '.join(map(str, line['nodes_per_level']))} ({seconds:.1f} s)")
+        return tree
+
+    def _use_tree(self, tree: ClassTree) -> None:
+        self.tree = tree
+        self.loss_fn.set_tree(tree)
+        self.sampler.update_neighbours(tree.neighbours)
+
+    def _tree_records(self, epoch: int) -> list[catalog.ImageRecord]:
+        """The training records the tree is built from: all, or at most htl_tree_images_per_class per class,
+        drawn from (seed, epoch)."""
+        limit = self.config.htl_tree_images_per_class
+        if limit is None:
+            return self.train_records
+        rng = np.random.default_rng([self.config.seed, epoch, 1])
+        by_class: dict[str, list[int]] = {}
+        for i, record in enumerate(self.train_records):
+            by_class.setdefault(record.label, []).append(i)
+        kept = sorted(i for members in by_class.values()
+                      for i in (members if len(members) <= limit else rng.choice(members, limit, replace=False)))
+        return [self.train_records[i] for i in kept]
 
     def _train_epoch(self, epoch: int) -> None:
         config = self.config
@@ -225,7 +292,7 @@ class Trainer:
             print(f"warning: the embedding looks collapsed: mean pairwise similarity "
                   f"{results['mean_similarity']:.3f} over the {self.evaluated_split} images. Every triplet is then "
                   "hard; with SGD, SCT's push on hard triplets (λ·S_an) is about 1/τ times weaker than NCA's and "
-                  "may never escape. Try a larger --lr (SCT's tuned lr is several times SHN's) or a larger --lam; "
+                  "may never escape. Try a larger --lr (SCT's tuned lr is several times SHN's), or for SCT a larger --lam; "
                   "see docs/hard-negatives/README.md.")
         return float(results[f"recall@{self.config.eval_ks[0]}"])
 
@@ -246,6 +313,8 @@ class Trainer:
             "config": self.config.to_dict(),
             "recall@1": recall,
         }
+        if self.tree is not None:  # the tree this epoch trained with, so a resume can go on with it
+            state["htl_tree"] = _tree_state(self.tree)
         payload = _serialise(state)
         atomic_write_bytes(self.run_dir / "last.pt", payload)
         if recall is None and (self.run_dir / "best.pt").exists():
@@ -265,6 +334,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch, self.iteration = state["epoch"] + 1, state["iteration"]
         self.best_recall = state["best_recall"]
+        if "htl_tree" in state and self.config.loss == "htl":
+            self._use_tree(_tree_from_state(state["htl_tree"]))
         _truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
         print(f"resumed from {path} after epoch {state['epoch'] + 1} (iteration {self.iteration})")
 
@@ -305,6 +376,17 @@ def evaluation_splits(records: list[catalog.ImageRecord]) -> tuple[list, list | 
     return [], None
 
 
+def _tree_state(tree: ClassTree) -> dict[str, Any]:
+    """The class tree as tensors and numbers, which ``torch.load(weights_only=True)`` reads back."""
+    return {"level_ids": torch.from_numpy(tree.level_ids), "thresholds": torch.from_numpy(tree.thresholds),
+            "within": torch.from_numpy(tree.within), "d0": tree.d0, "neighbours": torch.from_numpy(tree.neighbours)}
+
+
+def _tree_from_state(state: dict[str, Any]) -> ClassTree:
+    return ClassTree(level_ids=state["level_ids"].numpy(), thresholds=state["thresholds"].numpy(),
+                     within=state["within"].numpy(), d0=float(state["d0"]), neighbours=state["neighbours"].numpy())
+
+
 def _serialise(state: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -312,7 +394,8 @@ def _serialise(state: dict[str, Any]) -> bytes:
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric lines written after the checkpoint, so a resumed run's log reads like an unbroken one."""
+    """Drop metric lines written after the checkpoint, so a resumed run's log reads like an unbroken one.
+    An htl_tree line at the checkpoint's iteration belongs to the next epoch, which rebuilds it."""
     if not path.exists():
         return
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

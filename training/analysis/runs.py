@@ -102,7 +102,11 @@ def load_run(path: str | Path) -> Run:
             entry = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{metrics_file}:{number}: not a JSON line ({error.msg})") from None
-        (run.evaluations if entry.get("type") == "eval" else run.steps).append(entry)
+        kind = entry.get("type")
+        if kind == "eval":
+            run.evaluations.append(entry)
+        elif kind is None:  # one training iteration; other typed lines (e.g. "htl_tree") are not steps
+            run.steps.append(entry)
     return run
 
 
