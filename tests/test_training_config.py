@@ -29,3 +29,12 @@ def test_the_factor_applies_to_sgd_only() -> None:
     assert _resolve("cub", loss="shn", optimizer="adamw").lr == DATASET_DEFAULTS["cub"]["lr"]
     demo = DATASET_DEFAULTS["fashion-mnist"]
     assert demo["optimizer"] == "adamw" and _resolve("fashion-mnist", loss="shn").lr == demo["lr"]
+
+
+def test_htl_gets_its_own_batch_composition() -> None:
+    cub = _resolve("cub", loss="htl")
+    assert (cub.images_per_class, cub.htl_neighbours, cub.batch_size) == (4, 4, 128)  # 8 groups of 4 classes × 4
+    assert _resolve("cub", loss="sct").images_per_class == 2  # the paper's K for SCT is untouched
+    demo = _resolve("fashion-mnist", loss="htl")
+    assert (demo.images_per_class, demo.htl_neighbours) == (12, 5)  # 2 groups × 5 classes × 12 = all 10 classes
+    assert _resolve("cub", loss="htl", images_per_class=8).images_per_class == 8  # explicit wins

@@ -68,6 +68,11 @@ class TrainConfig:
 
 OPTIMIZERS = ("sgd", "adamw")
 
+# Per-loss settings over every dataset's defaults; a dataset's own "losses" entry and explicit settings win.
+# HTL estimates within-class distances and class neighbours from each batch's groups, which K = 2 starves:
+# 4 images per class gives l′ = batch / 16 groups of m = 4 classes (8 groups for CUB and Cars, 32 for SOP).
+LOSS_DEFAULTS: dict[str, dict[str, Any]] = {"htl": dict(images_per_class=4)}
+
 # With SGD, the learning rate of a baseline loss as a multiple of the dataset's (SCT's) learning rate.
 # SCT's hard triplets push with λ·S_an, about 1/τ = 10 times more weakly than NCA, so SCT needs a larger
 # step: tuned on validation in docs/hard-negatives (Fashion-MNIST), and in line with the official code's
@@ -90,7 +95,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         arch="resnet18", pretrained="none", dim=128, image_size=32, epochs=12, batch_size=120,
         images_per_class=12, optimizer="adamw", lr=0.001, weight_decay=1e-4, schedule="cosine", warmup_iters=100,
         augment=False, lam=1.0, mean=[0.2860] * 3, std=[0.3530] * 3, workers=2, eval_every=0, triplets_every=50,
-        htl_neighbours=5,  # --loss htl: 120 = l′ 2 groups × m 5 classes × t 12 images (all 10 classes again)
+        losses=dict(htl=dict(images_per_class=12, htl_neighbours=5)),  # 120 = l′ 2 groups × m 5 classes × t 12
         cpu=dict(epochs=3, max_iters_per_epoch=450, workers=0, cache_images=True),  # about 5 minutes on 2 cores
     ),
 }
@@ -98,8 +103,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None, cuda_available: bool = False) -> TrainConfig:
-    """Dataset defaults ← device defaults ← optimiser defaults ← per-loss learning rate ← YAML ``config_file``
-    ← ``overrides`` (None values ignored).
+    """Dataset defaults ← device defaults ← optimiser defaults ← per-loss defaults (``LOSS_DEFAULTS``, then the
+    dataset's "losses" entry) ← per-loss learning rate ← YAML ``config_file`` ← ``overrides`` (None ignored).
 
     The dataset's learning rate is SCT's. With SGD and no learning rate given, a baseline loss gets
     its own: SCT's times ``SGD_LR_FACTORS[loss]`` (docs/hard-negatives/README.md explains why).
@@ -107,6 +112,7 @@ def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str |
     settings: dict[str, Any] = dict(DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["folder"]))
     cpu_settings = settings.pop("cpu", {})
     per_optimizer = {name: settings.pop(name, {}) for name in OPTIMIZERS}
+    per_loss = settings.pop("losses", {})
     device = (overrides or {}).get("device") or "auto"
     if device == "cpu" or (device == "auto" and not cuda_available):
         settings.update(cpu_settings)
@@ -116,6 +122,8 @@ def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str |
     if optimizer != settings.get("optimizer", TrainConfig.optimizer):
         settings.update(per_optimizer.get(optimizer, {}))
     loss = explicit.get("loss", settings.get("loss", TrainConfig.loss))
+    settings.update(LOSS_DEFAULTS.get(loss, {}))
+    settings.update(per_loss.get(loss, {}))
     if optimizer == "sgd" and "lr" not in explicit and loss in SGD_LR_FACTORS:
         settings["lr"] = settings.get("lr", TrainConfig.lr) * SGD_LR_FACTORS[loss]
     settings.update(explicit)
