@@ -38,3 +38,13 @@ def test_htl_gets_its_own_batch_composition() -> None:
     demo = _resolve("fashion-mnist", loss="htl")
     assert (demo.images_per_class, demo.htl_neighbours) == (12, 5)  # 2 groups × 5 classes × 12 = all 10 classes
     assert _resolve("cub", loss="htl", images_per_class=8).images_per_class == 8  # explicit wins
+
+
+def test_yaml_numbers_in_exponent_form_are_read_as_numbers(tmp_path) -> None:
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("lr: 1e-5\nlam: 0.5\n")  # PyYAML reads 1e-5 as the string "1e-5"
+    config = resolve_config("cub", "data", "out", config_file=str(config_file))
+    assert config.lr == 1e-5 and isinstance(config.lr, float) and config.lam == 0.5
+    config_file.write_text("lr: fast\n")
+    with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
+        resolve_config("cub", "data", "out", config_file=str(config_file))

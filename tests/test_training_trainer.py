@@ -236,3 +236,15 @@ def build_model_for_test() -> torch.nn.Module:
 
     torch.manual_seed(0)
     return build_model("resnet18", 8, "none").eval()
+
+
+def test_resume_drops_a_half_written_metrics_line(tmp_path: Path) -> None:
+    """A full disk can cut the log's last line short; --resume drops it with the other post-checkpoint lines."""
+    from training.trainer import _truncate_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"iter": 0, "loss": 1.0}\n{"type": "eval", "iter": 1, "recall@1": 0.5}\n'
+                   '{"iter": 1, "loss": 0.9}\n{"iter": 2, "lo')
+    _truncate_metrics(log, 1)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"iter": 0, "loss": 1.0}, {"type": "eval", "iter": 1, "recall@1": 0.5}]

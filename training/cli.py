@@ -17,6 +17,10 @@ Examples:
       # tune on 20% of the training classes held out, never on the test classes
   sct train --dataset cars --data-root data/cars196 --loss htl --htl-neighbours 4 --out runs/cars-htl
       # Hierarchical Triplet Loss: 16 groups of 4 neighbouring classes × 2 images per batch of 128
+  torchrun --nproc-per-node 4 -m sct train --dataset sop --data-root data/Stanford_Online_Products \
+      --gather-embeddings --sync-bn --out runs/sop-4gpu
+      # 4 GPUs, one process each: --batch-size is the global batch, split into whole classes;
+      # negatives mined from all 4 shares (docs/DISTRIBUTED.md)
 
 Defaults follow the paper for each dataset (embedding size, batch, lr, λ, schedule).
 The dataset's lr is SCT's; with SGD, --loss hn or shn defaults to a quarter of it
@@ -93,6 +97,14 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-by", choices=["auto", "classes", "images"],
                         help="hold out whole classes or images of every class (auto: images when train and test "
                              "share their classes, as in Fashion-MNIST)")
+    parser.add_argument("--gather-embeddings", action="store_true", default=None,
+                        help="under torchrun: mine positives and negatives from the global batch (all processes' "
+                             "embeddings), with gradients equal to one process training on that batch; "
+                             "default: each process mines within its own share")
+    parser.add_argument("--sync-bn", dest="sync_batchnorm", action="store_true", default=None,
+                        help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
+    parser.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"],
+                        help="under torchrun: process-group backend (auto: nccl on CUDA, gloo on CPU)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_train)
@@ -113,12 +125,13 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
              "temperature", "margin", "hard_threshold", "device", "precision", "seed", "pretrained", "eval_every", "augment", "workers",
              "max_iters_per_epoch", "val_fraction", "val_by", "htl_levels", "htl_beta", "htl_neighbours",
-             "htl_rebuild_every", "htl_tree_images_per_class")
+             "htl_rebuild_every", "htl_tree_images_per_class", "gather_embeddings", "sync_batchnorm", "dist_backend")
 
 
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from training import distributed
     from training.config import resolve_config
     from training.trainer import train
 
@@ -126,7 +139,8 @@ def run_train(args: argparse.Namespace) -> int:
                             overrides={name: getattr(args, name) for name in OVERRIDES},
                             cuda_available=torch.cuda.is_available())
     run_dir = train(config, resume=args.resume, progress=not args.no_progress)
-    print(f"run written to {run_dir} (best.pt, last.pt, metrics.jsonl, config.yaml)")
+    if distributed.is_main():
+        print(f"run written to {run_dir} (best.pt, last.pt, metrics.jsonl, config.yaml)")
     return 0
 
 

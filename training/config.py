@@ -61,6 +61,11 @@ class TrainConfig:
     cache_images: bool = False  # keep preprocessed training images in memory; only with augment: false, workers: 0
     triplets_every: int = 100  # save sampled (S_ap, S_an) pairs every N iterations; 0 = never
     max_iters_per_epoch: int | None = None  # cap for quick runs and tests
+    # Several processes (launched by torchrun; docs/DISTRIBUTED.md). batch_size is the global batch, split into
+    # whole classes over the processes. Without torchrun these three settings change nothing.
+    gather_embeddings: bool = False  # mine positives and negatives from the global batch, not each process's share
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm)
+    dist_backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "nccl" or "gloo"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,7 +148,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     loaded = yaml.safe_load(path.read_text()) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"--config {path}: expected a mapping of setting: value, got {type(loaded).__name__}")
-    return loaded
+    return {key: _as_float_if_expected(path, key, value) for key, value in loaded.items()}
+
+
+_FLOAT_SETTINGS = {f.name for f in dataclasses.fields(TrainConfig) if str(f.type).startswith("float")}
+
+
+def _as_float_if_expected(path: Path, key: str, value: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; a float setting accepts it, or names the bad value."""
+    if key not in _FLOAT_SETTINGS or not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--config {path}: {key} must be a number, got {value!r}") from None
 
 
 def _validate(config: TrainConfig) -> None:

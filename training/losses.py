@@ -6,6 +6,12 @@ image of the anchor's class, the negative is the most similar image of another
 class. Selection runs on detached similarities; the loss uses the live ones.
 The batch loss is the mean over anchors that have both a positive and a
 negative.
+
+Each loss is computed as a sum of terms and the number of terms it is the mean
+over (``LossTerms``), for anchors that may be only some rows of the batch: a
+process of a distributed run takes its own rows of the gathered global batch
+as anchors, every row as positive or negative, and the processes add up their
+sums and counts (``training.distributed.global_batch_loss``).
 """
 from __future__ import annotations
 
@@ -42,14 +48,16 @@ def _masked_argmax(similarities: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass(frozen=True)
 class Mining:
-    """One batch's similarities and the selection every loss starts from."""
+    """One batch's similarities and the selection every loss starts from: a row per anchor (A of them, all B
+    images of the batch unless only some are this process's anchors), a column per image of the batch."""
 
-    similarities: Tensor  # [B, B] live cosine similarities
-    positives: Tensor  # [B, B] same class, not self
-    negatives: Tensor  # [B, B] other class
-    positive: Tensor  # [B] index of the easiest (most similar) positive
-    has_positive: Tensor  # [B] bool
-    labels: Tensor  # [B] class index of each row
+    similarities: Tensor  # [A, B] live cosine similarities
+    positives: Tensor  # [A, B] same class, not self
+    negatives: Tensor  # [A, B] other class
+    positive: Tensor  # [A] column of the easiest (most similar) positive
+    has_positive: Tensor  # [A] bool
+    labels: Tensor  # [B] class index of each column
+    anchor_labels: Tensor  # [A] class index of each anchor
 
     @property
     def s_ap(self) -> Tensor:
@@ -57,12 +65,20 @@ class Mining:
         return self.similarities.detach().gather(1, self.positive[:, None]).squeeze(1)
 
 
+@dataclass(frozen=True)
+class LossTerms:
+    """A batch loss as total / count: the sum of its terms and how many terms it is the mean over."""
+
+    total: Tensor  # live scalar
+    count: Tensor  # int64 scalar, no gradient; 0 when the batch has no term (the total is then a live zero)
+
+
 class MinedTripletLoss(nn.Module):
     """Base class: mines (anchor, easiest positive, hardest negative) and averages a per-anchor loss.
 
     Subclasses implement ``per_anchor_loss(s_ap, s_an)`` and may narrow the
     negatives with ``negative_mask``; losses over more than one negative
-    override ``batch_loss`` instead. After each call, ``self.stats`` holds the
+    override ``batch_terms`` instead. After each call, ``self.stats`` holds the
     batch's hard-triplet fraction, mean similarities and (S_ap, S_an) pairs,
     always measured on the hardest negative, whichever triplets the loss uses.
     """
@@ -79,23 +95,33 @@ class MinedTripletLoss(nn.Module):
         return mining.negatives
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        terms = self.terms(embeddings, labels)
+        return terms.total / terms.count.clamp(min=1)
+
+    def terms(self, embeddings: Tensor, labels: Tensor, anchors: slice = slice(None)) -> LossTerms:
+        """The batch loss as (sum, count), with the rows ``anchors`` of the batch as anchors and every row as a
+        possible positive or negative. ``self.stats`` then describes those anchors; its triplets are batch rows."""
         unit = F.normalize(embeddings.float(), dim=1)
-        similarities = unit @ unit.T
+        similarities = unit[anchors] @ unit.T
         labels = labels.to(embeddings.device)
-        same = labels[:, None] == labels[None, :]
-        not_self = ~torch.eye(len(labels), dtype=torch.bool, device=embeddings.device)
+        columns = torch.arange(len(labels), device=embeddings.device)
+        rows, anchor_labels = columns[anchors], labels[anchors]
+        same = anchor_labels[:, None] == labels[None, :]
+        not_self = rows[:, None] != columns[None, :]
         positive, has_positive = _masked_argmax(similarities.detach(), same & not_self)
-        mining = Mining(similarities, same & not_self, ~same, positive, has_positive, labels)
+        mining = Mining(similarities, same & not_self, ~same, positive, has_positive, labels, anchor_labels)
 
         hardest, has_negative = _masked_argmax(similarities.detach(), mining.negatives)
         s_an_hardest = similarities.detach().gather(1, hardest[:, None]).squeeze(1)
         self.stats = _stats(mining.s_ap, s_an_hardest, has_positive & has_negative,
-                            torch.stack([torch.arange(len(labels), device=positive.device), positive, hardest], dim=1))
-        loss = self.batch_loss(mining)
-        return loss if loss is not None else (embeddings * 0.0).sum()
+                            torch.stack([rows, positive, hardest], dim=1))
+        terms = self.batch_terms(mining)
+        if terms is None:
+            return LossTerms((embeddings * 0.0).sum(), torch.zeros((), dtype=torch.long, device=embeddings.device))
+        return terms
 
-    def batch_loss(self, mining: Mining) -> Tensor | None:
-        """Mean per-anchor loss over anchors with a positive and an allowed negative; None if there are none."""
+    def batch_terms(self, mining: Mining) -> LossTerms | None:
+        """Per-anchor losses over anchors with a positive and an allowed negative; None if there are none."""
         negative, has_negative = _masked_argmax(mining.similarities.detach(), self.negative_mask(mining))
         valid = mining.has_positive & has_negative
         if not bool(valid.any()):
@@ -103,7 +129,7 @@ class MinedTripletLoss(nn.Module):
         anchors = valid.nonzero().squeeze(1)
         s_ap = mining.similarities[anchors, mining.positive[anchors]]
         s_an = mining.similarities[anchors, negative[anchors]]
-        return self.per_anchor_loss(s_ap, s_an).mean()
+        return LossTerms(self.per_anchor_loss(s_ap, s_an).sum(), valid.sum())
 
 
 def _stats(s_ap: Tensor, s_an: Tensor, valid: Tensor, triplets: Tensor) -> TripletStats:
@@ -173,7 +199,7 @@ class EasyPositiveLoss(MinedTripletLoss):
         super().__init__()
         self.temperature = temperature
 
-    def batch_loss(self, mining: Mining) -> Tensor | None:
+    def batch_terms(self, mining: Mining) -> LossTerms | None:
         valid = mining.has_positive & mining.negatives.any(dim=1)
         if not bool(valid.any()):
             return None
@@ -182,7 +208,7 @@ class EasyPositiveLoss(MinedTripletLoss):
         positive_logit = logits.gather(1, mining.positive[anchors, None])
         negative_logits = logits.masked_fill(~mining.negatives[anchors], float("-inf"))
         all_logits = torch.cat([positive_logit, negative_logits], dim=1)
-        return (torch.logsumexp(all_logits, dim=1) - positive_logit.squeeze(1)).mean()
+        return LossTerms((torch.logsumexp(all_logits, dim=1) - positive_logit.squeeze(1)).sum(), valid.sum())
 
 
 class BatchAllTripletLoss(MinedTripletLoss):
@@ -194,16 +220,14 @@ class BatchAllTripletLoss(MinedTripletLoss):
         super().__init__()
         self.margin = margin
 
-    def batch_loss(self, mining: Mining) -> Tensor | None:
+    def batch_terms(self, mining: Mining) -> LossTerms | None:
         sims = mining.similarities
         valid = mining.positives[:, :, None] & mining.negatives[:, None, :]  # [a, p, n]
         if not bool(valid.any()):
             return None
         violation = F.relu(sims[:, None, :] - sims[:, :, None] + self.margin)[valid]
         active = violation.detach() > 0
-        if not bool(active.any()):
-            return violation.sum() * 0.0
-        return violation[active].mean()
+        return LossTerms(violation[active].sum() if bool(active.any()) else violation.sum() * 0.0, active.sum())
 
 
 class HTLLoss(MinedTripletLoss):
@@ -227,23 +251,22 @@ class HTLLoss(MinedTripletLoss):
     def set_tree(self, tree: ClassTree | None) -> None:
         self.tree = tree
 
-    def class_margins(self, labels: Tensor) -> Tensor:
-        """α for every (anchor row, negative row) of the batch, [B, B] float32 on the labels' device."""
+    def class_margins(self, anchor_labels: Tensor, labels: Tensor) -> Tensor:
+        """α for every (anchor, negative) pair, [A, B] float32 on the labels' device."""
         if self.tree is None:
-            return torch.full((len(labels), len(labels)), self.beta, device=labels.device)
-        classes = labels.cpu().numpy()
-        alpha = margins(self.tree, classes[:, None], classes[None, :], self.beta)
+            return torch.full((len(anchor_labels), len(labels)), self.beta, device=labels.device)
+        alpha = margins(self.tree, anchor_labels.cpu().numpy()[:, None], labels.cpu().numpy()[None, :], self.beta)
         return torch.from_numpy(alpha).float().to(labels.device)
 
-    def batch_loss(self, mining: Mining) -> Tensor | None:
+    def batch_terms(self, mining: Mining) -> LossTerms | None:
         valid = mining.positives[:, :, None] & mining.negatives[:, None, :]  # [a, p, n]
         count = (mining.positives.sum(1) * mining.negatives.sum(1)).sum()
         if int(count) == 0:
             return None
         distances = 2.0 - 2.0 * mining.similarities
-        alpha = self.class_margins(mining.labels)
+        alpha = self.class_margins(mining.anchor_labels, mining.labels)
         violation = F.relu(distances[:, :, None] - distances[:, None, :] + alpha[:, None, :])
-        return torch.where(valid, violation, 0.0).sum() / count
+        return LossTerms(torch.where(valid, violation, 0.0).sum(), count)
 
 
 LOSSES = {"sct": SCTLoss, "hn": HNLoss, "shn": SHNLoss, "ep": EasyPositiveLoss, "batch-all": BatchAllTripletLoss,

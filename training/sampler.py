@@ -1,4 +1,10 @@
-"""Balanced P×K batches: P classes, K images of each (K = 2 in the paper)."""
+"""Balanced P×K batches: P classes, K images of each (K = 2 in the paper).
+
+In a distributed run every process generates the same global batch from
+(seed, epoch) and keeps its own block of whole classes (``rank``, ``world_size``),
+so the processes together see exactly the batch one process would, and each
+class's K images stay on one process, where its anchors find their positives.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -15,9 +21,21 @@ class PKBatchSampler:
     pool that is refilled when empty, so every image is seen before any repeats.
     A class with fewer than K images is completed by resampling its images.
     Batches depend only on (seed, epoch): call ``set_epoch`` before iterating.
+
+    With ``world_size`` > 1, P is the global batch's number of classes and
+    must be a multiple of the world size: process ``rank`` yields classes
+    rank·P/W … (rank + 1)·P/W − 1 of each global batch, with all K images of
+    each. Every process has the same number of batches per epoch.
     """
 
-    def __init__(self, labels: Sequence[int], classes_per_batch: int, images_per_class: int, seed: int = 0) -> None:
+    def __init__(self, labels: Sequence[int], classes_per_batch: int, images_per_class: int, seed: int = 0, *,
+                 rank: int = 0, world_size: int = 1) -> None:
+        _check_rank(rank, world_size)
+        if classes_per_batch % world_size:
+            raise ValueError(
+                f"the global batch's {classes_per_batch} classes (P) cannot be split into whole classes over "
+                f"{world_size} processes: P must be a multiple of {world_size} (set --batch-size to P × images per "
+                f"class with such a P)")
         labels = np.asarray(labels)
         self.classes = np.unique(labels)
         if classes_per_batch > len(self.classes):
@@ -28,6 +46,7 @@ class PKBatchSampler:
             raise ValueError("classes per batch and images per class must be at least 1")
         self.members = {c: np.flatnonzero(labels == c) for c in self.classes}
         self.p, self.k, self.seed = classes_per_batch, images_per_class, seed
+        self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = max(1, len(labels) // (classes_per_batch * images_per_class))
         self.epoch = 0
 
@@ -55,7 +74,13 @@ class PKBatchSampler:
                 chosen.add(candidate)
                 batch.extend(self._deal(candidate, pools, rng))
             class_order.extend(reversed(deferred))
-            yield batch
+            yield self._shard(batch)
+
+    def _shard(self, batch: list[int]) -> list[int]:
+        """This process's block of a global batch: P / world_size whole classes (each class's K images are
+        consecutive in the batch and every class has exactly K)."""
+        share = len(batch) // self.world_size
+        return batch[self.rank * share:(self.rank + 1) * share]
 
     def _deal(self, cls: int, pools: dict[int, list[int]], rng: np.random.Generator) -> list[int]:
         members = self.members[cls]
@@ -80,13 +105,25 @@ class HTLBatchSampler(PKBatchSampler):
     completed with the next classes of the shuffled order, so the sampler then
     behaves like a P×K sampler with P = l′·m. Images are dealt as by
     PKBatchSampler. Batches depend only on (seed, epoch, neighbours).
+
+    With ``world_size`` > 1 the sampler shards whole groups: l′ must be a
+    multiple of the world size, and each process keeps l′ / world_size groups
+    (a class with its nearest classes stays together, so a process mines the
+    near negatives the group was drawn for even without gathering).
     """
 
     def __init__(self, labels: Sequence[int], groups_per_batch: int, classes_per_group: int, images_per_class: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, *, rank: int = 0, world_size: int = 1) -> None:
         if groups_per_batch < 1 or classes_per_group < 1:
             raise ValueError("groups per batch and classes per group must be at least 1")
-        super().__init__(labels, groups_per_batch * classes_per_group, images_per_class, seed=seed)
+        _check_rank(rank, world_size)
+        if groups_per_batch % world_size:
+            raise ValueError(
+                f"the global batch's {groups_per_batch} groups of {classes_per_group} classes cannot be split into "
+                f"whole groups over {world_size} processes: the number of groups must be a multiple of {world_size} "
+                "(set --batch-size to groups × htl_neighbours × images per class with such a number of groups)")
+        super().__init__(labels, groups_per_batch * classes_per_group, images_per_class, seed=seed, rank=rank,
+                         world_size=world_size)
         self.groups, self.m = groups_per_batch, classes_per_group
         self.neighbours: np.ndarray | None = None
 
@@ -112,7 +149,7 @@ class HTLBatchSampler(PKBatchSampler):
                 while len(chosen) < group_end:
                     chosen.append(self._next_class(class_order, chosen, deferred, rng))
             class_order.extend(reversed(deferred))
-            yield [i for cls in chosen for i in self._deal(cls, pools, rng)]
+            yield self._shard([i for cls in chosen for i in self._deal(cls, pools, rng)])
 
     def _next_class(self, class_order: list[int], chosen: list[int], deferred: list[int],
                     rng: np.random.Generator) -> int:
@@ -129,3 +166,8 @@ class HTLBatchSampler(PKBatchSampler):
         if self.neighbours is None or cls >= len(self.neighbours):
             return []
         return [int(c) for c in self.neighbours[cls] if c >= 0 and int(c) in self.members]
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of the {world_size} processes' ranks 0 … {world_size - 1}")

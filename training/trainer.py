@@ -2,6 +2,10 @@
 
 With --loss htl, a class tree is built from the current model before the first epoch and then every
 htl_rebuild_every epochs (training.htl); it sets the loss's margins and the sampler's class groups.
+
+Launched by torchrun, each process trains on its share of every global batch (whole classes, training.sampler)
+under DistributedDataParallel (training.distributed). Rank 0 alone writes the run folder, evaluates, builds the
+HTL class tree (and hands it to the others) and shows progress; the others wait for it at a barrier.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import catalog
 from retrieval.atomic import atomic_write_bytes, atomic_write_text
 from retrieval.metrics import evaluate
 from retrieval.preprocessing import Preprocessing
+from training import distributed
 from training.analysis.model_diagram import mean_pairwise_similarity
 from training.config import TrainConfig
 from training.data import (RecordImages, class_index_of, collate_skipping_failures, drop_small_classes,
@@ -38,12 +43,13 @@ from training.sampler import HTLBatchSampler, PKBatchSampler
 from training.transforms import eval_transform, train_transform
 
 
-def pick_device(requested: str) -> torch.device:
+def pick_device(requested: str, index: int | None = None) -> torch.device:
+    """The CPU or CUDA device, ``index`` picking the GPU (a distributed run's local rank)."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda")
+    return torch.device("cuda", index) if index is not None else torch.device("cuda")
 
 
 def preprocessing_of(config: TrainConfig) -> Preprocessing:
@@ -69,15 +75,18 @@ def lr_factor(iteration: int, config: TrainConfig, iters_per_epoch: int) -> floa
     return warmup * config.gamma ** passed
 
 
-def build_sampler(labels: list[int], num_classes: int, config: TrainConfig) -> PKBatchSampler:
+def build_sampler(labels: list[int], num_classes: int, config: TrainConfig, *, rank: int = 0,
+                  world_size: int = 1) -> PKBatchSampler:
     """P×K batches, or for --loss htl anchor-neighbour batches of l′ = batch_size // (m·t) groups of m classes;
-    fewer classes per batch when the training split has fewer."""
+    fewer classes per batch when the training split has fewer. ``batch_size`` is the global batch: with several
+    processes, process ``rank`` gets its share of whole classes (whole groups for HTL)."""
     t = config.images_per_class
     if config.loss == "htl":
         m = min(config.htl_neighbours, num_classes)
         groups = max(1, min(config.batch_size // (config.htl_neighbours * t), num_classes // m))
-        return HTLBatchSampler(labels, groups, m, t, seed=config.seed)
-    return PKBatchSampler(labels, min(config.batch_size // t, num_classes), t, seed=config.seed)
+        return HTLBatchSampler(labels, groups, m, t, seed=config.seed, rank=rank, world_size=world_size)
+    return PKBatchSampler(labels, min(config.batch_size // t, num_classes), t, seed=config.seed, rank=rank,
+                          world_size=world_size)
 
 
 COLLAPSE_SIMILARITY = 0.95  # mean pairwise cosine above which an evaluation warns of a collapsed embedding
@@ -88,20 +97,25 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
         self.config, self.progress = config, progress
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self.gather = config.gather_embeddings and self.world > 1
         self.run_dir = Path(config.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "triplets").mkdir(exist_ok=True)
-        self.device = pick_device(config.device)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "triplets").mkdir(exist_ok=True)
+        self.device = pick_device(config.device, distributed.local_rank() if self.world > 1 else None)
         _seed_everything(config.seed)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if self.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
         records = catalog.read_dataset(config.dataset, config.data_root)
         if config.val_fraction:
             records = catalog.carve_validation(records, config.val_fraction, by=config.val_by)
-        print(catalog.summarize(records))
+        self._say(catalog.summarize(records))
         self.train_records, dropped = drop_small_classes(catalog.select_split(records, "train"))
         if dropped:
-            print(f"dropped {len(dropped)} class(es) with fewer than 2 training images: {', '.join(dropped[:10])}")
+            self._say(f"dropped {len(dropped)} class(es) with fewer than 2 training images: {', '.join(dropped[:10])}")
         if not self.train_records:
             raise ValueError(f"dataset {config.dataset} at {config.data_root} has no usable training images")
         self.queries, self.gallery = evaluation_splits(records)
@@ -109,21 +123,25 @@ class Trainer:
         if config.val_fraction:
             self.queries, self.gallery = catalog.select_split(records, catalog.VALIDATION_SPLIT), None
             self.evaluated_split = catalog.VALIDATION_SPLIT
-            print(f"evaluating on {len(self.queries)} held-out training images "
-                  f"({len({r.label for r in self.queries})} classes), not on the test split")
+            self._say(f"evaluating on {len(self.queries)} held-out training images "
+                      f"({len({r.label for r in self.queries})} classes), not on the test split")
         self.spec = preprocessing_of(config)
         self.class_index = class_index_of(self.train_records)
         labels = [self.class_index[r.label] for r in self.train_records]
-        self.sampler = build_sampler(labels, len(self.class_index), config)
+        self.sampler = build_sampler(labels, len(self.class_index), config, rank=self.rank, world_size=self.world)
         transform = train_transform(self.spec) if config.augment else eval_transform(self.spec)
         cache = config.cache_images and not config.augment and config.workers == 0
         if config.cache_images and not cache:
-            print("note: cache_images is ignored: it needs augment: false and workers: 0")
+            self._say("note: cache_images is ignored: it needs augment: false and workers: 0")
         self.dataset = RecordImages(self.train_records, self.class_index, transform, cache=cache)
         self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
 
-        self.model = build_model(config.arch, config.dim, config.pretrained).to(self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        model = build_model(config.arch, config.dim, config.pretrained)
+        if config.sync_batchnorm and self.world > 1:
+            model = distributed.convert_sync_batchnorm(model, self.device)
+        # self.model is the bare model: evaluation, the HTL tree, checkpoints and the triplet re-measurement use
+        # it; training steps go through self.train_model, DistributedDataParallel around it when several train.
+        self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(self.device, config.precision)
         self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
                                   hard_threshold=config.hard_threshold, margin=config.margin,
@@ -136,8 +154,9 @@ class Trainer:
         self.skipped_images = 0
         if resume:
             self._resume()
-        else:
+        elif self.is_main:
             (self.run_dir / "metrics.jsonl").write_text("")
+        self.train_model = distributed.wrap(self.model, self.device)
 
     # ---------------------------------------------------------------- running
     def fit(self) -> Path:
@@ -147,12 +166,15 @@ class Trainer:
                 self.rebuild_tree(epoch)
             self._train_epoch(epoch)
             is_last = epoch == config.epochs - 1
-            recall = None
-            if self.queries and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
-                recall = self.evaluate(epoch)
-            self._save_checkpoint(epoch, recall)
-        if self.skipped_images:
-            print(f"skipped {self.skipped_images} unreadable training image(s) in all")
+            if self.is_main:
+                recall = None
+                if self.queries and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
+                    recall = self.evaluate(epoch)
+                self._save_checkpoint(epoch, recall)
+            distributed.barrier()
+        skipped = int(distributed.all_reduce_sum(torch.tensor(self.skipped_images, device=self.device)))
+        if skipped:
+            self._say(f"skipped {skipped} unreadable training image(s) in all")
         return self.run_dir
 
     def _tree_due(self, epoch: int) -> bool:
@@ -164,7 +186,14 @@ class Trainer:
 
     def rebuild_tree(self, epoch: int) -> ClassTree:
         """Embed the training images with the current model, build the class tree, hand it to the loss and
-        the sampler, and log it as an ``htl_tree`` line of metrics.jsonl."""
+        the sampler, and log it as an ``htl_tree`` line of metrics.jsonl. With several processes rank 0 builds it
+        and sends it to the others, so that all of them draw the same global batches."""
+        tree = self._build_tree(epoch) if self.is_main else None
+        tree = distributed.broadcast_object(tree)
+        self._use_tree(tree)
+        return tree
+
+    def _build_tree(self, epoch: int) -> ClassTree:
         started = time.perf_counter()
         records = self._tree_records(epoch)
         embeddings, names, failures = embed_records(self.model, records, eval_transform(self.spec), self.device,
@@ -174,12 +203,10 @@ class Trainer:
         m = self.config.htl_neighbours
         tree = build_tree(embeddings, labels, len(self.class_index), levels=self.config.htl_levels,
                           neighbours=min(2 * m, len(self.class_index) - 1))
-        self._use_tree(tree)
         seconds = time.perf_counter() - started
         line = {"type": "htl_tree", "epoch": epoch, "iter": self.iteration, "d0": tree.d0,
                 "classes": tree.num_classes, "images": len(labels), "seconds": seconds, "nodes_per_level": tree.nodes_per_level()}
-        with open(self.run_dir / "metrics.jsonl", "a") as metrics:
-            metrics.write(json.dumps(line) + "\n")
+        self._log(line)
         print(f"epoch {epoch + 1}: HTL class tree over {tree.num_classes} classes from {len(labels)} images, "
               f"d0 {tree.d0:.3f}, nodes per level {' '.join(map(str, line['nodes_per_level']))} ({seconds:.1f} s)")
         return tree
@@ -206,32 +233,33 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> None:
         config = self.config
         self.sampler.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        torch.manual_seed(config.seed * 100_003 + epoch)
+        seed = config.seed * 100_003 + epoch + 1_000_003 * self.rank  # each process its own augmentations
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.workers,
                             collate_fn=collate_skipping_failures, generator=generator,
                             pin_memory=self.device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if config.workers else None)
         self.model.train()
         bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="it",
-                   disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
+                   disable=not (self.progress and self.is_main), dynamic_ncols=True, mininterval=0.5)
         started = time.perf_counter()
-        with open(self.run_dir / "metrics.jsonl", "a") as metrics:
-            for step, batch in enumerate(loader):
-                if step >= self.iters_per_epoch:
-                    break
-                self._report_failures(batch.failures)
-                if len(batch.labels) < 2:
-                    continue
-                record = self._train_step(batch, epoch)
-                now = time.perf_counter()
-                record["images_per_s"] = len(batch.labels) / max(now - started, 1e-9)
-                started = now
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{record['loss']:.3f}", hard=f"{record['hard_fraction']:.2f}",
-                                img_s=f"{record['images_per_s']:.0f}")
-                bar.update()
+        for step, batch in enumerate(loader):
+            if step >= self.iters_per_epoch:
+                break
+            self._report_failures(batch.failures)
+            # every process must take the step or none: skip it when any process holds fewer than 2 images
+            sizes = distributed.gather_sizes(len(batch.labels), self.device)
+            if min(sizes) < 2:
+                continue
+            record = self._train_step(batch, epoch)
+            now = time.perf_counter()
+            record["images_per_s"] = sum(sizes) / max(now - started, 1e-9)  # the global batch
+            started = now
+            self._log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", hard=f"{record['hard_fraction']:.2f}",
+                            img_s=f"{record['images_per_s']:.0f}")
+            bar.update()
         bar.close()
 
     def _train_step(self, batch: Any, epoch: int) -> dict[str, Any]:
@@ -239,8 +267,11 @@ class Trainer:
         labels = batch.labels.to(self.device, non_blocking=True)
         images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
-            embeddings = self.model(images)
-        loss = self.loss_fn(embeddings.float(), labels)
+            embeddings = self.train_model(images)
+        if self.gather:
+            loss = distributed.global_batch_loss(self.loss_fn, embeddings.float(), labels)
+        else:
+            loss = self.loss_fn(embeddings.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -249,21 +280,43 @@ class Trainer:
         stats = self.loss_fn.stats
         if self.config.triplets_every and self.iteration % self.config.triplets_every == 0:
             self._save_triplets(images, stats, epoch)
-        record = {"iter": self.iteration, "epoch": epoch, "loss": float(loss.detach()),
-                  "hard_fraction": stats.hard_fraction, "mean_s_ap": stats.mean_s_ap,
-                  "mean_s_an": stats.mean_s_an, "lr": lr}
+        record = {"iter": self.iteration, "epoch": epoch, **self._step_summary(loss, stats), "lr": lr}
         self.iteration += 1
         return record
 
+    def _step_summary(self, loss: torch.Tensor, stats: TripletStats) -> dict[str, float]:
+        """Loss and triplet statistics of the global batch: this process's own with one process; with several,
+        the mean of the processes' losses (the global loss with --gather-embeddings, whose shares are scaled by
+        the world size) and the statistics over every process's anchors."""
+        if self.world == 1:
+            return {"loss": float(loss.detach()), "hard_fraction": stats.hard_fraction,
+                    "mean_s_ap": stats.mean_s_ap, "mean_s_an": stats.mean_s_an}
+        s_ap, s_an = stats.pairs.double().unbind(dim=1)
+        sums = torch.stack([loss.detach().double().cpu(), (s_an > s_ap).sum().double(), s_ap.sum(), s_an.sum(),
+                            torch.tensor(float(stats.valid_anchors), dtype=torch.float64)])
+        loss_sum, hard, s_ap_sum, s_an_sum, valid = distributed.all_reduce_sum(sums.to(self.device)).tolist()
+        valid = max(valid, 1.0)
+        return {"loss": loss_sum / self.world, "hard_fraction": hard / valid, "mean_s_ap": s_ap_sum / valid,
+                "mean_s_an": s_an_sum / valid}
+
     def _save_triplets(self, images: torch.Tensor, stats: TripletStats, epoch: int) -> None:
-        """The batch's (S_ap, S_an) pairs before this step, and the same triplets' similarities after it."""
+        """The batch's (S_ap, S_an) pairs before this step, and the same triplets' similarities after it.
+        With several processes: the global batch's, its rows in rank order, written by rank 0."""
         with torch.no_grad(), frozen_batchnorm_statistics(self.model), autocast(self.device, self.amp_dtype):
             after = self.model(images)
-        unit = torch.nn.functional.normalize(after.float(), dim=1).cpu()
-        anchor, positive, negative = stats.triplets.unbind(dim=1)
-        pairs = stats.pairs.numpy()
+        unit, own_rows = distributed.all_gather_rows(torch.nn.functional.normalize(after.float(), dim=1))
+        pairs, triplets = stats.pairs, stats.triplets
+        if self.world > 1:
+            if not self.gather:  # rows of this process's share → rows of the global batch
+                triplets = triplets + own_rows.start
+            pairs = distributed.all_gather_rows(pairs.to(self.device))[0]
+            triplets = distributed.all_gather_rows(triplets.to(self.device))[0]
+        if not self.is_main:
+            return
+        unit, pairs, triplets = unit.cpu(), pairs.cpu().numpy(), triplets.cpu()
+        anchor, positive, negative = triplets.unbind(dim=1)
         buffer = io.BytesIO()
-        np.savez(buffer, s_ap=pairs[:, 0], s_an=pairs[:, 1], triplets=stats.triplets.numpy(),
+        np.savez(buffer, s_ap=pairs[:, 0], s_an=pairs[:, 1], triplets=triplets.numpy(),
                  s_ap_after=(unit[anchor] * unit[positive]).sum(1).numpy(),
                  s_an_after=(unit[anchor] * unit[negative]).sum(1).numpy(),
                  iteration=self.iteration, epoch=epoch)
@@ -283,9 +336,7 @@ class Trainer:
             results = evaluate(gallery_emb, gallery_labels, ks=tuple(self.config.eval_ks),
                                query_emb=query_emb, query_labels=query_labels)
         results["mean_similarity"] = mean_pairwise_similarity(query_emb)
-        line = {"type": "eval", "epoch": epoch, "iter": self.iteration, "split": self.evaluated_split, **results}
-        with open(self.run_dir / "metrics.jsonl", "a") as metrics:
-            metrics.write(json.dumps(line) + "\n")
+        self._log({"type": "eval", "epoch": epoch, "iter": self.iteration, "split": self.evaluated_split, **results})
         shown = "  ".join(f"R@{k} {results[f'recall@{k}']:.4f}" for k in self.config.eval_ks)
         print(f"epoch {epoch + 1}: {shown}  MAP@R {results['map@r']:.4f}  ({results['queries']} queries)")
         if results["mean_similarity"] > COLLAPSE_SIMILARITY:
@@ -300,6 +351,16 @@ class Trainer:
         for failure in failures:
             tqdm.write(f"skipped unreadable image: {failure}")
         self.skipped_images += len(failures)
+
+    def _log(self, line: dict[str, Any]) -> None:
+        """Append a line to metrics.jsonl (rank 0 only)."""
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as metrics:
+                metrics.write(json.dumps(line) + "\n")
+
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            print(message)
 
     # ------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, epoch: int, recall: float | None) -> None:
@@ -336,8 +397,9 @@ class Trainer:
         self.best_recall = state["best_recall"]
         if "htl_tree" in state and self.config.loss == "htl":
             self._use_tree(_tree_from_state(state["htl_tree"]))
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
-        print(f"resumed from {path} after epoch {state['epoch'] + 1} (iteration {self.iteration})")
+        if self.is_main:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
+        self._say(f"resumed from {path} after epoch {state['epoch'] + 1} (iteration {self.iteration})")
 
 
 @contextlib.contextmanager
@@ -398,7 +460,12 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
     An htl_tree line at the checkpoint's iteration belongs to the next epoch, which rebuilds it."""
     if not path.exists():
         return
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a full disk or a crash: it is after the checkpoint
+            continue
     kept = [json.dumps(e) for e in entries
             if (e["iter"] <= iteration if e.get("type") == "eval" else e["iter"] < iteration)]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
@@ -411,5 +478,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train a model as ``config`` says; returns the run folder."""
-    return Trainer(config, resume=resume, progress=progress).fit()
+    """Train a model as ``config`` says; returns the run folder. Started by torchrun, this process joins the
+    process group first (one GPU per process on CUDA) and leaves it at the end."""
+    if not distributed.launched_by_torchrun():
+        return Trainer(config, resume=resume, progress=progress).fit()
+    distributed.init(config.dist_backend, pick_device(config.device, distributed.local_rank()))
+    try:
+        return Trainer(config, resume=resume, progress=progress).fit()
+    finally:
+        distributed.cleanup()
