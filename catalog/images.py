@@ -86,9 +86,15 @@ def _decode(file: BinaryIO, path: str | os.PathLike[str], *, max_pixels: int | N
         # Pillow reports broken data as OSError ("image file is truncated"),
         # SyntaxError (broken headers) or EOFError, depending on the plugin.
         raise ImageLoadError(path, f"truncated or corrupt image data ({exc})") from exc
+    except MemoryError:
+        raise ImageLoadError(path, "not enough memory to decode this image") from None
+    except Exception as exc:
+        # Other plugins raise other types on hostile data; fuzzing found RuntimeError (AVIF),
+        # NotImplementedError (DDS, BLP), AttributeError (SPIDER) and TypeError (TIFF tags).
+        raise ImageLoadError(path, f"corrupt or unsupported image data ({type(exc).__name__}: {exc})") from exc
     try:
         return _to_rgb(upright)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ImageLoadError(path, f"unsupported image mode {upright.mode} ({exc})") from exc
 
 

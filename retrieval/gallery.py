@@ -91,14 +91,31 @@ def build_gallery(
     if index_type != "flat":
         manifest["recall_at_10_vs_exact"] = _recall_vs_exact(index, embeddings, seed=seed)
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as staging:
-        shutil.copyfile(model_path, staging / MODEL_FILE)
-        (staging / ITEMS_FILE).write_text(_items_csv(items), encoding="utf-8")
-        with atomic_file(staging / INDEX_FILE) as index_path:
-            faiss.write_index(index, str(index_path))
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        Gallery.load(staging)  # never publish a folder that would not load
+    try:
+        with atomic_directory(out_dir) as staging:
+            shutil.copyfile(model_path, staging / MODEL_FILE)
+            (staging / ITEMS_FILE).write_text(_items_csv(items), encoding="utf-8")
+            with atomic_file(staging / INDEX_FILE) as index_path:
+                _write_index(index, index_path)
+            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            Gallery.load(staging)  # never publish a folder that would not load
+    except OSError as exc:  # a full disk, most likely: say which gallery, and that the old one is intact
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"cannot write gallery {out_dir} (any previous version is unchanged): {reason}"
+                      + (f": {exc.filename}" if exc.filename else "")) from exc
     return out_dir
+
+
+def _write_index(index: faiss.Index, path: Path) -> None:
+    """``faiss.write_index`` through a Python file, so that a failed write (a full disk) raises OSError.
+
+    Given a file name, FAISS writes through stdio and ignores a failed close:
+    on a full disk an index smaller than stdio's buffer was cut short without
+    an error, and a larger one failed with a RuntimeError. Python's file
+    raises OSError(ENOSPC) in both cases, from a write or from the final flush.
+    """
+    with open(path, "wb") as file:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(file.write))
 
 
 class Gallery:
@@ -150,8 +167,14 @@ class Gallery:
             (f"{MANIFEST_FILE} model_sha256", manifest["model_sha256"]),
             (f"sha256 of {MODEL_FILE}", file_sha256(directory / MODEL_FILE)),
         )
+        if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            raise GalleryMismatchError(f"{INDEX_FILE} maps its own ids (IndexIDMap); a gallery's FAISS ids must be "
+                                       f"the rows of {ITEMS_FILE}")
         embedder = OnnxEmbedder(directory / MODEL_FILE, providers=providers)
-        _check_agree("embedding dimension", manifest_dim, (f"{MODEL_FILE} embedding dim", embedder.dim))
+        embedding_width, map_width = _output_widths(embedder)
+        _check_agree("embedding dimension", manifest_dim, (f"{MODEL_FILE} embedding dim", embedder.dim),
+                     (f"{MODEL_FILE} embedding output width", embedding_width),
+                     (f"{MODEL_FILE} feature_map output width", map_width))
         return cls(directory, manifest, items, index, embedder)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,6 +193,21 @@ class Gallery:
         if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
             ivf.make_direct_map()
         return self.index.reconstruct_n(0, self.index.ntotal)
+
+
+def _output_widths(embedder: OnnxEmbedder) -> tuple[int, int]:
+    """The widths of the model's two outputs on one blank image.
+
+    The metadata's embedding_dim is cross-checked with the graph's output
+    shape only when that shape is static; a model with a symbolic width that
+    outputs another size would pass, and then fail every search.
+    """
+    size = embedder.preprocessing.image_size
+    try:
+        embeddings, maps = embedder.embed_pixels_with_maps(np.zeros((1, 3, size, size), dtype=np.float32))
+    except Exception as exc:  # onnxruntime's errors derive from Exception only
+        raise GalleryMismatchError(f"{MODEL_FILE} fails on a {size}×{size} input: {exc}") from None
+    return int(embeddings.shape[-1]), int(maps.shape[-1])
 
 
 def _check_embeddings(embeddings: np.ndarray, items: Sequence[GalleryItem]) -> np.ndarray:

@@ -21,6 +21,8 @@ from PIL import Image
 
 RESIZE_RULE = "resize_shorter_bilinear_then_center_crop"
 _METADATA_KEYS = ("image_size", "resize_size", "mean", "std", "resize_rule")
+#: Beyond this many pixels (48 MiB of RGB) a resize covers only the centre crop: see _resized_center.
+_MAX_RESIZED_PIXELS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     """One PIL image to the model's float32 input of shape [3, S, S]."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    pixels = np.asarray(_resize_shorter_side(image, spec.resize_size))
+    pixels = np.asarray(_resized_center(image, spec.resize_size, spec.image_size))
     pixels = _center_crop(pixels, spec.image_size)
     scaled = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
@@ -103,15 +105,35 @@ def preprocess_batch(images: Sequence[Image.Image], spec: Preprocessing) -> np.n
     return np.stack([preprocess(image, spec) for image in images])
 
 
-def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """torchvision ``Resize(size)`` on PIL: the longer side is truncated, not rounded."""
+def _resized_center(image: Image.Image, size: int, crop: int) -> Image.Image:
+    """torchvision ``Resize(size)`` (the longer side truncated, not rounded), with bounded memory.
+
+    Normally the whole image is resized. When that would exceed
+    ``_MAX_RESIZED_PIXELS`` (a hostile 1 × 200,000 upload resized to a shorter
+    side of 292 would need 51 GB), only the window that ``_center_crop`` keeps
+    is resampled, with Pillow's ``box``: the same filter positions, but its
+    fixed-point rounding differs by up to 2/255 per pixel from a whole resize.
+    """
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
     new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
     if (new_width, new_height) == (width, height):
         return image
-    return image.resize((new_width, new_height), Image.BILINEAR)
+    if new_width * new_height <= _MAX_RESIZED_PIXELS:
+        return image.resize((new_width, new_height), Image.BILINEAR)
+    left, kept_width = _centered_window(new_width, crop)
+    top, kept_height = _centered_window(new_height, crop)
+    x_scale, y_scale = width / new_width, height / new_height
+    box = (left * x_scale, top * y_scale, (left + kept_width) * x_scale, (top + kept_height) * y_scale)
+    return image.resize((kept_width, kept_height), Image.BILINEAR, box=box)
+
+
+def _centered_window(length: int, crop: int) -> tuple[int, int]:
+    """(start, length) along one axis of what ``_center_crop`` keeps; a side shorter than the crop is kept whole."""
+    if length <= crop:
+        return 0, length
+    return int(round((length - crop) / 2.0)), crop
 
 
 def _center_crop(pixels: np.ndarray, size: int) -> np.ndarray:

@@ -17,13 +17,17 @@ from flask import Flask
 
 from webapp.api import api
 from webapp.cache import LruCache
-from webapp.errors import register_error_handlers
+from webapp.errors import drain_refused_bodies, register_error_handlers
 from webapp.metrics import Metrics, count_requests
 from webapp.pages import pages
 from webapp.pair_api import pair_api
 from webapp.served import SearchSettings, load_indexes
 
 MiB = 1 << 20
+#: A search form has three parts (image, k, index) of which two are short text fields; werkzeug parses
+#: every part before a handler runs, so a request of thousands of parts is refused (413) up front.
+MAX_FORM_PARTS = 16
+MAX_FORM_FIELD_BYTES = 64 << 10
 
 
 def create_app(
@@ -50,6 +54,8 @@ def create_app(
         raise ValueError(f"default_k must be between 1 and max_k = {max_k}, got {default_k}")
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
+    app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
+    app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES
     metrics = Metrics()
     app.extensions["sct"] = SearchSettings(
         indexes=load_indexes(index_dirs),
@@ -65,6 +71,7 @@ def create_app(
     app.register_blueprint(api)
     app.register_blueprint(pair_api)
     register_error_handlers(app)
+    drain_refused_bodies(app)
     count_requests(app, metrics)
     return app
 

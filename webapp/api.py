@@ -22,7 +22,7 @@ from flask import Blueprint, Response, jsonify, request, send_file, url_for
 import catalog
 from retrieval.gallery import Gallery
 from retrieval.preprocessing import preprocess
-from webapp.errors import ApiError
+from webapp.errors import ApiError, quoted
 from webapp.evaluation import read_eval, recall_curve_png
 from webapp.metrics import milliseconds
 from webapp.pairs import keep_query, view_of
@@ -35,9 +35,12 @@ api = Blueprint("api", __name__)
 def search():
     started = time.perf_counter()
     served = settings()
-    upload = request.files.get("image")
-    if upload is None:
+    uploads = request.files.getlist("image")
+    if not uploads:
         raise ApiError(400, "missing file field 'image' (send the image as multipart/form-data)")
+    if len(uploads) > 1:
+        raise ApiError(400, f"one image per search: the file field 'image' holds {len(uploads)} files")
+    upload = uploads[0]
     k = _parse_k(request.form.get("k"))
     name, gallery = served.gallery(request.form.get("index"), unknown_status=400)
 
@@ -139,7 +142,7 @@ def _parse_k(raw: str | None) -> int:
     try:
         k = int(raw)
     except ValueError:
-        raise ApiError(400, f"k must be an integer between 1 and {limits.max_k}, got {raw!r}") from None
+        raise ApiError(400, f"k must be an integer between 1 and {limits.max_k}, got {quoted(raw)}") from None
     if not 1 <= k <= limits.max_k:
         raise ApiError(400, f"k must be between 1 and {limits.max_k}, got {k}")
     return k

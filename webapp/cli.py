@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from retrieval.gallery import GalleryMismatchError
@@ -23,6 +24,8 @@ Examples:
 `sct serve` runs the app under gunicorn (threaded workers). The same with
 gunicorn's own command line, e.g. under a process manager:
   gunicorn -w 2 -b 127.0.0.1:5000 'webapp:create_app(["index_data/NAME"])'
+With --threads, also pass -k webapp.server.QuitSafeThreadWorker, the worker `sct serve`
+uses: gunicorn's own threaded worker can hang when stopped with Ctrl+C.
 """
 
 
@@ -73,6 +76,10 @@ def serve(args: argparse.Namespace) -> int:
     if args.dev_server:
         app.run(host=args.host, port=args.port, threaded=True)
     else:
+        # Free the check's ONNX Runtime sessions here, before gunicorn forks: a forked worker that inherits a
+        # live session (a Flask app is a reference cycle, so `del` alone leaves it to the garbage collector)
+        # hangs destroying it at exit, and each shutdown then waited for the master's 30 s timeout.
         del app
+        gc.collect()
         serve_with_gunicorn(factory, host=args.host, port=args.port, workers=args.workers, threads=args.threads)
     return 0

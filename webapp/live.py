@@ -66,11 +66,10 @@ class LiveGallery:
 
 
 def _load(directory: Path) -> Gallery:
-    """Load a gallery and pay one-off costs (Pillow's plugins, onnxruntime's first run) before it serves a request."""
+    """Load a gallery and pay one-off costs before it serves a request: Gallery.load runs the model once
+    (onnxruntime's first run), and Pillow's plugin registry is filled here."""
     gallery = Gallery.load(directory)
-    Image.init()  # Pillow's plugin registry
-    size = gallery.embedder.preprocessing.image_size
-    gallery.embedder.embed_images([Image.new("RGB", (size, size))])
+    Image.init()
     return gallery
 
 

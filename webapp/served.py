@@ -12,7 +12,7 @@ from flask import current_app
 
 from retrieval.gallery import Gallery, GalleryItem
 from webapp.cache import LruCache
-from webapp.errors import ApiError
+from webapp.errors import ApiError, quoted
 from webapp.live import LiveGallery
 from webapp.metrics import Metrics
 
@@ -41,7 +41,7 @@ class SearchSettings:
         """The named gallery (the default one when no name is given), as of now: see LiveGallery."""
         name = name or self.default_index
         if name not in self.indexes:
-            raise ApiError(unknown_status, f"unknown index {name!r}; served: {', '.join(self.indexes)}")
+            raise ApiError(unknown_status, f"unknown index {quoted(name)}; served: {', '.join(self.indexes)}")
         return name, self.indexes[name].current()
 
 
