@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import catalog
 from retrieval.columns import format_columns
-from retrieval.embedder import OnnxEmbedder
+from retrieval.embedder import OnnxEmbedder, Providers, default_providers
 from retrieval.evaluation import evaluate_gallery, format_table, save_eval
-from retrieval.gallery import (EVAL_FILE, INDEX_TYPES, Gallery, GalleryItem, build_gallery, check_index_options,
-                               read_manifest)
+from retrieval.gallery import (EVAL_FILE, INDEX_TYPES, STORAGES, Gallery, GalleryItem, build_gallery,
+                               check_index_options, read_manifest)
 from retrieval.image_folder import list_image_folder
+from retrieval.shards import ShardSpec, list_sha256, merge_shards, write_shard
 
 #: The split that is the gallery, per dataset; "test" for the others.
 GALLERY_SPLITS = {"hotels50k": "train", "inshop": "gallery"}
@@ -29,9 +33,21 @@ Examples:
   sct index --model runs/inshop/model.onnx --dataset inshop --data-root data/inshop --out index_data/inshop
   sct index --model runs/sop/model.onnx --dataset sop --data-root data/sop --out index_data/sop --index-type hnsw
   sct index --model model.onnx --images photos/ --out index_data/photos   # labels = subfolder names
+  sct index --model model.onnx --images photos/ --out index_data/photos --workers 4   # 4 ONNX processes
+
+  Big galleries: embed slices anywhere (other machines, GPUs), then merge them (docs/SCALING.md)
+  sct index --model model.onnx --dataset sop --data-root data/sop --shard 0/2 --out shards/sop   # machine A
+  sct index --model model.onnx --dataset sop --data-root data/sop --shard 1/2 --out shards/sop   # machine B
+  torchrun --nproc-per-node 4 --no-python sct index --model model.onnx --dataset sop \\
+      --data-root data/sop --shard env --out shards/sop        # slice RANK of WORLD_SIZE
+  sct index --merge shards/sop/shard-* --out index_data/sop
+  sct index --merge shards/hotels --out index_data/hotels --index-type ivf-flat --storage ondisk
 
   The default split is the dataset's gallery: test; train for hotels50k; gallery for inshop.
   Unreadable images are skipped and listed. The folder is replaced atomically.
+  --shard I/N writes slice I (from 0) of N to OUT/shard-IIIII-of-NNNNN; --merge takes all N
+  (or their parent folder) and writes the gallery a single `sct index` would have written.
+  --storage ondisk keeps an IVF index's lists in index.ivfdata, memory-mapped, not loaded.
 """
 EVAL_EPILOG = """\
 Examples:
@@ -60,21 +76,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=INDEX_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    index.add_argument("--model", required=True, metavar="ONNX", help="model exported by `sct export`")
+    index.add_argument("--model", metavar="ONNX", help="model exported by `sct export` (not with --merge)")
     source = index.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", metavar="NAME", help=f"dataset name ({', '.join(sorted(catalog.DATASETS))})")
     source.add_argument("--images", metavar="DIR", help="folder of images; subfolder names are the labels")
+    source.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
+                        help="build the gallery from the shards written by --shard (shard folders or their parent)")
     index.add_argument("--data-root", metavar="PATH", help="dataset folder (with --dataset)")
     index.add_argument("--split", help="split to index (with --dataset; default: the dataset's gallery split)")
-    index.add_argument("--out", required=True, metavar="DIR", help="gallery folder to write, e.g. index_data/NAME")
-    index.add_argument(
-        "--index-type", choices=INDEX_TYPES, default="flat", help="FAISS index (default: %(default)s, exact search)"
-    )
+    index.add_argument("--out", required=True, metavar="DIR",
+                       help="gallery folder to write, e.g. index_data/NAME (with --shard: the shards' parent folder)")
+    index.add_argument("--shard", metavar="I/N",
+                       help="embed only slice I of N (I from 0) into a shard folder; 'env': I/N = RANK/WORLD_SIZE")
+    index.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="embedding processes, each with its own ONNX Runtime session (default: 1)")
+    index.add_argument("--index-type", choices=INDEX_TYPES, help="FAISS index (default: flat, exact search)")
+    index.add_argument("--storage", choices=STORAGES,
+                       help="memory (default), or ondisk: an ivf index's lists memory-mapped from index.ivfdata")
     index.add_argument("--nlist", type=_positive_int, help="IVF lists (ivf types; default about 4·√N)")
     index.add_argument("--nprobe", type=_positive_int, help="IVF lists searched per query (default nlist / 8)")
-    index.add_argument(
-        "--batch-size", type=_positive_int, default=64, help="images per model call (default: %(default)s)"
-    )
+    index.add_argument("--batch-size", type=_positive_int, help="images per model call (default: 64)")
     index.set_defaults(func=index_command)
 
     evaluation = subparsers.add_parser(
@@ -138,44 +159,96 @@ def _reporting_user_errors(handler: Callable[[argparse.Namespace], int]) -> Call
     return run
 
 
+_EMBEDDING_OPTIONS = ("model", "data_root", "split", "shard", "workers", "batch_size")
+_GALLERY_OPTIONS = ("index_type", "storage", "nlist", "nprobe")
+
+
 @_reporting_user_errors
 def index_command(args: argparse.Namespace) -> int:
-    """Embed the images and write the gallery folder."""
-    check_index_options(args.index_type, args.nlist, args.nprobe)
+    """Embed the images and write the gallery folder (or one shard of it), or merge shards into a gallery."""
+    gallery_options = {"index_type": args.index_type or "flat", "storage": args.storage or "memory",
+                       "nlist": args.nlist, "nprobe": args.nprobe}
+    check_index_options(**gallery_options)
+    if args.merge:
+        _refuse_options(args, _EMBEDDING_OPTIONS, "--merge takes the model and images from the shards")
+        with _build_stages_on_stderr():
+            return _print_summary(merge_shards(args.merge, args.out, **gallery_options))
+    if not args.model:
+        raise ValueError("--model is required (except with --merge)")
+    if args.shard:
+        _refuse_options(args, _GALLERY_OPTIONS, "a shard holds vectors only; choose the index when merging")
+    shard = ShardSpec.parse(args.shard) if args.shard else None
+    sources, dataset, split = _index_sources(args)
+    start, stop = shard.bounds(len(sources)) if shard else (0, len(sources))
+    embedder = OnnxEmbedder(args.model, providers=_rank_providers() if args.shard == "env" else None)
+    what = f"{len(sources):,} images of {dataset} {split}".rstrip()
+    print(f"indexing {f'images [{start:,}, {stop:,}) (shard {shard}) of ' if shard else ''}{what}", file=sys.stderr)
+    result = embedder.embed_paths([path for path, _, _ in sources[start:stop]], batch_size=args.batch_size or 64,
+                                  workers=args.workers or 1)
+    _report_unreadable(result.failures)
+    items = [GalleryItem(row, *sources[start + source]) for row, source in enumerate(result.kept_indices)]
+    if shard:
+        folder = write_shard(args.out, shard, result.embeddings, items, args.model, total_images=len(sources),
+                             image_list_sha256=list_sha256(sources), unreadable=len(result.failures),
+                             dataset=dataset, split=split)
+        print(f"wrote shard {shard} to {folder}: {len(items):,} items; once all {shard.count} are written: "
+              f"sct index --merge {args.out} --out GALLERY")
+        return 0
+    if not items:
+        raise ValueError("none of the images could be read; nothing to index")
+    with _build_stages_on_stderr():
+        out = build_gallery(args.out, result.embeddings, items, args.model, dataset=dataset, split=split,
+                            **gallery_options)
+    return _print_summary(out)
+
+
+def _index_sources(args: argparse.Namespace) -> tuple[list[tuple[str, str, str | None]], str, str]:
+    """(path, label, chain) of every image to index, in order; the dataset name; the split."""
     if args.dataset:
         if not args.data_root:
             raise ValueError("--dataset needs --data-root")
         split = args.split or GALLERY_SPLITS.get(args.dataset, "test")
         records = catalog.read_dataset(args.dataset, args.data_root)
         print(catalog.summarize(records), file=sys.stderr)
-        sources = [(r.path, r.label, r.chain) for r in catalog.select_split(records, split)]
-        dataset = args.dataset
-    else:
-        if args.data_root or args.split:
-            raise ValueError("--data-root and --split go with --dataset, not --images")
-        sources = [(path, label, None) for path, label in list_image_folder(args.images)]
-        dataset, split = IMAGE_FOLDER, ""
-    embedder = OnnxEmbedder(args.model)
-    print(f"indexing {len(sources):,} images of {dataset} {split}".rstrip(), file=sys.stderr)
-    result = embedder.embed_paths([path for path, _, _ in sources], batch_size=args.batch_size)
-    _report_unreadable(result.failures)
-    if not len(result.kept_indices):
-        raise ValueError("none of the images could be read; nothing to index")
-    items = [GalleryItem(row, *sources[source]) for row, source in enumerate(result.kept_indices)]
-    out = build_gallery(
-        args.out,
-        result.embeddings,
-        items,
-        args.model,
-        dataset=dataset,
-        split=split,
-        index_type=args.index_type,
-        nlist=args.nlist,
-        nprobe=args.nprobe,
-    )
+        return [(r.path, r.label, r.chain) for r in catalog.select_split(records, split)], args.dataset, split
+    if args.data_root or args.split:
+        raise ValueError("--data-root and --split go with --dataset, not --images")
+    return [(path, label, None) for path, label in list_image_folder(args.images)], IMAGE_FOLDER, ""
+
+
+def _refuse_options(args: argparse.Namespace, names: Sequence[str], reason: str) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{reason}: drop {', '.join(given)}")
+
+
+def _rank_providers() -> Providers | None:
+    """Under torchrun each process of a machine embeds on its own GPU: GPU LOCAL_RANK."""
+    return default_providers(int(os.environ["LOCAL_RANK"])) if "LOCAL_RANK" in os.environ else None
+
+
+@contextmanager
+def _build_stages_on_stderr() -> Iterator[None]:
+    """Show the stages of an on-disk IVF build (minutes for millions of vectors) on stderr."""
+    logger = logging.getLogger("retrieval.index_files")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _print_summary(out: os.PathLike[str]) -> int:
     manifest = read_manifest(out)
     summary = f"wrote {out}: {manifest['count']:,} items, {manifest['embedding_dim']}-d"
     summary += f", FAISS {manifest['faiss_factory']}"
+    if manifest.get("storage") == "ondisk":
+        summary += f" with its lists on disk ({manifest['ivfdata_file']})"
     if "recall_at_10_vs_exact" in manifest:
         summary += f", Recall@10 vs exact search {manifest['recall_at_10_vs_exact']:.4f}"
     print(summary)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,10 +34,15 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def default_providers() -> list[str]:
-    """CUDA when this onnxruntime build has it, else CPU."""
+#: What onnxruntime takes as providers: names, or (name, options) pairs.
+Providers = Sequence[str | tuple[str, dict[str, object]]]
+
+
+def default_providers(device_id: int | None = None) -> list[str | tuple[str, dict[str, object]]]:
+    """CUDA (on GPU ``device_id``, else the first) when this onnxruntime build has it, else CPU."""
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        cuda = "CUDAExecutionProvider" if device_id is None else ("CUDAExecutionProvider", {"device_id": device_id})
+        return [cuda, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -54,18 +61,24 @@ class EmbedResult:
 
 
 class OnnxEmbedder:
-    """An onnxruntime session plus the preprocessing stored in the model's metadata."""
+    """An onnxruntime session plus the preprocessing stored in the model's metadata.
 
-    def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None) -> None:
+    ``threads`` (default: the usable CPUs) is both onnxruntime's intra-op
+    thread count and the number of image-decoding threads of ``embed_paths``.
+    """
+
+    def __init__(
+        self, model_path: str | os.PathLike[str], providers: Providers | None = None, threads: int | None = None
+    ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.model_path}")
+        self.providers = list(providers or default_providers())
+        self.threads = threads or usable_cpus()
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = usable_cpus()
+        options.intra_op_num_threads = self.threads
         try:
-            self.session = onnxruntime.InferenceSession(
-                str(self.model_path), options, providers=list(providers or default_providers())
-            )
+            self.session = onnxruntime.InferenceSession(str(self.model_path), options, providers=self.providers)
         except Exception as exc:  # onnxruntime's errors derive from Exception only
             raise ValueError(f"cannot load ONNX model {self.model_path}: {exc}") from exc
         self._check_signature()
@@ -97,20 +110,30 @@ class OnnxEmbedder:
         return embeddings, maps
 
     def embed_paths(
-        self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 64, progress: bool = True
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        batch_size: int = 64,
+        progress: bool = True,
+        workers: int = 1,
     ) -> EmbedResult:
         """Embed image files in batches; unreadable files are skipped and reported, never fatal.
 
         Decoding and preprocessing run in a thread pool (Pillow releases the
         GIL), and the next batch is prepared while the model runs on this one.
+        With ``workers`` > 1 the paths are embedded in that many processes,
+        each with its own onnxruntime session (see ``_embed_in_processes``);
+        they are spawned, so a script calling this needs the
+        ``if __name__ == "__main__":`` guard.
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if workers > 1 and len(paths) > 1:
+            return self._embed_in_processes(paths, batch_size, progress, workers)
         chunks: list[np.ndarray] = []
         kept: list[int] = []
         failures: list[tuple[str, str]] = []
         with (
-            ThreadPoolExecutor(max_workers=usable_cpus()) as pool,
+            ThreadPoolExecutor(max_workers=self.threads) as pool,
             tqdm(total=len(paths), unit="img", desc="embedding", disable=not progress) as bar,
         ):
 
@@ -134,6 +157,35 @@ class OnnxEmbedder:
                     bar.set_postfix(skipped=len(failures))
         embeddings = np.concatenate(chunks) if chunks else np.zeros((0, self.dim), dtype=np.float32)
         return EmbedResult(embeddings, np.asarray(kept, dtype=np.int64), failures)
+
+    def _embed_in_processes(
+        self, paths: Sequence[str | os.PathLike[str]], batch_size: int, progress: bool, workers: int
+    ) -> EmbedResult:
+        """``embed_paths`` over ``workers`` spawned processes, each with usable CPUs / workers threads.
+
+        The paths are cut into consecutive tasks of up to 8 batches (fewer when
+        that would leave a worker idle), and the results are put back in path
+        order, so the result is the one process's up to float rounding.
+        """
+        task_size = max(1, min(8 * batch_size, -(-len(paths) // workers)))
+        starts = range(0, len(paths), task_size)
+        tasks = [list(paths[start : start + task_size]) for start in starts]
+        threads = max(1, usable_cpus() // workers)
+        results: list[EmbedResult] = []
+        with (
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                                initargs=(str(self.model_path), self.providers, threads)) as pool,
+            tqdm(total=len(paths), unit="img", desc=f"embedding ({workers} processes)", disable=not progress) as bar,
+        ):
+            for task, result in zip(tasks, pool.map(_embed_in_worker, tasks, itertools.repeat(batch_size))):
+                results.append(result)
+                bar.update(len(task))
+        kept = [result.kept_indices + start for start, result in zip(starts, results)]
+        return EmbedResult(
+            np.concatenate([result.embeddings for result in results]).astype(np.float32, copy=False),
+            np.concatenate(kept).astype(np.int64, copy=False),
+            [failure for result in results for failure in result.failures],
+        )
 
     def _load_and_preprocess(self, path: str | os.PathLike[str]) -> np.ndarray:
         return preprocess(catalog.load_rgb(path), self.preprocessing)
@@ -165,3 +217,16 @@ class OnnxEmbedder:
         if isinstance(graph_dim, int) and graph_dim != dim:
             raise ValueError(f"metadata embedding_dim {dim} disagrees with the embedding output's size {graph_dim}")
         return dim
+
+
+#: The embedder of a worker process of ``OnnxEmbedder._embed_in_processes``.
+_worker_embedder: OnnxEmbedder | None = None
+
+
+def _start_worker(model_path: str, providers: Providers, threads: int) -> None:
+    global _worker_embedder
+    _worker_embedder = OnnxEmbedder(model_path, providers=providers, threads=threads)
+
+
+def _embed_in_worker(paths: list[str | os.PathLike[str]], batch_size: int) -> EmbedResult:
+    return _worker_embedder.embed_paths(paths, batch_size=batch_size, progress=False)

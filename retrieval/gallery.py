@@ -2,7 +2,9 @@
 
 ``build_gallery`` writes the folder atomically and checks it loads before
 publishing it; ``Gallery.load`` refuses a folder whose parts disagree, naming
-what disagrees, so metadata can never silently drift from the index.
+what disagrees, so metadata can never silently drift from the index. With
+``storage="ondisk"`` an IVF index keeps its inverted lists in a memory-mapped
+file of the folder (retrieval.index_files), for galleries bigger than RAM.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,9 +24,12 @@ from typing import Any
 
 import faiss
 import numpy as np
+from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from retrieval.atomic import atomic_directory, atomic_file
 from retrieval.embedder import OnnxEmbedder, file_sha256
+from retrieval.index_files import (IVFDATA_FILE, build_ondisk_ivf, gather_rows, log_stage, ondisk_lists,
+                                   read_ondisk_index, row_chunks)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -32,15 +38,22 @@ ITEMS_FILE = "items.csv"
 MODEL_FILE = "model.onnx"
 EVAL_FILE = "eval.json"
 INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
+#: Where an index keeps its vectors: in index.faiss (loaded into RAM), or, for the IVF types, in IVFDATA_FILE
+#: (memory-mapped).
+STORAGES = ("memory", "ondisk")
 _IVF_TYPES = ("ivf-flat", "ivf-pq")
 _MANIFEST_KEYS = ("format_version", "model_sha256", "embedding_dim", "count", "faiss_factory", "metric")
 _HNSW_NEIGHBORS = 32
 _HNSW_EF_SEARCH = 128
+#: k-means training points per IVF list: all of them up to 256 (FAISS's own cap) in memory; on disk a
+#: sample of 64 (FAISS asks for at least 39), which bounds the memory and time of training at any size.
+_TRAIN_POINTS_PER_LIST = 256
+_ONDISK_TRAIN_POINTS_PER_LIST = 64
 _RECALL_QUERIES = 1000
 _RECALL_K = 10
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million-item gallery holds a million of these
 class GalleryItem:
     """One indexed image; ``id`` is its FAISS id and its row in items.csv."""
 
@@ -56,13 +69,14 @@ class GalleryMismatchError(ValueError):
 
 def build_gallery(
     out_dir: str | os.PathLike[str],
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | Sequence[np.ndarray],
     items: Sequence[GalleryItem],
     model_path: str | os.PathLike[str],
     *,
     dataset: str,
     split: str,
     index_type: str = "flat",
+    storage: str = "memory",
     nlist: int | None = None,
     nprobe: int | None = None,
     seed: int = 0,
@@ -70,33 +84,43 @@ def build_gallery(
     """Write a gallery folder atomically and return its path.
 
     ``embeddings`` are the unit vectors of ``items`` (row i is the item with
-    id i). Non-flat indexes record their Recall@10 against exact search in the
-    manifest (``recall_at_10_vs_exact``). ``nlist``/``nprobe`` tune the IVF
+    id i): one array [N, d], or consecutive blocks of rows (the shards of
+    retrieval.shards, memory-mapped). With ``storage="ondisk"`` (IVF types
+    only) the blocks are read a part at a time and never stacked, so they may
+    exceed RAM. Non-flat indexes record their Recall@10 against exact search in
+    the manifest (``recall_at_10_vs_exact``). ``nlist``/``nprobe`` tune the IVF
     types; by default nlist ≈ 4·√N and nprobe = nlist / 8.
     """
-    embeddings = _check_embeddings(embeddings, items)
-    index, factory = _make_index(embeddings, index_type, nlist=nlist, nprobe=nprobe, seed=seed)
+    blocks = _check_embeddings(embeddings, items)
+    count, dim = len(items), blocks[0].shape[1]
+    factory, nlist, nprobe = _plan_index(index_type, storage, count, dim, nlist=nlist, nprobe=nprobe)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model_sha256": file_sha256(model_path),
-        "embedding_dim": int(embeddings.shape[1]),
-        "count": len(items),
+        "embedding_dim": dim,
+        "count": count,
         "faiss_factory": factory,
         "index_type": index_type,
+        "storage": storage,
+        **({"ivfdata_file": IVFDATA_FILE} if storage == "ondisk" else {}),
         "metric": "inner_product",
         "dataset": dataset,
         "split": split,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if index_type != "flat":
-        manifest["recall_at_10_vs_exact"] = _recall_vs_exact(index, embeddings, seed=seed)
+    index = None if storage == "ondisk" else _make_index(_stack(blocks), factory, nlist, nprobe, seed=seed)
     out_dir = Path(out_dir)
     try:
         with atomic_directory(out_dir) as staging:
             shutil.copyfile(model_path, staging / MODEL_FILE)
-            (staging / ITEMS_FILE).write_text(_items_csv(items), encoding="utf-8")
+            write_items(staging / ITEMS_FILE, items)
+            if index is None:  # on disk: built inside the folder, next to index.faiss
+                index = _make_ondisk_index(blocks, staging, factory, nlist, nprobe, seed=seed)
+            if index_type != "flat":
+                manifest["recall_at_10_vs_exact"] = _recall_vs_exact(index, blocks, seed=seed)
             with atomic_file(staging / INDEX_FILE) as index_path:
                 _write_index(index, index_path)
+            del index  # before Gallery.load reads it back: never two copies in memory
             (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             Gallery.load(staging)  # never publish a folder that would not load
     except OSError as exc:  # a full disk, most likely: say which gallery, and that the old one is intact
@@ -151,13 +175,12 @@ class Gallery:
             if not (directory / file).is_file():
                 raise FileNotFoundError(f"gallery {directory} lacks {file}")
         manifest = read_manifest(directory)
-        items = _read_items(directory / ITEMS_FILE)
-        try:
-            index = faiss.read_index(str(directory / INDEX_FILE))
-        except RuntimeError as exc:  # FAISS reports unreadable files this way
-            raise GalleryMismatchError(f"{directory / INDEX_FILE} is not a readable FAISS index: {exc}") from None
-        manifest_count = (f"{MANIFEST_FILE} count", manifest["count"])
-        _check_agree("count", manifest_count, (f"{INDEX_FILE} ntotal", index.ntotal), (f"{ITEMS_FILE} rows", len(items)))
+        items = read_items(directory / ITEMS_FILE)
+        index = _read_index(directory, manifest)
+        counts = [(f"{MANIFEST_FILE} count", manifest["count"]), (f"{INDEX_FILE} ntotal", index.ntotal)]
+        if lists := ondisk_lists(index):
+            counts.append((f"{manifest['ivfdata_file']} vectors", lists.compute_ntotal()))
+        _check_agree("count", *counts, (f"{ITEMS_FILE} rows", len(items)))
         manifest_dim = (f"{MANIFEST_FILE} embedding_dim", manifest["embedding_dim"])
         _check_agree("embedding dimension", manifest_dim, (f"{INDEX_FILE} d", index.d))
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
@@ -195,6 +218,29 @@ class Gallery:
         return self.index.reconstruct_n(0, self.index.ntotal)
 
 
+def _read_index(directory: Path, manifest: dict[str, Any]) -> faiss.Index:
+    """index.faiss, with its inverted lists memory-mapped from the gallery folder when they are on disk."""
+    path = directory / INDEX_FILE
+    ondisk = manifest.get("storage") == "ondisk"
+    if ondisk:
+        name = manifest.get("ivfdata_file")
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise GalleryMismatchError(f"{MANIFEST_FILE} ivfdata_file must name a file of the gallery folder, "
+                                       f"got {name!r}")
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"gallery {directory} lacks {name} (the inverted lists of its on-disk index)")
+    try:
+        index = read_ondisk_index(path, name) if ondisk else faiss.read_index(str(path))
+    except RuntimeError as exc:  # FAISS reports unreadable files this way
+        raise GalleryMismatchError(f"{path} is not a readable FAISS index: {exc}") from None
+    except ValueError as exc:
+        raise GalleryMismatchError(f"{INDEX_FILE} and {MANIFEST_FILE} storage ondisk disagree: {exc}") from None
+    if not ondisk and ondisk_lists(index) is not None:
+        raise GalleryMismatchError(f"{INDEX_FILE} keeps its inverted lists in another file, but {MANIFEST_FILE} "
+                                   f"storage is not ondisk")
+    return index
+
+
 def _output_widths(embedder: OnnxEmbedder) -> tuple[int, int]:
     """The widths of the model's two outputs on one blank image.
 
@@ -210,59 +256,100 @@ def _output_widths(embedder: OnnxEmbedder) -> tuple[int, int]:
     return int(embeddings.shape[-1]), int(maps.shape[-1])
 
 
-def _check_embeddings(embeddings: np.ndarray, items: Sequence[GalleryItem]) -> np.ndarray:
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
-        raise ValueError(f"embeddings must have shape [N, d] with N > 0, got {list(embeddings.shape)}")
-    if len(items) != embeddings.shape[0]:
-        raise ValueError(f"{len(items)} items for {embeddings.shape[0]} embeddings")
+def _check_embeddings(embeddings: np.ndarray | Sequence[np.ndarray], items: Sequence[GalleryItem]) -> list[np.ndarray]:
+    """The embeddings as a list of row blocks [n_i, d], checked a chunk at a time (blocks may be memory-mapped)."""
+    blocks = [embeddings] if isinstance(embeddings, np.ndarray) else list(embeddings)
+    shapes = [list(np.shape(block)) for block in blocks]
+    if not blocks or any(len(shape) != 2 or shape[1] != shapes[0][1] for shape in shapes):
+        raise ValueError(f"embeddings must have shape [N, d] with N > 0, got blocks of shapes {shapes}")
+    count = sum(shape[0] for shape in shapes)
+    if count == 0:
+        raise ValueError(f"embeddings must have shape [N, d] with N > 0, got {[0, shapes[0][1]]}")
+    if len(items) != count:
+        raise ValueError(f"{len(items)} items for {count} embeddings")
     wrong = next((row for row, item in enumerate(items) if item.id != row), None)
     if wrong is not None:
         raise ValueError(f"item ids must be their row numbers 0..N-1; row {wrong} has id {items[wrong].id}")
-    norms = np.linalg.norm(embeddings, axis=1)
-    not_unit = np.flatnonzero(~(np.abs(norms - 1) < 1e-2))  # NaN norms included
-    if not_unit.size:
-        row = not_unit[0]
-        raise ValueError(f"embeddings must be unit vectors; row {row} has norm {norms[row]:.4g}")
-    return embeddings
+    offset = 0
+    for chunk in row_chunks(blocks):
+        norms = np.linalg.norm(chunk, axis=1)
+        not_unit = np.flatnonzero(~(np.abs(norms - 1) < 1e-2))  # NaN norms included
+        if not_unit.size:
+            row = not_unit[0]
+            raise ValueError(f"embeddings must be unit vectors; row {offset + row} has norm {norms[row]:.4g}")
+        offset += len(chunk)
+    return [block for block in blocks if len(block)]
 
 
-def check_index_options(index_type: str, nlist: int | None = None, nprobe: int | None = None) -> None:
-    """Reject an unknown index type, or IVF options given for another type, before any work is done."""
+def _stack(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(blocks[0] if len(blocks) == 1 else np.concatenate(blocks), dtype=np.float32)
+
+
+def check_index_options(
+    index_type: str, nlist: int | None = None, nprobe: int | None = None, storage: str = "memory"
+) -> None:
+    """Reject an unknown index type or storage, or IVF options given for another type, before any work is done."""
     if index_type not in INDEX_TYPES:
         raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     if index_type not in _IVF_TYPES and (nlist is not None or nprobe is not None):
         raise ValueError(f"nlist and nprobe apply to the ivf index types, not {index_type!r}")
+    if storage not in STORAGES:
+        raise ValueError(f"unknown storage {storage!r}; choose one of {', '.join(STORAGES)}")
+    if storage == "ondisk" and index_type not in _IVF_TYPES:
+        raise ValueError(f"storage ondisk needs an ivf index type ({', '.join(_IVF_TYPES)}), not {index_type!r}")
+
+
+def _plan_index(
+    index_type: str, storage: str, count: int, dim: int, *, nlist: int | None, nprobe: int | None
+) -> tuple[str, int | None, int | None]:
+    """The FAISS factory string, nlist and nprobe (None for non-IVF types), checked against the item count."""
+    check_index_options(index_type, nlist, nprobe, storage)
+    if index_type == "flat":
+        return "Flat", None, None
+    if index_type == "hnsw":
+        return f"HNSW{_HNSW_NEIGHBORS}", None, None
+    nlist = _default_nlist(count) if nlist is None else nlist
+    nprobe = max(1, nlist // 8) if nprobe is None else nprobe
+    if not 1 <= nlist <= count:
+        raise ValueError(f"nlist must be between 1 and the item count {count}, got {nlist}")
+    if not 1 <= nprobe <= nlist:
+        raise ValueError(f"nprobe must be between 1 and nlist {nlist}, got {nprobe}")
+    factory = f"IVF{nlist},Flat" if index_type == "ivf-flat" else f"IVF{nlist},PQ{_pq_parts(dim)}x{_pq_bits(count)}"
+    return factory, nlist, nprobe
 
 
 def _make_index(
-    embeddings: np.ndarray, index_type: str, *, nlist: int | None, nprobe: int | None, seed: int
-) -> tuple[faiss.Index, str]:
-    check_index_options(index_type, nlist, nprobe)
-    count, dim = embeddings.shape
-    is_ivf = index_type in _IVF_TYPES
-    if index_type == "flat":
-        factory = "Flat"
-    elif index_type == "hnsw":
-        factory = f"HNSW{_HNSW_NEIGHBORS}"
-    else:
-        nlist = _default_nlist(count) if nlist is None else nlist
-        nprobe = max(1, nlist // 8) if nprobe is None else nprobe
-        if not 1 <= nlist <= count:
-            raise ValueError(f"nlist must be between 1 and the item count {count}, got {nlist}")
-        if not 1 <= nprobe <= nlist:
-            raise ValueError(f"nprobe must be between 1 and nlist {nlist}, got {nprobe}")
-        factory = f"IVF{nlist},Flat" if index_type == "ivf-flat" else f"IVF{nlist},PQ{_pq_parts(dim)}x{_pq_bits(count)}"
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    if is_ivf:
-        # k-means needs no more than a few hundred points per list
-        sample = np.random.default_rng(seed).choice(count, min(count, 256 * nlist), replace=False)
-        index.train(embeddings[np.sort(sample)])
+    embeddings: np.ndarray, factory: str, nlist: int | None, nprobe: int | None, *, seed: int
+) -> faiss.Index:
+    index = faiss.index_factory(embeddings.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if nlist is not None:
+        index.train(embeddings[_training_rows(len(embeddings), nlist, _TRAIN_POINTS_PER_LIST, seed)])
         index.nprobe = nprobe
-    if index_type == "hnsw":
+    if factory.startswith("HNSW"):
         index.hnsw.efSearch = _HNSW_EF_SEARCH
     index.add(embeddings)
-    return index, factory
+    return index
+
+
+def _make_ondisk_index(
+    blocks: Sequence[np.ndarray], folder: Path, factory: str, nlist: int, nprobe: int, *, seed: int
+) -> faiss.Index:
+    """Train the coarse quantizer on a sample gathered from the blocks, then add and merge part by part."""
+    count, dim = sum(len(block) for block in blocks), blocks[0].shape[1]
+    trained = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    started = time.perf_counter()
+    sample = gather_rows(blocks, _training_rows(count, nlist, _ONDISK_TRAIN_POINTS_PER_LIST, seed))
+    trained.train(sample)
+    log_stage("train", started, f"trained {factory} on {len(sample):,} of {count:,} vectors")
+    del sample
+    index = build_ondisk_ivf(trained, blocks, folder, write_index=_write_index)
+    index.nprobe = nprobe
+    return index
+
+
+def _training_rows(count: int, nlist: int, points_per_list: int, seed: int) -> np.ndarray:
+    """Sorted rows of a random k-means training sample."""
+    return np.sort(np.random.default_rng(seed).choice(count, min(count, points_per_list * nlist), replace=False))
 
 
 def _default_nlist(count: int) -> int:
@@ -280,13 +367,18 @@ def _pq_bits(count: int) -> int:
     return int(min(8, max(1, math.floor(math.log2(max(count / 39, 2))))))
 
 
-def _recall_vs_exact(index: faiss.Index, embeddings: np.ndarray, *, seed: int) -> float:
-    """Share of the exact top-10 that the index returns, for up to 1000 gallery vectors as queries."""
-    count = embeddings.shape[0]
+def _recall_vs_exact(index: faiss.Index, blocks: Sequence[np.ndarray], *, seed: int) -> float:
+    """Share of the exact top-10 that the index returns, for up to 1000 gallery vectors as queries.
+
+    The exact search runs block by block (knn_ground_truth), so the vectors are never stacked.
+    """
+    count = sum(len(block) for block in blocks)
     rows = np.random.default_rng(seed).choice(count, min(count, _RECALL_QUERIES), replace=False)
-    queries = embeddings[rows]
+    order = np.argsort(rows)
+    queries = np.empty((len(rows), blocks[0].shape[1]), dtype=np.float32)
+    queries[order] = gather_rows(blocks, rows[order])
     k = min(_RECALL_K, count)
-    _, exact = faiss.knn(queries, embeddings, k, metric=faiss.METRIC_INNER_PRODUCT)
+    _, exact = knn_ground_truth(queries, row_chunks(blocks, 1 << 18), k, metric_type=faiss.METRIC_INNER_PRODUCT)
     _, approximate = index.search(queries, k)
     found = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact))
     return round(found / (len(rows) * k), 4)
@@ -297,6 +389,11 @@ def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
     if isinstance(index, faiss.IndexFlat) and faiss.get_num_gpus() > 0:
         return faiss.index_cpu_to_all_gpus(index)
     return index
+
+
+def write_items(path: Path, items: Sequence[GalleryItem]) -> None:
+    """Write items.csv: id,path,label, and chain when any item has one."""
+    path.write_text(_items_csv(items), encoding="utf-8")
 
 
 def _items_csv(items: Sequence[GalleryItem]) -> str:
@@ -310,21 +407,24 @@ def _items_csv(items: Sequence[GalleryItem]) -> str:
     return buffer.getvalue()
 
 
-def _read_items(path: Path) -> list[GalleryItem]:
+def read_items(path: Path) -> list[GalleryItem]:
+    """The rows of items.csv, checked; each distinct label and chain is one shared string (millions of items
+    have a few thousand labels)."""
     with path.open(newline="", encoding="utf-8") as file:
         reader = csv.reader(file)
         header = next(reader, [])
         if header not in (["id", "path", "label"], ["id", "path", "label", "chain"]):
             raise GalleryMismatchError(f"{ITEMS_FILE} header must be id,path,label[,chain], got {','.join(header)}")
         items = []
+        shared: dict[str, str] = {}
         for row_number, row in enumerate(reader):
             if len(row) != len(header) or row[0] != str(row_number):
                 raise GalleryMismatchError(
                     f"{ITEMS_FILE} line {row_number + 2} must have {len(header)} fields starting with id {row_number}, "
                     f"got {row}"
                 )
-            chain = (row[3] or None) if len(row) == 4 else None
-            items.append(GalleryItem(id=row_number, path=row[1], label=row[2], chain=chain))
+            chain = (shared.setdefault(row[3], row[3]) or None) if len(row) == 4 else None
+            items.append(GalleryItem(id=row_number, path=row[1], label=shared.setdefault(row[2], row[2]), chain=chain))
     return items
 
 
@@ -346,6 +446,9 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         )
     if manifest["metric"] != "inner_product":
         raise GalleryMismatchError(f"{MANIFEST_FILE} metric is {manifest['metric']!r}, expected 'inner_product'")
+    if manifest.get("storage", "memory") not in STORAGES:  # galleries written before storage existed lack it
+        raise GalleryMismatchError(f"{MANIFEST_FILE} storage is {manifest['storage']!r}; this version reads "
+                                   f"{', '.join(STORAGES)}")
     return manifest
 
 
