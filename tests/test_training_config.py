@@ -48,3 +48,13 @@ def test_yaml_numbers_in_exponent_form_are_read_as_numbers(tmp_path) -> None:
     config_file.write_text("lr: fast\n")
     with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
         resolve_config("cub", "data", "out", config_file=str(config_file))
+
+
+def test_the_demo_switched_to_sgd_takes_the_tuned_sgd_settings() -> None:
+    """Fashion-MNIST's own SGD tuning (HN, SHN and SCT all best at 0.3) replaces the AdamW settings and
+    the generic per-loss factors."""
+    for loss in ("sct", "shn", "hn"):
+        config = _resolve("fashion-mnist", loss=loss, optimizer="sgd")
+        assert (config.lr, config.momentum, config.weight_decay) == (0.3, 0.0, 0.0), loss
+    assert _resolve("fashion-mnist", loss="shn").lr == DATASET_DEFAULTS["fashion-mnist"]["lr"]  # AdamW untouched
+    assert _resolve("cub", loss="shn").lr == pytest.approx(DATASET_DEFAULTS["cub"]["lr"] * SGD_LR_FACTORS["shn"])

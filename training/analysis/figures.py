@@ -90,15 +90,15 @@ def draw_hard_fraction_curves(runs: Sequence[Run], labels: Sequence[str], path: 
     """Share of anchors whose hardest negative is closer than their easiest positive, per iteration."""
     figure = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = figure.subplots()
-    for run, label in zip(runs, labels):
+    for run, label, style in zip(runs, labels, _styles(runs)):
         if not run.steps:
             continue
         iterations = np.array([s["iter"] for s in run.steps])
         fraction = np.array([s["hard_fraction"] for s in run.steps])
         window = max(1, len(fraction) // 100)
-        ax.plot(iterations[window - 1:], _smooth(fraction, window), label=label, lw=1.4)
+        ax.plot(iterations[window - 1:], _smooth(fraction, window), label=label, lw=1.4, **style)
     _finish_curves(ax, "hard-triplet fraction (S_an > S_ap)",
-                   "Hard triplets per iteration (moving average over 1% of the run)")
+                   "Hard triplets per iteration (moving average over 1% of the run)", (0.0, 1.0))
     return save(figure, path)
 
 
@@ -106,19 +106,35 @@ def draw_recall_curves(runs: Sequence[Run], labels: Sequence[str], path: Path) -
     """Recall@1 at each evaluation, against the iteration it was taken at."""
     figure = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = figure.subplots()
-    for run, label in zip(runs, labels):
+    values: list[float] = []
+    for run, label, style in zip(runs, labels, _styles(runs)):
         points = [(e["iter"], e["recall@1"]) for e in run.evaluations if "recall@1" in e]
         if points:
             x, y = zip(*points)
-            ax.plot(x, y, marker="o", ms=4, label=label, lw=1.4)
-    _finish_curves(ax, "Recall@1", "Recall@1 per evaluation")
+            values.extend(y)
+            ax.plot(x, y, marker="o", ms=4, label=label, lw=1.4, **style)
+    # zoomed on the data: runs of one study often differ by a few points of Recall@1
+    limits = (max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.03)) if values else (0.0, 1.0)
+    _finish_curves(ax, "Recall@1", "Recall@1 per evaluation", limits)
     return save(figure, path)
 
 
-def _finish_curves(ax: Axes, ylabel: str, title: str) -> None:
+def _styles(runs: Sequence[Run]) -> list[dict[str, str]]:
+    """One colour per loss, and a different line style for each further run of the same loss (seeds)."""
+    colours: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    styles = []
+    for run in runs:
+        colour = colours.setdefault(run.loss, f"C{len(colours) % 10}")
+        styles.append({"color": colour, "linestyle": ("-", "--", ":", "-.")[seen.get(run.loss, 0) % 4]})
+        seen[run.loss] = seen.get(run.loss, 0) + 1
+    return styles
+
+
+def _finish_curves(ax: Axes, ylabel: str, title: str, limits: tuple[float, float]) -> None:
     ax.set_xlabel("iteration")
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(*limits)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
