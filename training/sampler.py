@@ -62,19 +62,24 @@ class PKBatchSampler:
         class_order: list[int] = []
         for _ in range(self.batches_per_epoch):
             batch: list[int] = []
-            chosen: set[int] = set()
+            chosen: list[int] = []
             deferred: list[int] = []  # already in this batch; first in line for the next one
             while len(chosen) < self.p:
-                if not class_order:
-                    class_order = list(rng.permutation(self.classes))
-                candidate = class_order.pop()
-                if candidate in chosen:
-                    deferred.append(candidate)
-                    continue
-                chosen.add(candidate)
-                batch.extend(self._deal(candidate, pools, rng))
+                chosen.append(self._next_class(class_order, chosen, deferred, rng))
+                batch.extend(self._deal(chosen[-1], pools, rng))
             class_order.extend(reversed(deferred))
             yield self._shard(batch)
+
+    def _next_class(self, class_order: list[int], chosen: list[int], deferred: list[int],
+                    rng: np.random.Generator) -> int:
+        """The next class of the shuffled order (refilled when empty) that is not in the batch yet."""
+        while True:
+            if not class_order:
+                class_order.extend(int(c) for c in rng.permutation(self.classes))
+            candidate = class_order.pop()
+            if candidate not in chosen:
+                return candidate
+            deferred.append(candidate)
 
     def _shard(self, batch: list[int]) -> list[int]:
         """This process's block of a global batch: P / world_size whole classes (each class's K images are
@@ -150,17 +155,6 @@ class HTLBatchSampler(PKBatchSampler):
                     chosen.append(self._next_class(class_order, chosen, deferred, rng))
             class_order.extend(reversed(deferred))
             yield self._shard([i for cls in chosen for i in self._deal(cls, pools, rng)])
-
-    def _next_class(self, class_order: list[int], chosen: list[int], deferred: list[int],
-                    rng: np.random.Generator) -> int:
-        """The next class of the shuffled order (refilled when empty) that is not in the batch yet."""
-        while True:
-            if not class_order:
-                class_order.extend(int(c) for c in rng.permutation(self.classes))
-            candidate = class_order.pop()
-            if candidate not in chosen:
-                return candidate
-            deferred.append(candidate)
 
     def _neighbours_of(self, cls: int) -> list[int]:
         if self.neighbours is None or cls >= len(self.neighbours):
