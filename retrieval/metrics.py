@@ -8,7 +8,7 @@ not by dropping the first neighbour, because ties and duplicate images happen.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import faiss
@@ -34,14 +34,8 @@ def knn_exclude_self(
     """
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if gallery.ndim != 2 or queries.ndim != 2 or gallery.shape[1] != queries.shape[1]:
-        raise ValueError(f"gallery [N, d] and queries [M, d] must agree on d, got {gallery.shape} and {queries.shape}")
-    if depth < 1 or chunk_size < 1:
-        raise ValueError(f"depth and chunk_size must be at least 1, got {depth} and {chunk_size}")
+    searched = search_depth(gallery, queries, depth, query_ids, chunk_size)
     exclude = query_ids is not None
-    if exclude and len(query_ids) != len(queries):
-        raise ValueError(f"{len(query_ids)} query ids for {len(queries)} queries")
-    searched = min(depth + exclude, len(gallery))
     kept = searched - exclude
     scores = np.empty((len(queries), kept), dtype=np.float32)
     ids = np.empty((len(queries), kept), dtype=np.int64)
@@ -49,13 +43,26 @@ def knn_exclude_self(
         stop = start + chunk_size
         chunk_scores, chunk_ids = faiss.knn(queries[start:stop], gallery, searched, metric=faiss.METRIC_INNER_PRODUCT)
         if exclude:
-            chunk_scores, chunk_ids = _drop_self(chunk_scores, chunk_ids, np.asarray(query_ids[start:stop]))
+            chunk_scores, chunk_ids = drop_self(chunk_scores, chunk_ids, np.asarray(query_ids[start:stop]))
         scores[start:stop] = chunk_scores
         ids[start:stop] = chunk_ids
     return scores, ids
 
 
-def _drop_self(scores: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def search_depth(gallery: np.ndarray, queries: np.ndarray, depth: int, query_ids: np.ndarray | None,
+                 chunk_size: int) -> int:
+    """Check a kNN call's arguments; the neighbours to search: one more than ``depth`` when the query's own row
+    is to be dropped, at most the gallery."""
+    if gallery.ndim != 2 or queries.ndim != 2 or gallery.shape[1] != queries.shape[1]:
+        raise ValueError(f"gallery [N, d] and queries [M, d] must agree on d, got {gallery.shape} and {queries.shape}")
+    if depth < 1 or chunk_size < 1:
+        raise ValueError(f"depth and chunk_size must be at least 1, got {depth} and {chunk_size}")
+    if query_ids is not None and len(query_ids) != len(queries):
+        raise ValueError(f"{len(query_ids)} query ids for {len(queries)} queries")
+    return min(depth + (query_ids is not None), len(gallery))
+
+
+def drop_self(scores: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Remove exactly one entry per row: the query's own id, else the last (ids are unique within a row)."""
     drop = ids == self_ids[:, None]
     drop[~drop.any(axis=1), -1] = True
@@ -85,6 +92,7 @@ def evaluate(
     *,
     extra_labels: Mapping[str, tuple[Sequence | np.ndarray, Sequence | np.ndarray | None, Sequence[int]]] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    knn: Callable[..., tuple[np.ndarray, np.ndarray]] = knn_exclude_self,
 ) -> dict[str, float | int]:
     """Recall@k for each k, MAP@R and P@1 of unit embeddings, by exact search.
 
@@ -94,6 +102,10 @@ def evaluate(
     labels, query labels or None in leave-one-out, ks) and adds
     "<name>_recall@k", "<name>_queries" and "<name>_skipped", e.g. Hotels-50K
     chains: ``{"chain": (gallery_chain, query_chain, (1, 3, 5))}``.
+
+    ``knn`` does the exact search, with ``knn_exclude_self``'s signature and
+    contract: FAISS on the CPU by default; training passes a GPU search
+    (``training.knn.TorchKnn``) when it runs on CUDA.
     """
     leave_one_out = query_emb is None
     if leave_one_out != (query_labels is None):
@@ -123,7 +135,7 @@ def evaluate(
     searched = np.flatnonzero(np.logical_or.reduce(evaluated))
     for start in range(0, len(searched), chunk_size):
         rows = searched[start : start + chunk_size]
-        _, ids = knn_exclude_self(
+        _, ids = knn(
             gallery_emb, queries[rows], depth, query_ids=rows if leave_one_out else None, chunk_size=chunk_size
         )
         for label_set, ranks in zip(label_sets, first_hit):

@@ -36,6 +36,7 @@ from training.config import TrainConfig
 from training.data import (RecordImages, class_index_of, collate_skipping_failures, drop_small_classes,
                            embed_records)
 from training.htl import ClassTree, build_tree
+from training.knn import knn_for
 from training.losses import TripletStats, build_loss
 from training.model import build_model
 from training.precision import autocast, autocast_dtype
@@ -328,13 +329,14 @@ class Trainer:
                                   workers=self.config.workers, amp_dtype=self.amp_dtype)
         query_emb, query_labels, failures = embed(self.queries)
         self._report_failures(failures)
+        knn = knn_for(self.device)  # exact search on the GPU when training there
         if self.gallery is None:
-            results = evaluate(query_emb, query_labels, ks=tuple(self.config.eval_ks))
+            results = evaluate(query_emb, query_labels, ks=tuple(self.config.eval_ks), knn=knn)
         else:
             gallery_emb, gallery_labels, failures = embed(self.gallery)
             self._report_failures(failures)
             results = evaluate(gallery_emb, gallery_labels, ks=tuple(self.config.eval_ks),
-                               query_emb=query_emb, query_labels=query_labels)
+                               query_emb=query_emb, query_labels=query_labels, knn=knn)
         results["mean_similarity"] = mean_pairwise_similarity(query_emb)
         self._log({"type": "eval", "epoch": epoch, "iter": self.iteration, "split": self.evaluated_split, **results})
         shown = "  ".join(f"R@{k} {results[f'recall@{k}']:.4f}" for k in self.config.eval_ks)
