@@ -66,6 +66,10 @@ case "$command" in
     test)
         # Debian's Chromium for the real-browser tests; without it those tests skip and say why.
         [ -x /usr/bin/chromium ] || apt_install chromium || true
+        # torch.compile's CPU backend (the --compile test) builds C++ against the Python headers.
+        command -v g++ >/dev/null || apt_install g++ || true
+        "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+            || apt_install python3-dev || true
         setup
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

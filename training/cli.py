@@ -83,6 +83,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when present")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the training step's model (default off: compiling costs a minute or "
+                             "two first; see benchmarks/results/gpu_speed.md for what it gains)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--pretrained", metavar="imagenet|none|PATH",
                         help="ImageNet weights from torchvision's cache, none, or a state-dict file")
@@ -123,9 +126,9 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
-             "temperature", "margin", "hard_threshold", "device", "precision", "seed", "pretrained", "eval_every", "augment", "workers",
-             "max_iters_per_epoch", "val_fraction", "val_by", "htl_levels", "htl_beta", "htl_neighbours",
-             "htl_rebuild_every", "htl_tree_images_per_class", "gather_embeddings", "sync_batchnorm", "dist_backend")
+             "temperature", "margin", "hard_threshold", "device", "precision", "compile", "seed", "pretrained",
+             "eval_every", "augment", "workers", "max_iters_per_epoch", "val_fraction", "val_by", "htl_levels",
+             "htl_beta", "htl_neighbours", "htl_rebuild_every", "htl_tree_images_per_class", "gather_embeddings", "sync_batchnorm", "dist_backend")
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -52,6 +52,7 @@ class TrainConfig:
     pretrained: str = "imagenet"
     device: str = "auto"
     precision: str = "auto"  # "auto": bf16 autocast on CUDA and on CPUs with native bf16, else fp32
+    compile: bool = False  # torch.compile the training forward and backward (a minute or two to compile first)
     seed: int = 0
     eval_every: int = 1  # epochs between Recall@K evaluations on the test split; 0 = only at the end
     val_fraction: float = 0.0  # > 0: hold out this share of the training split and evaluate on it instead of test

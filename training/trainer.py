@@ -141,7 +141,8 @@ class Trainer:
         if config.sync_batchnorm and self.world > 1:
             model = distributed.convert_sync_batchnorm(model, self.device)
         # self.model is the bare model: evaluation, the HTL tree, checkpoints and the triplet re-measurement use
-        # it; training steps go through self.train_model, DistributedDataParallel around it when several train.
+        # it; training steps go through self.train_model: DistributedDataParallel around it when several train,
+        # torch.compile around that with --compile. They share the parameters.
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(self.device, config.precision)
         self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
@@ -158,6 +159,8 @@ class Trainer:
         elif self.is_main:
             (self.run_dir / "metrics.jsonl").write_text("")
         self.train_model = distributed.wrap(self.model, self.device)
+        if config.compile:  # around DDP, so that TorchDynamo's DDPOptimizer keeps gradient buckets overlapping
+            self.train_model = torch.compile(self.train_model)
 
     # ---------------------------------------------------------------- running
     def fit(self) -> Path:
