@@ -88,14 +88,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="gallery folder to write, e.g. index_data/NAME (with --shard: the shards' parent folder)")
     index.add_argument("--shard", metavar="I/N",
                        help="embed only slice I of N (I from 0) into a shard folder; 'env': I/N = RANK/WORLD_SIZE")
-    index.add_argument("--workers", type=_positive_int, metavar="N",
+    index.add_argument("--workers", type=positive_int, metavar="N",
                        help="embedding processes, each with its own ONNX Runtime session (default: 1)")
     index.add_argument("--index-type", choices=INDEX_TYPES, help="FAISS index (default: flat, exact search)")
     index.add_argument("--storage", choices=STORAGES,
                        help="memory (default), or ondisk: an ivf index's lists memory-mapped from index.ivfdata")
-    index.add_argument("--nlist", type=_positive_int, help="IVF lists (ivf types; default about 4·√N)")
-    index.add_argument("--nprobe", type=_positive_int, help="IVF lists searched per query (default nlist / 8)")
-    index.add_argument("--batch-size", type=_positive_int, help="images per model call (default: 64)")
+    index.add_argument("--nlist", type=positive_int, help="IVF lists (ivf types; default about 4·√N)")
+    index.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query (default nlist / 8)")
+    index.add_argument("--batch-size", type=positive_int, help="images per model call (default: 64)")
     index.set_defaults(func=index_command)
 
     evaluation = subparsers.add_parser(
@@ -116,10 +116,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     evaluation.add_argument("--data-root", metavar="PATH", help="dataset folder (with --queries-split)")
     evaluation.add_argument(
-        "--k", type=_positive_int, nargs="+", help="K of Recall@K (default: the dataset's usual ones, else 1 2 4 8)"
+        "--k", type=positive_int, nargs="+", help="K of Recall@K (default: the dataset's usual ones, else 1 2 4 8)"
     )
     evaluation.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    evaluation.add_argument("--batch-size", type=_positive_int, default=64, help="query images per model call")
+    evaluation.add_argument("--batch-size", type=positive_int, default=64, help="query images per model call")
     evaluation.set_defaults(func=eval_command)
 
     search = subparsers.add_parser(
@@ -131,21 +131,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     search.add_argument("--index", required=True, metavar="DIR", help="gallery folder")
     search.add_argument("images", nargs="+", metavar="IMAGE", help="query image file(s)")
-    search.add_argument("--k", type=_positive_int, default=10, help="results per query (default: %(default)s)")
+    search.add_argument("--k", type=positive_int, default=10, help="results per query (default: %(default)s)")
     search.set_defaults(func=search_command)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
 
 
-def _reporting_user_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def reporting_user_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn the errors a user can cause (bad paths, mismatched files, bad data) into `error: ...` and status 2."""
 
     @functools.wraps(handler)
@@ -163,7 +173,7 @@ _EMBEDDING_OPTIONS = ("model", "data_root", "split", "shard", "workers", "batch_
 _GALLERY_OPTIONS = ("index_type", "storage", "nlist", "nprobe")
 
 
-@_reporting_user_errors
+@reporting_user_errors
 def index_command(args: argparse.Namespace) -> int:
     """Embed the images and write the gallery folder (or one shard of it), or merge shards into a gallery."""
     gallery_options = {"index_type": args.index_type or "flat", "storage": args.storage or "memory",
@@ -178,14 +188,14 @@ def index_command(args: argparse.Namespace) -> int:
     if args.shard:
         _refuse_options(args, _GALLERY_OPTIONS, "a shard holds vectors only; choose the index when merging")
     shard = ShardSpec.parse(args.shard) if args.shard else None
-    sources, dataset, split = _index_sources(args)
+    sources, dataset, split = index_sources(args)
     start, stop = shard.bounds(len(sources)) if shard else (0, len(sources))
     embedder = OnnxEmbedder(args.model, providers=_rank_providers() if args.shard == "env" else None)
     what = f"{len(sources):,} images of {dataset} {split}".rstrip()
     print(f"indexing {f'images [{start:,}, {stop:,}) (shard {shard}) of ' if shard else ''}{what}", file=sys.stderr)
     result = embedder.embed_paths([path for path, _, _ in sources[start:stop]], batch_size=args.batch_size or 64,
                                   workers=args.workers or 1)
-    _report_unreadable(result.failures)
+    report_unreadable(result.failures)
     items = [GalleryItem(row, *sources[start + source]) for row, source in enumerate(result.kept_indices)]
     if shard:
         folder = write_shard(args.out, shard, result.embeddings, items, args.model, total_images=len(sources),
@@ -202,7 +212,7 @@ def index_command(args: argparse.Namespace) -> int:
     return _print_summary(out)
 
 
-def _index_sources(args: argparse.Namespace) -> tuple[list[tuple[str, str, str | None]], str, str]:
+def index_sources(args: argparse.Namespace) -> tuple[list[tuple[str, str, str | None]], str, str]:
     """(path, label, chain) of every image to index, in order; the dataset name; the split."""
     if args.dataset:
         if not args.data_root:
@@ -255,7 +265,7 @@ def _print_summary(out: os.PathLike[str]) -> int:
     return 0
 
 
-@_reporting_user_errors
+@reporting_user_errors
 def eval_command(args: argparse.Namespace) -> int:
     """Evaluate the gallery, print the table, write eval.json (and --json)."""
     gallery = Gallery.load(args.index)
@@ -272,14 +282,14 @@ def eval_command(args: argparse.Namespace) -> int:
         raise ValueError("--data-root goes with --queries-split")
     ks = args.k or DATASET_KS.get(dataset, DEFAULT_KS)
     results = evaluate_gallery(gallery, ks, queries, batch_size=args.batch_size)
-    _report_unreadable([(failure["path"], failure["reason"]) for failure in results["unreadable_queries"]])
+    report_unreadable([(failure["path"], failure["reason"]) for failure in results["unreadable_queries"]])
     print(format_table(results))
     for path in [gallery.directory / EVAL_FILE, *([args.json] if args.json else [])]:
         print(f"wrote {save_eval(results, path)}", file=sys.stderr)
     return 0
 
 
-@_reporting_user_errors
+@reporting_user_errors
 def search_command(args: argparse.Namespace) -> int:
     """Print the top K of each query image; 2 if any query image could not be read."""
     gallery = Gallery.load(args.index)
@@ -302,7 +312,7 @@ def search_command(args: argparse.Namespace) -> int:
     return 2 if unreadable else 0
 
 
-def _report_unreadable(failures: Sequence[tuple[str, str]]) -> None:
+def report_unreadable(failures: Sequence[tuple[str, str]]) -> None:
     for path, reason in failures:
         print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
     if failures:

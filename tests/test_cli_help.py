@@ -8,7 +8,7 @@ import pytest
 
 from sct.cli import main
 
-SUBCOMMANDS = ["train", "export", "index", "eval", "search", "serve", "demo", "report", "simulate-gradients"]
+SUBCOMMANDS = ["train", "export", "embed", "index", "eval", "search", "serve", "demo", "report", "simulate-gradients"]
 
 
 def test_top_level_help_lists_every_subcommand() -> None:

@@ -1,9 +1,10 @@
-"""``sct train`` and ``sct export``. torch is imported only when a command runs."""
+"""``sct train``, ``sct export`` and ``sct embed``. torch is imported only when a command runs."""
 from __future__ import annotations
 
 import argparse
 
 import catalog
+from retrieval.cli import non_negative_int, positive_int
 
 TRAIN_EPILOG = """\
 Examples:
@@ -40,9 +41,33 @@ verified with onnx.checker and against torch with ONNX Runtime.
 """
 
 
+EMBED_EPILOG = """\
+Examples:
+  sct embed --checkpoint runs/sop/best.pt --model runs/sop/model.onnx --dataset sop --data-root data/sop \\
+      --out shards/sop                              # one GPU: one shard holding every image
+  sct index --merge shards/sop --out index_data/sop
+
+  torchrun --nproc-per-node 8 -m sct embed --checkpoint runs/sop/best.pt --model runs/sop/model.onnx \\
+      --dataset sop --data-root data/sop --out shards/sop   # 8 GPUs: shard RANK of 8 on GPU LOCAL_RANK
+  sct index --merge shards/sop --out index_data/sop --index-type hnsw
+
+  sct embed --checkpoint runs/mine/best.pt --model runs/mine/model.onnx --images photos/ --out shards/photos \\
+      --shard 1/4 --precision fp32                  # slice 1 of 4 on this machine, in fp32
+
+The shards are those of `sct index --shard` (docs/SCALING.md): `sct index --merge`
+builds the gallery, with the same items.csv as `sct index --model ONNX`, and the
+server embeds queries with the ONNX model, which each shard carries. So before
+embedding, the ONNX model's preprocessing and embedding size must match the
+checkpoint's, and the first 8 readable images of the shard must embed the same
+with both (cosine >= 0.999 in fp32, >= 0.99 in bf16); otherwise nothing is written.
+Unreadable images are skipped and listed. The shard folder is written atomically.
+"""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_train(subparsers)
     _register_export(subparsers)
+    _register_embed(subparsers)
 
 
 def _register_train(subparsers: argparse._SubParsersAction) -> None:
@@ -125,6 +150,37 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_export)
 
 
+def _register_embed(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "embed", help="embed a gallery's images with the torch checkpoint (GPU, bf16) into index shards",
+        epilog=EMBED_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Embed a dataset split or a folder of images with a checkpoint on the GPU and write the shard "
+                    "folders that `sct index --merge` turns into a gallery, checked first against the ONNX model.")
+    parser.add_argument("--checkpoint", required=True, metavar="PT", help="best.pt or last.pt of a run")
+    parser.add_argument("--model", required=True, metavar="ONNX",
+                        help="the model `sct export` wrote from that checkpoint; the gallery serves queries with it")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", metavar="NAME", help=f"dataset name ({', '.join(sorted(catalog.DATASETS))})")
+    source.add_argument("--images", metavar="DIR", help="folder of images; subfolder names are the labels")
+    parser.add_argument("--data-root", metavar="PATH", help="dataset folder (with --dataset)")
+    parser.add_argument("--split", help="split to embed (with --dataset; default: the dataset's gallery split)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="parent folder of the shard folders")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="embed slice I of N (I from 0); 'env': RANK/WORLD_SIZE (default: env under torchrun, "
+                             "else 0/1, one shard holding every image)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="default: cuda when present (GPU LOCAL_RANK under torchrun)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    parser.add_argument("--batch-size", type=positive_int, default=256,
+                        help="images per batch (default: %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, metavar="N",
+                        help="image-decoding processes (default: min(8, usable CPUs / processes on this machine); "
+                             "0: decode in this process)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_embed)
+
+
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
              "temperature", "margin", "hard_threshold", "device", "precision", "compile", "seed", "pretrained",
              "eval_every", "augment", "workers", "max_iters_per_epoch", "val_fraction", "val_by", "htl_levels",
@@ -156,3 +212,9 @@ def run_export(args: argparse.Namespace) -> int:
           f"max |diff| {report.max_abs_diff_embedding:.1e} (embedding), {report.max_abs_diff_feature_map:.1e} "
           "(feature map, relative)")
     return 0
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from training.embed_gallery import embed_command
+
+    return embed_command(args)

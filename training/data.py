@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from catalog import ImageLoadError, ImageRecord, load_rgb
 from training.precision import autocast
@@ -16,11 +17,32 @@ from training.precision import autocast
 MIN_IMAGES_PER_CLASS = 2  # an anchor needs at least one positive
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """What ``RecordImages`` yields in place of an image that could not be read (picklable, unlike the error)."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return str(ImageLoadError(self.path, self.reason))
+
+
 @dataclass
 class Batch:
     images: Tensor
     labels: Tensor
-    failures: list[str]  # "path: reason" of each image that could not be read
+    kept: list[int] = field(default_factory=list)  # positions, among the batch's items, of the rows of images
+    unreadable: list[Unreadable] = field(default_factory=list)  # the items that could not be read
+
+    @property
+    def failures(self) -> list[str]:
+        """"cannot load image PATH: reason" of each image that could not be read."""
+        return [str(item) for item in self.unreadable]
+
+    def pin_memory(self) -> Batch:
+        """Called by a DataLoader with ``pin_memory=True`` (it does not look inside dataclasses itself)."""
+        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory())
 
 
 class RecordImages(Dataset):
@@ -39,7 +61,7 @@ class RecordImages(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | str:
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | Unreadable:
         record = self.records[index]
         label = self.class_index[record.label]
         if self.cache is not None and index in self.cache:
@@ -47,18 +69,20 @@ class RecordImages(Dataset):
         try:
             image = self.transform(load_rgb(record.path))
         except ImageLoadError as error:
-            return str(error)
+            return Unreadable(record.path, error.reason)
         if self.cache is not None:
             self.cache[index] = image.half()
         return image, label
 
 
-def collate_skipping_failures(items: list[tuple[Tensor, int] | str]) -> Batch:
-    good = [item for item in items if not isinstance(item, str)]
-    failures = [item for item in items if isinstance(item, str)]
-    if not good:
-        return Batch(torch.zeros(0), torch.zeros(0, dtype=torch.long), failures)
-    return Batch(torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good]), failures)
+def collate_skipping_failures(items: list[tuple[Tensor, int] | Unreadable]) -> Batch:
+    kept = [i for i, item in enumerate(items) if not isinstance(item, Unreadable)]
+    unreadable = [item for item in items if isinstance(item, Unreadable)]
+    if not kept:
+        return Batch(torch.zeros(0), torch.zeros(0, dtype=torch.long), kept, unreadable)
+    good = [items[i] for i in kept]
+    return Batch(torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good]), kept,
+                 unreadable)
 
 
 def drop_small_classes(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[str]]:
@@ -72,28 +96,64 @@ def class_index_of(records: Sequence[ImageRecord]) -> dict[str, int]:
     return {label: i for i, label in enumerate(sorted({r.label for r in records}))}
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class EmbeddedRecords:
+    """What ``embed_records_kept`` returns: the rows of the readable records, and where they came from."""
+
+    embeddings: np.ndarray  # float32 [K, d], unit vectors ([0, 0] when no record was readable)
+    labels: np.ndarray  # class names of the K rows
+    kept: np.ndarray  # int64 [K], positions in the input records of the K rows
+    unreadable: list[Unreadable]  # the records skipped, in input order
+
+
 def embed_records(model: torch.nn.Module, records: Sequence[ImageRecord], transform: Callable, device: torch.device,
                   *, batch_size: int = 256, workers: int = 0,
                   amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Unit embeddings and labels of the readable records, plus the failures."""
+    result = embed_records_kept(model, records, transform, device, batch_size=batch_size, workers=workers,
+                                amp_dtype=amp_dtype)
+    return result.embeddings, result.labels, [str(failure) for failure in result.unreadable]
+
+
+@torch.no_grad()
+def embed_records_kept(model: torch.nn.Module, records: Sequence[ImageRecord], transform: Callable,
+                       device: torch.device, *, batch_size: int = 256, workers: int = 0,
+                       amp_dtype: torch.dtype | None = None, prefetch_factor: int | None = None,
+                       progress: bool = False, desc: str = "embedding") -> EmbeddedRecords:
+    """``embed_records``, also saying which record each row is; optionally with a progress bar (images/s).
+
+    The records are read in order (one pass, no shuffling), so the positions of
+    a batch's items follow from the number of items before it. On CUDA the
+    batches are pinned and copied without blocking.
+    """
     class_index = class_index_of(records)
     names = np.array(sorted(class_index))
     loader = DataLoader(RecordImages(records, class_index, transform), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_skipping_failures)
+                        collate_fn=collate_skipping_failures, pin_memory=device.type == "cuda",
+                        prefetch_factor=prefetch_factor if workers else None)
     was_training = model.training
     model.eval()
-    embeddings, labels, failures = [], [], []
-    for batch in loader:
-        failures.extend(batch.failures)
-        if len(batch.labels) == 0:
-            continue
-        images = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            output = model(images)
-        embeddings.append(torch.nn.functional.normalize(output.float(), dim=1).cpu().numpy())
-        labels.append(names[batch.labels.numpy()])
+    embeddings, labels, kept, unreadable = [], [], [], []
+    offset = 0
+    with tqdm(total=len(records), unit="img", desc=desc, disable=not progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:
+        for batch in loader:
+            kept.extend(offset + i for i in batch.kept)
+            unreadable.extend(batch.unreadable)
+            offset += len(batch.kept) + len(batch.unreadable)
+            bar.update(len(batch.kept) + len(batch.unreadable))
+            if unreadable:
+                bar.set_postfix(skipped=len(unreadable), refresh=False)
+            if len(batch.labels) == 0:
+                continue
+            images = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                output = model(images)
+            embeddings.append(torch.nn.functional.normalize(output.float(), dim=1).cpu().numpy())
+            labels.append(names[batch.labels.numpy()])
     model.train(was_training)
     if not embeddings:
-        return np.zeros((0, 0), np.float32), np.array([], dtype=str), failures
-    return np.concatenate(embeddings), np.concatenate(labels), failures
+        return EmbeddedRecords(np.zeros((0, 0), np.float32), np.array([], dtype=str), np.zeros(0, np.int64),
+                               unreadable)
+    return EmbeddedRecords(np.concatenate(embeddings), np.concatenate(labels), np.asarray(kept, dtype=np.int64),
+                           unreadable)
