@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from training.config import resolve_config
+import training.trainer as trainer_module
 from training.trainer import Trainer, lr_factor
 
 
@@ -284,3 +285,24 @@ def test_compiled_training_computes_the_same_gradients_and_saves_a_plain_checkpo
     loss_fn(twin(images).float(), labels).backward()
     for ours_, theirs in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(ours_.grad, theirs.grad, rtol=1e-3, atol=2e-3 * theirs.grad.abs().max().item())
+
+
+def test_augmentations_do_not_depend_on_worker_processes_which_persist_across_epochs(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    made, make = [], trainer_module.training_loader
+    monkeypatch.setattr(trainer_module, "training_loader", lambda *args, **kwargs: made.append(make(*args, **kwargs))
+                        or made[-1])
+    data = _images(tmp_path / "data", per_class=6)
+    settings = dict(epochs=3, eval_every=0, triplets_every=0, precision="fp32", augment=True)
+    Trainer(_config(data, tmp_path / "main", workers=0, **settings), progress=False).fit()
+    Trainer(_config(data, tmp_path / "workers", workers=2, **settings), progress=False).fit()
+    assert len(made) == 2 and made[1].persistent_workers and made[1].num_workers == 2  # one loader per run
+    in_main, in_workers = _metrics(tmp_path / "main"), _metrics(tmp_path / "workers")
+    assert len(in_main) == len(in_workers) > 6
+    for a, b in zip(in_main, in_workers):
+        for key in ("loss", "mean_s_ap", "mean_s_an", "recall@1"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-6), (key, a, b)
+    different = Trainer(_config(data, tmp_path / "seed1", workers=0, seed=1, **settings), progress=False)
+    different.fit()
+    assert [m.get("loss") for m in _metrics(tmp_path / "seed1")] != [m.get("loss") for m in in_main]

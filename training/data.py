@@ -1,14 +1,15 @@
 """Torch datasets over catalog records: unreadable images are skipped and counted, never fatal."""
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from tqdm import tqdm
 
 from catalog import ImageLoadError, ImageRecord, load_rgb
@@ -61,18 +62,63 @@ class RecordImages(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | Unreadable:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int] | Unreadable:
+        """Image ``item``, or with ``(index, seed)`` (from ``SeededBatches``) its random transform drawn from seed."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         record = self.records[index]
         label = self.class_index[record.label]
         if self.cache is not None and index in self.cache:
             return self.cache[index].float(), label
         try:
-            image = self.transform(load_rgb(record.path))
+            image = load_rgb(record.path)
+            with _seeded_torch_rng(seed):
+                image = self.transform(image)
         except ImageLoadError as error:
             return Unreadable(record.path, error.reason)
         if self.cache is not None:
             self.cache[index] = image.half()
         return image, label
+
+
+class SeededBatches(Sampler):
+    """A batch sampler's batches, each index paired with the seed of its random transform.
+
+    The seeds come from (seed, stream, epoch, batch, position) alone, so the
+    augmentations do not depend on which worker process reads an image or on
+    how many there are. That is what lets one DataLoader with persistent
+    workers serve every epoch while a resumed run still draws the same
+    augmentations as an unbroken one. ``stream`` separates processes (the rank).
+    """
+
+    def __init__(self, batches: Sampler, seed: int, stream: int = 0) -> None:
+        self.batches, self.seed, self.stream, self.epoch = batches, seed, stream, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for number, batch in enumerate(self.batches):
+            seeds = np.random.SeedSequence([self.seed, self.stream, self.epoch, number]).generate_state(len(batch))
+            yield [(int(index), int(seed)) for index, seed in zip(batch, seeds)]
+
+
+@contextlib.contextmanager
+def _seeded_torch_rng(seed: int | None) -> Iterator[None]:
+    """torch's global RNG (which torchvision's random transforms draw from) seeded with ``seed``; in the main
+    process the previous state comes back afterwards. None: leave it alone."""
+    if seed is None:
+        yield
+    elif get_worker_info() is not None:  # a DataLoader worker: its RNG serves nothing else
+        torch.manual_seed(seed)
+        yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
 
 
 def collate_skipping_failures(items: list[tuple[Tensor, int] | Unreadable]) -> Batch:

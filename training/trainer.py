@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import catalog
@@ -33,8 +33,8 @@ from retrieval.preprocessing import Preprocessing
 from training import distributed
 from training.analysis.model_diagram import mean_pairwise_similarity
 from training.config import TrainConfig
-from training.data import (RecordImages, class_index_of, collate_skipping_failures, drop_small_classes,
-                           embed_records)
+from training.data import (RecordImages, SeededBatches, class_index_of, collate_skipping_failures,
+                           drop_small_classes, embed_records)
 from training.htl import ClassTree, build_tree
 from training.knn import knn_for
 from training.losses import TripletStats, build_loss
@@ -136,6 +136,7 @@ class Trainer:
             self._say("note: cache_images is ignored: it needs augment: false and workers: 0")
         self.dataset = RecordImages(self.train_records, self.class_index, transform, cache=cache)
         self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
+        self.loader: DataLoader | None = None  # made at the first epoch; its worker processes serve every epoch
 
         model = build_model(config.arch, config.dim, config.pretrained)
         if config.sync_batchnorm and self.world > 1:
@@ -165,17 +166,20 @@ class Trainer:
     # ---------------------------------------------------------------- running
     def fit(self) -> Path:
         config = self.config
-        for epoch in range(self.start_epoch, config.epochs):
-            if self._tree_due(epoch):
-                self.rebuild_tree(epoch)
-            self._train_epoch(epoch)
-            is_last = epoch == config.epochs - 1
-            if self.is_main:
-                recall = None
-                if self.queries and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
-                    recall = self.evaluate(epoch)
-                self._save_checkpoint(epoch, recall)
-            distributed.barrier()
+        try:
+            for epoch in range(self.start_epoch, config.epochs):
+                if self._tree_due(epoch):
+                    self.rebuild_tree(epoch)
+                self._train_epoch(epoch)
+                is_last = epoch == config.epochs - 1
+                if self.is_main:
+                    recall = None
+                    if self.queries and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
+                        recall = self.evaluate(epoch)
+                    self._save_checkpoint(epoch, recall)
+                distributed.barrier()
+        finally:
+            self.loader = None  # stops its persistent worker processes
         skipped = int(distributed.all_reduce_sum(torch.tensor(self.skipped_images, device=self.device)))
         if skipped:
             self._say(f"skipped {skipped} unreadable training image(s) in all")
@@ -236,14 +240,11 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> None:
         config = self.config
-        self.sampler.set_epoch(epoch)
-        seed = config.seed * 100_003 + epoch + 1_000_003 * self.rank  # each process its own augmentations
-        generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.workers,
-                            collate_fn=collate_skipping_failures, generator=generator,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if config.workers else None)
+        torch.manual_seed(config.seed * 100_003 + epoch + 1_000_003 * self.rank)  # each process its own stream
+        if self.loader is None:
+            self.loader = training_loader(self.dataset, self.sampler, config, self.device, stream=self.rank)
+        self.loader.batch_sampler.set_epoch(epoch)
+        loader = self.loader
         self.model.train()
         bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="it",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True, mininterval=0.5)
@@ -424,6 +425,20 @@ def frozen_batchnorm_statistics(model: torch.nn.Module) -> Iterator[None]:
             module.momentum = momentum
             if counter is not None:
                 module.num_batches_tracked.copy_(counter)
+
+
+def training_loader(dataset: RecordImages, sampler: Sampler, config: TrainConfig, device: torch.device, *,
+                    stream: int = 0) -> DataLoader:
+    """The DataLoader of every training epoch: ``config.workers`` decoding processes that persist across epochs,
+    4 batches prefetched by each, batches pinned for the copy to CUDA. Each image's random crop and flip is drawn
+    from its own seed (``SeededBatches``), so the batches depend on neither the number of workers nor a resume.
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch."""
+    workers = config.workers
+    return DataLoader(dataset, batch_sampler=SeededBatches(sampler, config.seed, stream),
+                      num_workers=workers, collate_fn=collate_skipping_failures,
+                      generator=torch.Generator().manual_seed(config.seed * 1_000_003 + stream),
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers else None)
 
 
 def evaluation_splits(records: list[catalog.ImageRecord]) -> tuple[list, list | None]:
