@@ -117,7 +117,6 @@ def initial_state(args: argparse.Namespace) -> dict[str, float]:
     from training.data import embed_records
     from training.model import build_model
     from training.trainer import evaluation_splits, pick_device, preprocessing_of
-    from training.transforms import eval_transform
 
     config = resolve_config(args.dataset, args.data_root, "unused", overrides=settings(
         args, "sct", {"lr": 0.1}, seed=0, iters=1, validate=False))
@@ -125,8 +124,7 @@ def initial_state(args: argparse.Namespace) -> dict[str, float]:
     device = pick_device(args.device)
     model = build_model(config.arch, config.dim, config.pretrained).to(device)
     queries, _ = evaluation_splits(catalog.read_dataset(args.dataset, args.data_root))
-    embeddings, labels, _ = embed_records(model, sample_by_class(queries, 2000),
-                                          eval_transform(preprocessing_of(config)), device)
+    embeddings, labels, _ = embed_records(model, sample_by_class(queries, 2000), preprocessing_of(config), device)
     return {"recall@1": float(evaluate(embeddings, labels, ks=(1,))["recall@1"]),
             "mean_similarity": mean_pairwise_similarity(embeddings), "chance_recall@1": chance_recall_at_1(labels)}
 

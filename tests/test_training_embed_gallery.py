@@ -193,13 +193,14 @@ def test_embed_records_kept_says_which_record_each_row_is(work) -> None:
     paths.append(str(work["images"] / "missing.png"))
     records = [ImageRecord(path, f"c{i % 2}", "test") for i, path in enumerate(paths)]
     model = EmbeddingNet("resnet18", DIM).eval()
-    transform = eval_transform(preprocessing_of(resolve_config("folder", "unused", "unused", overrides=dict(
-        arch="resnet18", dim=DIM, image_size=SIZE, pretrained="none"))))
-    result = embed_records_kept(model, records, transform, torch.device("cpu"), batch_size=2)
+    spec = preprocessing_of(resolve_config("folder", "unused", "unused", overrides=dict(
+        arch="resnet18", dim=DIM, image_size=SIZE, pretrained="none")))
+    transform = eval_transform(spec)  # the float pipeline, image by image: an independent reference
+    result = embed_records_kept(model, records, spec, torch.device("cpu"), batch_size=2)
     assert result.kept.tolist() == [0, 2, 3, 4, 5]
     assert [failure.path for failure in result.unreadable] == [paths[1], paths[6]]
     assert result.labels.tolist() == [records[i].label for i in result.kept]
-    embeddings, labels, failures = embed_records(model, records, transform, torch.device("cpu"), batch_size=3)
+    embeddings, labels, failures = embed_records(model, records, spec, torch.device("cpu"), batch_size=3)
     assert np.abs(embeddings - result.embeddings).max() <= 1e-5 and labels.tolist() == result.labels.tolist()
     assert failures == [f"cannot load image {paths[1]}: {result.unreadable[0].reason}",
                         f"cannot load image {paths[6]}: file not found"]

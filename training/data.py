@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from tqdm import tqdm
 
 from catalog import ImageLoadError, ImageRecord, load_rgb
+from retrieval.preprocessing import Preprocessing
 from training.precision import autocast
+from training.transforms import Normalizer, eval_pixels
 
 MIN_IMAGES_PER_CLASS = 2  # an anchor needs at least one positive
 
@@ -49,9 +51,10 @@ class Batch:
 class RecordImages(Dataset):
     """Images of ``records`` with integer labels; an unreadable image yields its error instead.
 
-    With ``cache``, each transformed image is kept in memory (as float16) after
-    its first load, which only makes sense for a deterministic transform read
-    in the main process: small datasets trained without augmentation on CPU.
+    With ``cache``, each transformed image is kept in memory as the transform
+    returns it (uint8 pixels from ``training.transforms``) after its first
+    load, which only makes sense for a deterministic transform read in the
+    main process: small datasets trained without augmentation on CPU.
     """
 
     def __init__(self, records: Sequence[ImageRecord], class_index: dict[str, int], transform: Callable,
@@ -68,7 +71,7 @@ class RecordImages(Dataset):
         record = self.records[index]
         label = self.class_index[record.label]
         if self.cache is not None and index in self.cache:
-            return self.cache[index].float(), label
+            return self.cache[index], label
         try:
             image = load_rgb(record.path)
             with _seeded_torch_rng(seed):
@@ -76,7 +79,7 @@ class RecordImages(Dataset):
         except ImageLoadError as error:
             return Unreadable(record.path, error.reason)
         if self.cache is not None:
-            self.cache[index] = image.half()
+            self.cache[index] = image
         return image, label
 
 
@@ -152,29 +155,32 @@ class EmbeddedRecords:
     unreadable: list[Unreadable]  # the records skipped, in input order
 
 
-def embed_records(model: torch.nn.Module, records: Sequence[ImageRecord], transform: Callable, device: torch.device,
-                  *, batch_size: int = 256, workers: int = 0,
+def embed_records(model: torch.nn.Module, records: Sequence[ImageRecord], spec: Preprocessing,
+                  device: torch.device, *, batch_size: int = 256, workers: int = 0,
                   amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Unit embeddings and labels of the readable records, plus the failures."""
-    result = embed_records_kept(model, records, transform, device, batch_size=batch_size, workers=workers,
+    """Unit embeddings and labels of the readable records (preprocessed as ``spec`` says), plus the failures."""
+    result = embed_records_kept(model, records, spec, device, batch_size=batch_size, workers=workers,
                                 amp_dtype=amp_dtype)
     return result.embeddings, result.labels, [str(failure) for failure in result.unreadable]
 
 
 @torch.no_grad()
-def embed_records_kept(model: torch.nn.Module, records: Sequence[ImageRecord], transform: Callable,
+def embed_records_kept(model: torch.nn.Module, records: Sequence[ImageRecord], spec: Preprocessing,
                        device: torch.device, *, batch_size: int = 256, workers: int = 0,
                        amp_dtype: torch.dtype | None = None, prefetch_factor: int | None = None,
                        progress: bool = False, desc: str = "embedding") -> EmbeddedRecords:
     """``embed_records``, also saying which record each row is; optionally with a progress bar (images/s).
 
     The records are read in order (one pass, no shuffling), so the positions of
-    a batch's items follow from the number of items before it. On CUDA the
-    batches are pinned and copied without blocking.
+    a batch's items follow from the number of items before it. Batches travel
+    as uint8 (pinned on CUDA, copied without blocking) and are normalised on
+    the device.
     """
     class_index = class_index_of(records)
     names = np.array(sorted(class_index))
-    loader = DataLoader(RecordImages(records, class_index, transform), batch_size=batch_size, num_workers=workers,
+    normalize = Normalizer(spec)
+    loader = DataLoader(RecordImages(records, class_index, eval_pixels(spec)), batch_size=batch_size,
+                        num_workers=workers,
                         collate_fn=collate_skipping_failures, pin_memory=device.type == "cuda",
                         prefetch_factor=prefetch_factor if workers else None)
     was_training = model.training
@@ -194,7 +200,7 @@ def embed_records_kept(model: torch.nn.Module, records: Sequence[ImageRecord], t
                 continue
             images = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with autocast(device, amp_dtype):
-                output = model(images)
+                output = model(normalize(images))
             embeddings.append(torch.nn.functional.normalize(output.float(), dim=1).cpu().numpy())
             labels.append(names[batch.labels.numpy()])
     model.train(was_training)

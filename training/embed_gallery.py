@@ -33,7 +33,6 @@ from training.export import load_checkpoint_model
 from training.model import EmbeddingNet
 from training.precision import autocast_dtype
 from training.trainer import preprocessing_of
-from training.transforms import eval_transform
 
 #: Least cosine between the torch and the ONNX embedding of a check image, per precision of the torch path.
 FP32_MIN_COSINE = 0.999
@@ -103,7 +102,7 @@ def embed_sources(model: EmbeddingNet, config: TrainConfig, sources: Sequence[So
                   amp_dtype: torch.dtype | None, batch_size: int, workers: int, progress: bool = False,
                   desc: str = "embedding") -> EmbeddedRecords:
     """``training.data.embed_records_kept`` of the sources with the checkpoint's evaluation transform."""
-    return embed_records_kept(model, as_records(sources), eval_transform(preprocessing_of(config)), device,
+    return embed_records_kept(model, as_records(sources), preprocessing_of(config), device,
                               batch_size=batch_size, workers=workers, amp_dtype=amp_dtype,
                               prefetch_factor=4 if workers else None, progress=progress, desc=desc)
 

@@ -41,7 +41,7 @@ from training.losses import TripletStats, build_loss
 from training.model import build_model
 from training.precision import autocast, autocast_dtype
 from training.sampler import HTLBatchSampler, PKBatchSampler
-from training.transforms import eval_transform, train_transform
+from training.transforms import Normalizer, eval_pixels, train_pixels
 
 
 def pick_device(requested: str, index: int | None = None) -> torch.device:
@@ -130,7 +130,8 @@ class Trainer:
         self.class_index = class_index_of(self.train_records)
         labels = [self.class_index[r.label] for r in self.train_records]
         self.sampler = build_sampler(labels, len(self.class_index), config, rank=self.rank, world_size=self.world)
-        transform = train_transform(self.spec) if config.augment else eval_transform(self.spec)
+        transform = train_pixels(self.spec) if config.augment else eval_pixels(self.spec)
+        self.normalize = Normalizer(self.spec)  # the loader's uint8 batches → model input, on the device
         cache = config.cache_images and not config.augment and config.workers == 0
         if config.cache_images and not cache:
             self._say("note: cache_images is ignored: it needs augment: false and workers: 0")
@@ -204,7 +205,7 @@ class Trainer:
     def _build_tree(self, epoch: int) -> ClassTree:
         started = time.perf_counter()
         records = self._tree_records(epoch)
-        embeddings, names, failures = embed_records(self.model, records, eval_transform(self.spec), self.device,
+        embeddings, names, failures = embed_records(self.model, records, self.spec, self.device,
                                                     workers=self.config.workers, amp_dtype=self.amp_dtype)
         self._report_failures(failures)
         labels = np.array([self.class_index[name] for name in names], dtype=np.int64)
@@ -270,7 +271,7 @@ class Trainer:
     def _train_step(self, batch: Any, epoch: int) -> dict[str, Any]:
         images = batch.images.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = self.normalize(images.contiguous(memory_format=torch.channels_last))
         with autocast(self.device, self.amp_dtype):
             embeddings = self.train_model(images)
         if self.gather:
@@ -329,7 +330,7 @@ class Trainer:
 
     def evaluate(self, epoch: int) -> float:
         """Recall@K on unseen data with the metric code of ``sct eval``: leave-one-out, or query → gallery."""
-        embed = functools.partial(embed_records, self.model, transform=eval_transform(self.spec), device=self.device,
+        embed = functools.partial(embed_records, self.model, spec=self.spec, device=self.device,
                                   workers=self.config.workers, amp_dtype=self.amp_dtype)
         query_emb, query_labels, failures = embed(self.queries)
         self._report_failures(failures)

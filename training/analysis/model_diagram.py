@@ -95,7 +95,6 @@ def analyse_checkpoint(checkpoint: Path, *, data_root: str | None = None, max_im
     from training.data import embed_records
     from training.export import load_checkpoint_model
     from training.trainer import evaluation_splits, pick_device, preprocessing_of
-    from training.transforms import eval_transform
 
     model, config = load_checkpoint_model(checkpoint)
     root = data_root or config.data_root
@@ -105,14 +104,14 @@ def analyse_checkpoint(checkpoint: Path, *, data_root: str | None = None, max_im
     shared = bool({r.label for r in train} & {r.label for r in unseen})
     target = pick_device(device)
     model = model.to(target).to(memory_format=torch.channels_last)
-    transform = eval_transform(preprocessing_of(config))
+    spec = preprocessing_of(config)
     panels = []
     for title, split in (("training classes (train split)", train),
                          ("test split, unseen images of the same classes" if shared else "unseen classes (test split)",
                           unseen)):
         if not split:
             continue
-        embeddings, labels, _ = embed_records(model, sample_by_class(split, max_images), transform, target)
+        embeddings, labels, _ = embed_records(model, sample_by_class(split, max_images), spec, target)
         s_ap, s_an = nearest_positive_and_negative(embeddings, labels)
         keep = ~(np.isnan(s_ap) | np.isnan(s_an))
         panels.append(GalleryPanel(title, s_ap[keep], s_an[keep], mean_pairwise_similarity(embeddings),
