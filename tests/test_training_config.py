@@ -58,3 +58,17 @@ def test_the_demo_switched_to_sgd_takes_the_tuned_sgd_settings() -> None:
         assert (config.lr, config.momentum, config.weight_decay) == (0.3, 0.0, 0.0), loss
     assert _resolve("fashion-mnist", loss="shn").lr == DATASET_DEFAULTS["fashion-mnist"]["lr"]  # AdamW untouched
     assert _resolve("cub", loss="shn").lr == pytest.approx(DATASET_DEFAULTS["cub"]["lr"] * SGD_LR_FACTORS["shn"])
+
+
+def test_on_cuda_each_process_gets_its_share_of_the_cpus_as_decoders(monkeypatch) -> None:
+    import training.workers
+
+    monkeypatch.setattr(training.workers, "usable_cpus", lambda: 40)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert _resolve("cub").workers == 16  # capped
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 torchrun processes on this machine
+    assert _resolve("cub").workers == 5
+    assert _resolve("cub", workers=3).workers == 3  # a flag wins
+    assert _resolve("fashion-mnist").workers == DATASET_DEFAULTS["fashion-mnist"]["workers"]  # so does the dataset
+    cpu = resolve_config("cub", "data", "out", cuda_available=False)
+    assert cpu.workers == resolve_config("cub", "data", "out", overrides={"device": "cpu"}).workers == 4

@@ -175,7 +175,7 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=256,
                         help="images per batch (default: %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, metavar="N",
-                        help="image-decoding processes (default: min(8, usable CPUs / processes on this machine); "
+                        help="image-decoding processes (default: min(16, usable CPUs / processes on this machine); "
                              "0: decode in this process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_embed)

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from training.workers import default_workers
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -58,7 +60,7 @@ class TrainConfig:
     val_fraction: float = 0.0  # > 0: hold out this share of the training split and evaluate on it instead of test
     val_by: str = "auto"  # "classes", "images", or "auto" (images when train and test share their classes)
     eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    workers: int = 4
+    workers: int = 4  # on CUDA: min(16, CPUs per process) unless the dataset or you say otherwise
     cache_images: bool = False  # keep preprocessed training images in memory; only with augment: false, workers: 0
     triplets_every: int = 100  # save sampled (S_ap, S_an) pairs every N iterations; 0 = never
     max_iters_per_epoch: int | None = None  # cap for quick runs and tests
@@ -126,6 +128,8 @@ def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str |
     device = (overrides or {}).get("device") or "auto"
     if device == "cpu" or (device == "auto" and not cuda_available):
         settings.update(cpu_settings)
+    else:  # a GPU eats images faster than a few decoders make them: the process's share of the CPUs
+        settings.setdefault("workers", default_workers())
     explicit: dict[str, Any] = _read_yaml(Path(config_file)) if config_file else {}
     explicit.update({k: v for k, v in (overrides or {}).items() if v is not None})
     optimizer = explicit.get("optimizer", settings.get("optimizer", TrainConfig.optimizer))

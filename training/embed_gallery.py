@@ -33,14 +33,13 @@ from training.export import load_checkpoint_model
 from training.model import EmbeddingNet
 from training.precision import autocast_dtype
 from training.trainer import preprocessing_of
+from training.workers import default_workers, processes_on_this_machine
 
 #: Least cosine between the torch and the ONNX embedding of a check image, per precision of the torch path.
 FP32_MIN_COSINE = 0.999
 BF16_MIN_COSINE = 0.99
 #: Images of the shard embedded both ways before the rest are embedded.
 CHECK_IMAGES = 8
-#: Most image-decoding processes by default (per torch process).
-MAX_DEFAULT_WORKERS = 8
 
 Source = tuple[str, str, str | None]  # (path, label, chain), as retrieval.cli.index_sources lists them
 
@@ -61,16 +60,6 @@ class Check:
 def default_shard(environ: Mapping[str, str] = os.environ) -> str:
     """``env`` under torchrun (WORLD_SIZE set), else ``0/1``: one shard holding every image."""
     return "env" if "WORLD_SIZE" in environ else "0/1"
-
-
-def processes_on_this_machine(environ: Mapping[str, str] = os.environ) -> int:
-    """LOCAL_WORLD_SIZE under torchrun, else 1: how many processes share this machine's CPUs."""
-    return max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def default_workers(environ: Mapping[str, str] = os.environ) -> int:
-    """min(8, this process's share of the usable CPUs)."""
-    return max(1, min(MAX_DEFAULT_WORKERS, usable_cpus() // processes_on_this_machine(environ)))
 
 
 def resolve_device(choice: str, environ: Mapping[str, str] = os.environ) -> torch.device:
