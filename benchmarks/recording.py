@@ -26,9 +26,9 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
-def this_command(script: str) -> str:
-    """The command line that ran ``script``, quoted for a Markdown cell."""
-    return "`" + shlex.join(["python", script, *sys.argv[1:]]) + "`"
+def this_command(script: str, args: list[str] | None = None) -> str:
+    """The command line that ran ``script`` (with ``args``, default this process's), quoted for a Markdown cell."""
+    return "`" + shlex.join(["python", script, *(sys.argv[1:] if args is None else args)]) + "`"
 
 
 def append_row(path: Path, header: str, row: list[str]) -> str:

@@ -5,9 +5,9 @@ tensors (``eval_pixels``, ``train_pixels``); ``Normalizer`` turns a batch of
 them into the model's float input on the device. That is the same arithmetic
 as ToTensor + Normalize (÷255, −mean, ÷std), but it moves a quarter of the
 bytes between processes and to the GPU, and takes the float work off the
-decoding processes (1.6–1.8× the loader's images/s on 2 cores; see
-benchmarks/results/gpu_speed.md). ``eval_transform`` is the whole float
-pipeline, for one image at a time.
+decoding processes: 1.5× the training loader's images/s at 256 px on 2
+cores (benchmarks/results/gpu_speed.md). ``eval_transform`` is the whole
+float pipeline, for one image at a time.
 """
 from __future__ import annotations
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 10 in one call on a lent CUDA machine (see /work/.library/device/ for the tool).
+#
+# That machine's Python has torch, torchvision, onnxruntime, scipy, pyyaml, tqdm, pytest and hypothesis, but
+# not faiss or flask. Those travel as wheels in .whl/ (git-ignored), fetched here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       -d .whl faiss-cpu==1.15.1 flask==3.1.3 itsdangerous==2.2.0 blinker==1.9.0 gunicorn==27.0.1
+# (19 MB) and carried with the call:
+#
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=580)
+#
+# It writes everything under $OUT (or ./gpu-out): the GPU tests' log, gpu_speed.md rows, gpu.json and the
+# profiler's table and trace. Copy the rows into benchmarks/results/gpu_speed.md afterwards.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,power.limit --format=csv | tee "$OUT/gpu.txt"
+# 1. the tests that skip without CUDA, and the trainer/embedder tests, on the GPU (the suite's other tests run in CI)
+python3 -m pytest -q -p no:cacheprovider tests/test_training_knn.py tests/test_training_transforms.py \
+    tests/test_training_embed_gallery.py 2>&1 | tee "$OUT/tests.log" | tail -5
+# 2. every speed figure against its same-run baseline
+python3 benchmarks/gpu_speed.py --results "$OUT/gpu_speed.md" --json "$OUT/gpu.json" --profile "$OUT/profile" \
+    2>&1 | tee "$OUT/gpu_speed.log" | tail -12

@@ -1,0 +1,54 @@
+"""benchmarks/gpu_speed.py runs end to end at smoke size on the CPU, so the GPU run it exists for cannot fail
+on a typo; its correctness check (the device's Recall@K against FAISS's) is live."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import gpu_speed
+from retrieval.metrics import evaluate
+
+
+def test_smoke_run_records_every_measurement(tmp_path, capsys):
+    results, numbers = tmp_path / "gpu_speed.md", tmp_path / "out.json"
+    status = gpu_speed.main(["--smoke", "--device", "cpu", "--results", str(results), "--json", str(numbers)])
+    assert status == 0
+    table = results.read_text()
+    assert table.startswith(gpu_speed.HEADER)
+    rows = table[len(gpu_speed.HEADER):].splitlines()
+    measured = [row.split(" | ")[4] for row in rows]
+    assert len(rows) == 7, rows
+    for start in ("train in memory, bf16 + channels_last", "train from JPEG", "the training loader alone",
+                  "embed in memory", "embed from JPEG", "Recall@", "JPEG decode, Pillow"):
+        assert any(m.startswith(start) for m in measured), start
+    assert "equal to FAISS's" in table and "--smoke" in table
+    out = json.loads(numbers.read_text())
+    assert out["knn"]["agree_with_faiss"] is True
+    assert all(rate > 0 for rate in (out["train"]["official"], out["train"]["best_rate"], out["jpeg"]["training"],
+                                     out["jpeg"]["loader_only"], out["embed"]["fp32"], out["embed"]["from_jpeg"]))
+    assert 0 <= out["jpeg"]["wait_fraction"] <= 1
+    # the recorded recall is the one a FAISS evaluation of the same vectors gives
+    args = gpu_speed.parse_args(["--smoke"])
+    vectors, labels = gpu_speed.knn_data(args.knn_items, args.knn_dim)
+    expected = evaluate(vectors, labels, ks=tuple(out["knn"]["ks"]))
+    assert {int(k): v for k, v in out["knn"]["recall"].items()} == {k: expected[f"recall@{k}"] for k in out["knn"]["ks"]}
+    assert "train in memory" in capsys.readouterr().out  # the summary printed last
+
+
+def test_a_device_search_that_disagrees_with_faiss_fails_the_run(tmp_path, monkeypatch):
+    class Wrong(gpu_speed.TorchKnn):
+        def __call__(self, *args, **kwargs):
+            scores, ids = super().__call__(*args, **kwargs)
+            return scores, np.roll(ids, 1, axis=0)  # every query gets another query's neighbours
+
+    monkeypatch.setattr(gpu_speed, "TorchKnn", Wrong)
+    assert gpu_speed.main(["--smoke", "--device", "cpu", "--sections", "knn", "--no-record"]) == 1
+
+
+@pytest.mark.parametrize("argv", [["--sections", "nope"], ["--jpeg-size", "10"]])
+def test_bad_flags_are_refused(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_speed.parse_args(argv)
+    assert exit_info.value.code == 2
