@@ -324,3 +324,33 @@ def test_torchrun_htl_trains_on_rank_zeros_class_tree(tmp_path: Path) -> None:
     assert result.stdout.count("HTL class tree over 4 classes") == 1
     single = Trainer(_config(data, tmp_path / "single", epochs=1, **settings), progress=False).fit()
     _assert_same_run(tmp_path / "ddp", single, lines=4)  # class tree, 2 steps, evaluation
+
+
+@pytest.mark.slow
+def test_torchrun_evaluation_is_shared_and_scores_rank_zeros_model(tmp_path: Path) -> None:
+    """Without --sync-bn the processes' BatchNorm statistics drift apart; each process embeds half of the test
+    images, with rank 0's statistics, and the Recall@K logged is that of rank 0's checkpoint evaluated alone."""
+    from retrieval.metrics import evaluate
+    from training.data import embed_records
+    from training.export import load_checkpoint_model
+    from training.trainer import evaluation_splits, preprocessing_of
+
+    import catalog
+
+    data = _images(tmp_path / "data", classes=8, per_class=5)
+    settings = dict(TRAIN_SETTINGS, sync_batchnorm=False)
+    result = _torchrun(data, tmp_path / "ddp", _write_settings(tmp_path / "settings.yaml", settings), _free_port(),
+                       "--dist-backend", "gloo", "--epochs", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logged = [m for m in _metrics(tmp_path / "ddp") if m.get("type") == "eval"]
+    assert len(logged) == 1 and logged[0]["queries"] == 20  # 4 test classes × 5 images, each counted once
+    model, config = load_checkpoint_model(tmp_path / "ddp" / "last.pt")
+    queries, _ = evaluation_splits(catalog.read_dataset("folder", str(data)))
+    embeddings, labels, _ = embed_records(model, queries, preprocessing_of(config), torch.device("cpu"))
+    expected = evaluate(embeddings, labels, ks=tuple(config.eval_ks))
+    for key in ("recall@1", "recall@2", "map@r"):
+        assert logged[0][key] == pytest.approx(expected[key], abs=1e-9), key
+    unit = embeddings.astype(np.float64)
+    sims = unit @ unit.T
+    mean_similarity = (sims.sum() - np.trace(sims)) / (len(unit) * (len(unit) - 1))
+    assert logged[0]["mean_similarity"] == pytest.approx(mean_similarity, abs=1e-6)

@@ -115,6 +115,14 @@ def broadcast_object(value: Any) -> Any:
     return holder[0]
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics): DDP syncs them before each forward,
+    but each process then updates them with its own share of the batch."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_sizes(rows: int, device: torch.device) -> list[int]:
     """Every process's number of rows, in rank order."""
     if world_size() == 1:

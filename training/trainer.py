@@ -10,7 +10,6 @@ HTL class tree (and hands it to the others) and shows progress; the others wait 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import math
@@ -30,6 +29,7 @@ import catalog
 from retrieval.atomic import atomic_write_bytes, atomic_write_text
 from retrieval.metrics import evaluate
 from retrieval.preprocessing import Preprocessing
+from retrieval.shards import ShardSpec
 from training import distributed
 from training.analysis.model_diagram import mean_pairwise_similarity
 from training.config import TrainConfig
@@ -173,10 +173,10 @@ class Trainer:
                     self.rebuild_tree(epoch)
                 self._train_epoch(epoch)
                 is_last = epoch == config.epochs - 1
+                recall = None
+                if self.queries and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
+                    recall = self.evaluate(epoch)  # every process embeds its share; rank 0 scores
                 if self.is_main:
-                    recall = None
-                    if self.queries and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
-                        recall = self.evaluate(epoch)
                     self._save_checkpoint(epoch, recall)
                 distributed.barrier()
         finally:
@@ -328,18 +328,19 @@ class Trainer:
                  iteration=self.iteration, epoch=epoch)
         atomic_write_bytes(self.run_dir / "triplets" / f"iter_{self.iteration:07d}.npz", buffer.getvalue())
 
-    def evaluate(self, epoch: int) -> float:
-        """Recall@K on unseen data with the metric code of ``sct eval``: leave-one-out, or query → gallery."""
-        embed = functools.partial(embed_records, self.model, spec=self.spec, device=self.device,
-                                  workers=self.config.workers, amp_dtype=self.amp_dtype)
-        query_emb, query_labels, failures = embed(self.queries)
-        self._report_failures(failures)
+    def evaluate(self, epoch: int) -> float | None:
+        """Recall@K on unseen data with the metric code of ``sct eval``: leave-one-out, or query → gallery.
+        With several processes each embeds a slice of the images with rank 0's weights and statistics, and
+        rank 0 scores them all and returns Recall@K; the others return None."""
+        distributed.broadcast_buffers(self.model)
+        query_emb, query_labels = self._embed_shared(self.queries)
+        gallery_emb, gallery_labels = self._embed_shared(self.gallery) if self.gallery is not None else (None, None)
+        if not self.is_main:
+            return None
         knn = knn_for(self.device)  # exact search on the GPU when training there
         if self.gallery is None:
             results = evaluate(query_emb, query_labels, ks=tuple(self.config.eval_ks), knn=knn)
         else:
-            gallery_emb, gallery_labels, failures = embed(self.gallery)
-            self._report_failures(failures)
             results = evaluate(gallery_emb, gallery_labels, ks=tuple(self.config.eval_ks),
                                query_emb=query_emb, query_labels=query_labels, knn=knn)
         results["mean_similarity"] = mean_pairwise_similarity(query_emb)
@@ -353,6 +354,26 @@ class Trainer:
                   "may never escape. Try a larger --lr (SCT's tuned lr is several times SHN's), or for SCT a larger --lam; "
                   "see docs/hard-negatives/README.md.")
         return float(results[f"recall@{self.config.eval_ks[0]}"])
+
+    def _embed_shared(self, records: list[catalog.ImageRecord]) -> tuple[np.ndarray, np.ndarray]:
+        """Unit embeddings and labels of the readable ``records``, in order. With several processes each embeds
+        its contiguous slice, and all of them get every row."""
+        start, stop = ShardSpec(self.rank, self.world).bounds(len(records))
+        embeddings, labels, failures = embed_records(self.model, records[start:stop], self.spec, self.device,
+                                                     workers=self.config.workers, amp_dtype=self.amp_dtype)
+        self._report_failures(failures)
+        if self.world == 1:
+            return embeddings, labels
+        names = sorted({record.label for record in records})
+        code = {name: i for i, name in enumerate(names)}
+        if len(labels):
+            vectors = torch.from_numpy(embeddings).to(self.device)
+        else:  # every image of this slice was unreadable
+            vectors = torch.zeros((0, self.config.dim), device=self.device)
+        vectors, _ = distributed.all_gather_rows(vectors)
+        codes, _ = distributed.all_gather_rows(torch.tensor([code[label] for label in labels], dtype=torch.long,
+                                                            device=self.device))
+        return vectors.cpu().numpy(), np.array(names)[codes.cpu().numpy()]
 
     def _report_failures(self, failures: list[str]) -> None:
         for failure in failures:
