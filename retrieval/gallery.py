@@ -9,15 +9,13 @@ file of the folder (retrieval.index_files), for galleries bigger than RAM.
 
 from __future__ import annotations
 
-import csv
-import io
+import functools
 import json
 import math
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,11 +28,12 @@ from retrieval.atomic import atomic_directory, atomic_file
 from retrieval.embedder import OnnxEmbedder, file_sha256
 from retrieval.index_files import (IVFDATA_FILE, build_ondisk_ivf, gather_rows, log_stage, ondisk_lists,
                                    read_ondisk_index, row_chunks)
+from retrieval.items import (ITEMS_FILE, GalleryItem, GalleryMismatchError, ItemTable,  # noqa: F401 (re-exported)
+                             read_items, write_items)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
-ITEMS_FILE = "items.csv"
 MODEL_FILE = "model.onnx"
 EVAL_FILE = "eval.json"
 INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
@@ -51,20 +50,6 @@ _TRAIN_POINTS_PER_LIST = 256
 _ONDISK_TRAIN_POINTS_PER_LIST = 64
 _RECALL_QUERIES = 1000
 _RECALL_K = 10
-
-
-@dataclass(frozen=True, slots=True)  # slots: a million-item gallery holds a million of these
-class GalleryItem:
-    """One indexed image; ``id`` is its FAISS id and its row in items.csv."""
-
-    id: int
-    path: str
-    label: str
-    chain: str | None = None
-
-
-class GalleryMismatchError(ValueError):
-    """The files of a gallery folder disagree with each other."""
 
 
 def build_gallery(
@@ -149,21 +134,28 @@ class Gallery:
         self,
         directory: Path,
         manifest: dict[str, Any],
-        items: list[GalleryItem],
+        items: Sequence[GalleryItem],
         index: faiss.Index,
         embedder: OnnxEmbedder,
     ) -> None:
         self.directory = directory
         self.name = directory.name
         self.manifest = manifest
-        self.items = items
-        self.labels = np.array([item.label for item in items], dtype=str)
-        has_chains = bool(items) and all(item.chain is not None for item in items)
-        self.chains = np.array([item.chain for item in items], dtype=str) if has_chains else None
+        self.items = items if isinstance(items, ItemTable) else ItemTable.from_items(items)
         self.model_path = directory / MODEL_FILE
         self.index = index
         self.embedder = embedder
         self._search_index = _on_gpu_if_available(index)
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        """Every item's label (numpy str array), made on first use: evaluation needs it, searching does not."""
+        return self.items.label_array()
+
+    @functools.cached_property
+    def chains(self) -> np.ndarray | None:
+        """Every item's chain, or None unless every item has one."""
+        return self.items.chain_array()
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], providers: Sequence[str] | None = None) -> Gallery:
@@ -389,43 +381,6 @@ def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
     if isinstance(index, faiss.IndexFlat) and faiss.get_num_gpus() > 0:
         return faiss.index_cpu_to_all_gpus(index)
     return index
-
-
-def write_items(path: Path, items: Sequence[GalleryItem]) -> None:
-    """Write items.csv: id,path,label, and chain when any item has one."""
-    path.write_text(_items_csv(items), encoding="utf-8")
-
-
-def _items_csv(items: Sequence[GalleryItem]) -> str:
-    with_chain = any(item.chain is not None for item in items)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "path", "label", "chain"] if with_chain else ["id", "path", "label"])
-    for item in items:
-        row = [item.id, item.path, item.label]
-        writer.writerow([*row, item.chain or ""] if with_chain else row)
-    return buffer.getvalue()
-
-
-def read_items(path: Path) -> list[GalleryItem]:
-    """The rows of items.csv, checked; each distinct label and chain is one shared string (millions of items
-    have a few thousand labels)."""
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.reader(file)
-        header = next(reader, [])
-        if header not in (["id", "path", "label"], ["id", "path", "label", "chain"]):
-            raise GalleryMismatchError(f"{ITEMS_FILE} header must be id,path,label[,chain], got {','.join(header)}")
-        items = []
-        shared: dict[str, str] = {}
-        for row_number, row in enumerate(reader):
-            if len(row) != len(header) or row[0] != str(row_number):
-                raise GalleryMismatchError(
-                    f"{ITEMS_FILE} line {row_number + 2} must have {len(header)} fields starting with id {row_number}, "
-                    f"got {row}"
-                )
-            chain = (shared.setdefault(row[3], row[3]) or None) if len(row) == 4 else None
-            items.append(GalleryItem(id=row_number, path=row[1], label=shared.setdefault(row[2], row[2]), chain=chain))
-    return items
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:

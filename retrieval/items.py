@@ -1,0 +1,163 @@
+"""A gallery's items (items.csv): what each FAISS id is, held compactly for galleries of millions.
+
+``ItemTable`` is a read-only sequence of ``GalleryItem`` that keeps columns, not
+objects: the paths in one UTF-8 buffer with their end offsets, and the labels and
+chains as integer codes into their distinct values. A million Hotels-50K-like
+rows take about 90 MiB of resident memory this way, against 243 MiB as a list of
+``GalleryItem`` (benchmarks/item_table.py), and every server worker holds one.
+"""
+from __future__ import annotations
+
+import array
+import csv
+import io
+import operator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ITEMS_FILE = "items.csv"
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One indexed image; ``id`` is its FAISS id and its row in items.csv."""
+
+    id: int
+    path: str
+    label: str
+    chain: str | None = None
+
+
+class GalleryMismatchError(ValueError):
+    """The files of a gallery folder disagree with each other."""
+
+
+class ItemTable(Sequence):
+    """Items 0..N-1 in columns; ``table[i]`` builds the ``GalleryItem`` of row i when asked."""
+
+    def __init__(self, paths: bytes, ends: np.ndarray, labels: Sequence[str], label_codes: np.ndarray,
+                 chains: Sequence[str], chain_codes: np.ndarray | None) -> None:
+        self._paths, self._ends = paths, ends  # path i is paths[ends[i-1]:ends[i]]
+        self._labels, self._label_codes = tuple(labels), label_codes
+        self._chains, self._chain_codes = tuple(chains), chain_codes  # code −1: no chain
+
+    @classmethod
+    def from_items(cls, items: Iterable[GalleryItem]) -> ItemTable:
+        """The table of ``items``, whose ids must be their row numbers."""
+        builder = _Builder(with_chains=True)
+        for row, item in enumerate(items):
+            if item.id != row:
+                raise ValueError(f"item ids must be their row numbers 0..N-1; row {row} has id {item.id}")
+            builder.add(item.path, item.label, item.chain)
+        return builder.table()
+
+    @classmethod
+    def read(cls, path: Path) -> ItemTable:
+        """The rows of items.csv, checked (header, field count, ids 0..N-1)."""
+        with path.open(newline="", encoding="utf-8") as file:
+            reader = csv.reader(file)
+            header = next(reader, [])
+            if header not in (["id", "path", "label"], ["id", "path", "label", "chain"]):
+                raise GalleryMismatchError(f"{ITEMS_FILE} header must be id,path,label[,chain], got {','.join(header)}")
+            builder = _Builder(with_chains=len(header) == 4)
+            for row_number, row in enumerate(reader):
+                if len(row) != len(header) or row[0] != str(row_number):
+                    raise GalleryMismatchError(
+                        f"{ITEMS_FILE} line {row_number + 2} must have {len(header)} fields starting with id "
+                        f"{row_number}, got {row}"
+                    )
+                builder.add(row[1], row[2], (row[3] or None) if len(row) == 4 else None)
+        return builder.table()
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = operator.index(index)
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
+        start = int(self._ends[row - 1]) if row else 0
+        chain = None
+        if self._chain_codes is not None and self._chain_codes[row] >= 0:
+            chain = self._chains[self._chain_codes[row]]
+        return GalleryItem(row, self._paths[start:int(self._ends[row])].decode("utf-8"),
+                           self._labels[self._label_codes[row]], chain)
+
+    def __iter__(self) -> Iterator[GalleryItem]:
+        return (self[row] for row in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # mutable-looking sequences compare by value
+
+    def label_array(self) -> np.ndarray:
+        """Every row's label, as a numpy str array."""
+        return np.array(self._labels, dtype=str)[self._label_codes]
+
+    def chain_array(self) -> np.ndarray | None:
+        """Every row's chain, or None unless every row has one."""
+        if self._chain_codes is None or not len(self) or (self._chain_codes < 0).any():
+            return None
+        return np.array(self._chains, dtype=str)[self._chain_codes]
+
+    def nbytes(self) -> int:
+        """The bytes the columns hold (the distinct labels and chains not counted)."""
+        codes = self._chain_codes.nbytes if self._chain_codes is not None else 0
+        return len(self._paths) + self._ends.nbytes + self._label_codes.nbytes + codes
+
+
+class _Builder:
+    """Appends rows to growable typed arrays (8 + 4 + 4 bytes a row plus the path), then freezes them."""
+
+    def __init__(self, *, with_chains: bool) -> None:
+        self.paths = bytearray()
+        self.ends = array.array("q")
+        self.labels: dict[str, int] = {}
+        self.label_codes = array.array("i")
+        self.chains: dict[str, int] = {}
+        self.chain_codes = array.array("i") if with_chains else None
+
+    def add(self, path: str, label: str, chain: str | None) -> None:
+        self.paths += path.encode("utf-8")
+        self.ends.append(len(self.paths))
+        self.label_codes.append(self.labels.setdefault(label, len(self.labels)))
+        if chain is not None and self.chain_codes is None:  # a chain after chainless rows
+            self.chain_codes = array.array("i", [-1] * (len(self.ends) - 1))
+        if self.chain_codes is not None:
+            self.chain_codes.append(-1 if chain is None else self.chains.setdefault(chain, len(self.chains)))
+
+    def table(self) -> ItemTable:
+        chain_codes = np.frombuffer(self.chain_codes, dtype=np.int32) if self.chain_codes is not None else None
+        return ItemTable(bytes(self.paths), np.frombuffer(self.ends, dtype=np.int64), list(self.labels),
+                         np.frombuffer(self.label_codes, dtype=np.int32), list(self.chains), chain_codes)
+
+
+def read_items(path: Path) -> ItemTable:
+    """The checked rows of items.csv (``ItemTable.read``)."""
+    return ItemTable.read(path)
+
+
+def write_items(path: Path, items: Sequence[GalleryItem]) -> None:
+    """Write items.csv: id,path,label, and chain when any item has one."""
+    path.write_text(_items_csv(items), encoding="utf-8")
+
+
+def _items_csv(items: Sequence[GalleryItem]) -> str:
+    with_chain = any(item.chain is not None for item in items)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "path", "label", "chain"] if with_chain else ["id", "path", "label"])
+    for item in items:
+        row = [item.id, item.path, item.label]
+        writer.writerow([*row, item.chain or ""] if with_chain else row)
+    return buffer.getvalue()
