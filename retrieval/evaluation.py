@@ -59,7 +59,7 @@ def evaluate_gallery(
     if queries is None:
         mode = "leave-one-out"
         chains = {"chain": (gallery.chains, None, CHAIN_KS)} if gallery.chains is not None else None
-        metrics = evaluate(gallery.embeddings(), gallery.labels, ks, extra_labels=chains)
+        metrics = evaluate(gallery.vectors(), gallery.labels, ks, extra_labels=chains)
     else:
         mode = "queries"
         queries = list_image_folder(queries) if isinstance(queries, (str, os.PathLike)) else list(queries)
@@ -73,7 +73,7 @@ def evaluate_gallery(
         if gallery.chains is not None and None not in query_chains:
             chains = {"chain": (gallery.chains, _without_chainless(query_chains), CHAIN_KS)}
         metrics = evaluate(
-            gallery.embeddings(),
+            gallery.vectors(),
             gallery.labels,
             ks,
             query_emb=result.embeddings,

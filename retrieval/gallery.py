@@ -203,11 +203,42 @@ class Gallery:
         return scores, ids.astype(np.int64, copy=False)
 
     def embeddings(self) -> np.ndarray:
-        """The stored vectors [N, d] in id order (for IVF-PQ: their quantised reconstructions)."""
-        ivf = faiss.try_extract_index_ivf(self.index)
+        """The stored vectors [N, d] in id order, all in memory (for IVF-PQ: their quantised reconstructions)."""
+        return self.vectors()[:]
+
+    def vectors(self) -> StoredVectors:
+        """The stored vectors, read from the index only as sliced: what evaluation streams."""
+        return StoredVectors(self.index)
+
+
+class StoredVectors:
+    """An index's vectors [N, d] in id order, read as sliced: ``vectors[a:b]`` or ``vectors[ids]`` (numpy
+    float32). ``retrieval.metrics.evaluate`` reads a gallery this way a block at a time, so galleries whose
+    vectors do not fit in RAM (an on-disk IVF index) can be evaluated."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, index: faiss.Index) -> None:
+        ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
-            ivf.make_direct_map()
-        return self.index.reconstruct_n(0, self.index.ntotal)
+            ivf.make_direct_map()  # id → (list, offset), so vectors can be read by id
+        self.index = index
+        self.shape = (int(index.ntotal), int(index.d))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("StoredVectors slices must be contiguous")
+            return self.index.reconstruct_n(start, max(stop - start, 0))
+        ids = np.ascontiguousarray(key, dtype=np.int64)
+        if ids.ndim != 1 or (len(ids) and (ids.min() < 0 or ids.max() >= len(self))):
+            raise IndexError(f"ids must be a 1-d array within 0..{len(self) - 1}")
+        return self.index.reconstruct_batch(ids)
 
 
 def _read_index(directory: Path, manifest: dict[str, Any]) -> faiss.Index:

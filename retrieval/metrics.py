@@ -4,6 +4,11 @@ Neighbours come from exact inner-product search, done in chunks of queries so
 memory stays O(chunk · depth) instead of the N × N similarity matrix. In
 leave-one-out evaluation a query is removed from its own neighbours by its id,
 not by dropping the first neighbour, because ties and duplicate images happen.
+
+The gallery may also be a row source that is not in memory (``vectors[a:b]``,
+``vectors[ids]``, ``shape``), such as ``Gallery.vectors()`` of an on-disk IVF
+gallery. It is then read ``GALLERY_BLOCK_BYTES`` at a time, and each chunk's
+top-k is merged across blocks, so evaluation works on galleries bigger than RAM.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ import faiss
 import numpy as np
 
 DEFAULT_CHUNK_SIZE = 8192
+#: Gallery vectors read at once when the gallery is not an in-memory array.
+GALLERY_BLOCK_BYTES = 1 << 28
+#: Results (score + id, 12 bytes each) held per query chunk when the gallery is streamed: larger chunks mean
+#: fewer passes over the gallery.
+STREAMED_RESULT_BYTES = 1 << 28
 
 
 def knn_exclude_self(
@@ -23,6 +33,7 @@ def knn_exclude_self(
     depth: int,
     query_ids: np.ndarray | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    block_bytes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``depth`` inner-product neighbours: scores [M, D] float32 and ids [M, D] int64.
 
@@ -30,18 +41,27 @@ def knn_exclude_self(
     out of its results: the search goes one deeper and drops the entry whose
     id is the query's, or the last entry when the query is not among them
     (it can be pushed out by at least depth+1 exact duplicates). D is
-    ``depth``, or fewer when the gallery is smaller.
+    ``depth``, or fewer when the gallery is smaller. A gallery that is not an
+    in-memory array and holds more than ``block_bytes`` (default
+    ``GALLERY_BLOCK_BYTES``) is read a block at a time, once per chunk of queries.
     """
-    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    gallery = _rows(gallery)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     searched = search_depth(gallery, queries, depth, query_ids, chunk_size)
+    rows_per_block = max(1, (block_bytes or GALLERY_BLOCK_BYTES) // (4 * gallery.shape[1]))
+    if not _in_memory(gallery) and len(gallery) <= rows_per_block:  # small enough: read it whole
+        gallery = np.ascontiguousarray(gallery[:], dtype=np.float32)
     exclude = query_ids is not None
     kept = searched - exclude
     scores = np.empty((len(queries), kept), dtype=np.float32)
     ids = np.empty((len(queries), kept), dtype=np.int64)
     for start in range(0, len(queries), chunk_size):
         stop = start + chunk_size
-        chunk_scores, chunk_ids = faiss.knn(queries[start:stop], gallery, searched, metric=faiss.METRIC_INNER_PRODUCT)
+        if _in_memory(gallery):
+            chunk_scores, chunk_ids = faiss.knn(queries[start:stop], gallery, searched,
+                                                metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            chunk_scores, chunk_ids = _knn_by_blocks(queries[start:stop], gallery, searched, rows_per_block)
         if exclude:
             chunk_scores, chunk_ids = drop_self(chunk_scores, chunk_ids, np.asarray(query_ids[start:stop]))
         scores[start:stop] = chunk_scores
@@ -49,11 +69,35 @@ def knn_exclude_self(
     return scores, ids
 
 
+def _in_memory(vectors) -> bool:
+    return isinstance(vectors, np.ndarray) and not isinstance(vectors, np.memmap)
+
+
+def _rows(vectors):
+    """A contiguous float32 array of ``vectors``, unless they are a row source to stream (a memmap, or an object
+    with ``shape`` and slicing that is not an array, like ``Gallery.vectors()``)."""
+    if isinstance(vectors, np.memmap) or (hasattr(vectors, "shape") and not isinstance(vectors, np.ndarray)):
+        return vectors
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _knn_by_blocks(queries: np.ndarray, gallery, searched: int, rows_per_block: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss.knn against each block of ``gallery`` in turn, the top ``searched`` merged (faiss.ResultHeap)."""
+    heap = faiss.ResultHeap(len(queries), searched, keep_max=True)
+    for offset in range(0, len(gallery), rows_per_block):
+        block = np.ascontiguousarray(gallery[offset:offset + rows_per_block], dtype=np.float32)
+        block_scores, block_ids = faiss.knn(queries, block, min(searched, len(block)),
+                                            metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(block_scores, block_ids + offset)
+    heap.finalize()
+    return heap.D, heap.I
+
+
 def search_depth(gallery: np.ndarray, queries: np.ndarray, depth: int, query_ids: np.ndarray | None,
                  chunk_size: int) -> int:
     """Check a kNN call's arguments; the neighbours to search: one more than ``depth`` when the query's own row
     is to be dropped, at most the gallery."""
-    if gallery.ndim != 2 or queries.ndim != 2 or gallery.shape[1] != queries.shape[1]:
+    if len(gallery.shape) != 2 or queries.ndim != 2 or gallery.shape[1] != queries.shape[1]:
         raise ValueError(f"gallery [N, d] and queries [M, d] must agree on d, got {gallery.shape} and {queries.shape}")
     if depth < 1 or chunk_size < 1:
         raise ValueError(f"depth and chunk_size must be at least 1, got {depth} and {chunk_size}")
@@ -110,7 +154,7 @@ def evaluate(
     leave_one_out = query_emb is None
     if leave_one_out != (query_labels is None):
         raise ValueError("give query_emb and query_labels together, or neither for leave-one-out")
-    gallery_emb = np.ascontiguousarray(gallery_emb, dtype=np.float32)
+    gallery_emb = _rows(gallery_emb)
     queries = gallery_emb if leave_one_out else np.ascontiguousarray(query_emb, dtype=np.float32)
     query_labels = gallery_labels if leave_one_out else query_labels
     sizes = (len(gallery_emb), len(queries))
@@ -133,6 +177,8 @@ def evaluate(
     first_hit = [np.full(len(queries), np.inf) for _ in label_sets]  # rank (0-based) of the first correct neighbour
     average_precision = np.zeros(len(queries))
     searched = np.flatnonzero(np.logical_or.reduce(evaluated))
+    if not _in_memory(gallery_emb):  # each chunk reads the whole gallery: make chunks as large as memory allows
+        chunk_size = max(chunk_size, STREAMED_RESULT_BYTES // (12 * (depth + 1)))
     for start in range(0, len(searched), chunk_size):
         rows = searched[start : start + chunk_size]
         _, ids = knn(

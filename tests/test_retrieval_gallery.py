@@ -237,3 +237,29 @@ def test_bad_build_arguments_are_rejected(tmp_path, model):
     with pytest.raises(ValueError, match="nlist"):
         build_gallery(tmp_path / "g", unit_vectors(5), make_items(5), model, dataset="d", split="s", nlist=4)
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("index_type,storage", [("flat", "memory"), ("hnsw", "memory"), ("ivf-flat", "ondisk")])
+def test_stored_vectors_read_slices_and_ids_and_evaluation_streams_them(tmp_path, model, monkeypatch, index_type,
+                                                                         storage):
+    import retrieval.metrics as metrics
+    from retrieval.evaluation import evaluate_gallery
+    from retrieval.metrics import evaluate
+
+    embeddings = unit_vectors(600)
+    ivf = {"nlist": 4, "nprobe": 4} if index_type.startswith("ivf") else {}
+    directory = build_gallery(tmp_path / "g", embeddings, make_items(600), model, dataset="synthetic", split="test",
+                              index_type=index_type, storage=storage, **ivf)
+    gallery = Gallery.load(directory)
+    vectors = gallery.vectors()
+    assert vectors.shape == (600, DIM) and len(vectors) == 600
+    assert np.allclose(vectors[:], embeddings, atol=1e-6)  # flat-storage types keep the vectors exactly
+    assert np.array_equal(vectors[100:250], vectors[:][100:250]) and vectors[598:900].shape == (2, DIM)
+    ids = np.array([5, 599, 0, 5])
+    assert np.allclose(vectors[ids], embeddings[ids], atol=1e-6)
+    with pytest.raises(IndexError):
+        vectors[np.array([600])]
+    expected = evaluate(embeddings, gallery.labels, (1, 2, 4))
+    monkeypatch.setattr(metrics, "GALLERY_BLOCK_BYTES", 4 * DIM * 64)  # 10 blocks of 64 rows
+    results = evaluate_gallery(gallery, ks=(1, 2, 4), progress=False)
+    assert {key: results[key] for key in expected} == expected

@@ -151,3 +151,70 @@ def test_nothing_to_evaluate_is_an_error():
         evaluate(unit_vectors(rng, 4), ["a", "b", "c", "d"])
     with pytest.raises(ValueError, match="together"):
         evaluate(unit_vectors(rng, 4), ["a", "a", "b", "b"], query_emb=unit_vectors(rng, 2))
+
+
+# ------------------------------------------------------------------ galleries streamed from disk
+class CountingRows:
+    """A row source like Gallery.vectors(): shape, slices and id arrays, counting the rows it hands out."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vectors, self.shape, self.rows_read = vectors, vectors.shape, 0
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def __getitem__(self, key):
+        rows = self.vectors[key]
+        self.rows_read += len(rows)
+        return rows.copy()
+
+
+def _clustered(rng: np.random.Generator, count: int, dim: int = 16, per_class: int = 5):
+    labels = rng.integers(0, count // per_class, count)
+    vectors = rng.standard_normal((count // per_class, dim)).astype(np.float32)[labels]
+    vectors += 0.8 * rng.standard_normal((count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), labels
+
+
+def test_a_streamed_gallery_gives_the_in_memory_results(monkeypatch, tmp_path):
+    import retrieval.metrics as metrics
+
+    rng = np.random.default_rng(11)
+    vectors, all_labels = _clustered(rng, 3400)
+    gallery, labels, queries, query_labels = vectors[:3000], all_labels[:3000], vectors[3000:], all_labels[3000:]
+    monkeypatch.setattr(metrics, "GALLERY_BLOCK_BYTES", 4 * 16 * 250)  # blocks of 250 rows
+    monkeypatch.setattr(metrics, "STREAMED_RESULT_BYTES", 12 * 9 * 700)  # query chunks of about 700
+    np.save(tmp_path / "g.npy", gallery)
+    on_disk = np.load(tmp_path / "g.npy", mmap_mode="r")
+    for kwargs in ({}, {"query_emb": queries, "query_labels": query_labels}):
+        expected = evaluate(gallery, labels, ks=(1, 2, 4, 8), **kwargs)
+        source = CountingRows(gallery)
+        assert evaluate(source, labels, ks=(1, 2, 4, 8), **kwargs, chunk_size=64) == expected
+        assert evaluate(on_disk, labels, ks=(1, 2, 4, 8), **kwargs, chunk_size=64) == expected
+        assert 0.2 < expected["recall@1"] < 0.95
+        # whole passes over the gallery, one per query chunk (plus the queries' own rows in leave-one-out)
+        passes, partial = divmod(source.rows_read - (0 if kwargs else expected["queries"]), len(gallery))
+        assert partial == 0 and (passes == 1 if kwargs else passes >= 2)  # 400 queries: one chunk
+    scores, ids = knn_exclude_self(CountingRows(gallery), gallery[:50], 10, query_ids=np.arange(50),
+                                   block_bytes=4 * 16 * 128)
+    expected_scores, expected_ids = knn_exclude_self(gallery, gallery[:50], 10, query_ids=np.arange(50))
+    assert ids.tolist() == expected_ids.tolist() and np.allclose(scores, expected_scores, atol=1e-6)
+
+
+def test_streaming_keeps_memory_far_below_the_gallery(monkeypatch, tmp_path):
+    import tracemalloc
+
+    import retrieval.metrics as metrics
+
+    gallery, labels = _clustered(np.random.default_rng(13), 20_000, dim=256)  # 20 MiB of vectors
+    np.save(tmp_path / "g.npy", gallery)
+    del gallery
+    monkeypatch.setattr(metrics, "GALLERY_BLOCK_BYTES", 1 << 18)
+    monkeypatch.setattr(metrics, "STREAMED_RESULT_BYTES", 1 << 18)
+    on_disk = np.load(tmp_path / "g.npy", mmap_mode="r")
+    tracemalloc.start()
+    results = evaluate(on_disk, labels, ks=(1, 2, 4, 8), chunk_size=256)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert results["queries"] > 15_000
+    assert peak < on_disk.nbytes / 4, f"peak {peak / 2**20:.1f} MiB for {on_disk.nbytes / 2**20:.1f} MiB of vectors"
