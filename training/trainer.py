@@ -4,8 +4,9 @@ With --loss htl, a class tree is built from the current model before the first e
 htl_rebuild_every epochs (training.htl); it sets the loss's margins and the sampler's class groups.
 
 Launched by torchrun, each process trains on its share of every global batch (whole classes, training.sampler)
-under DistributedDataParallel (training.distributed). Rank 0 alone writes the run folder, evaluates, builds the
-HTL class tree (and hands it to the others) and shows progress; the others wait for it at a barrier.
+under DistributedDataParallel (training.distributed). Every process embeds its slice of the evaluation images;
+rank 0 alone scores them, writes the run folder, builds the HTL class tree (and hands it to the others) and
+shows progress; the others wait for it at a barrier.
 """
 from __future__ import annotations
 
