@@ -21,7 +21,7 @@ import numpy as np
 ITEMS_FILE = "items.csv"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: building a gallery of millions lists millions of these
 class GalleryItem:
     """One indexed image; ``id`` is its FAISS id and its row in items.csv."""
 

@@ -40,7 +40,7 @@ class Batch:
 
     @property
     def failures(self) -> list[str]:
-        """"cannot load image PATH: reason" of each image that could not be read."""
+        """Each image that could not be read, as 'cannot load image PATH: reason'."""
         return [str(item) for item in self.unreadable]
 
     def pin_memory(self) -> Batch:
