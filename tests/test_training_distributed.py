@@ -348,8 +348,10 @@ def test_torchrun_evaluation_is_shared_and_scores_rank_zeros_model(tmp_path: Pat
     queries, _ = evaluation_splits(catalog.read_dataset("folder", str(data)))
     embeddings, labels, _ = embed_records(model, queries, preprocessing_of(config), torch.device("cpu"))
     expected = evaluate(embeddings, labels, ks=tuple(config.eval_ks))
+    # Rank 0's statistics or not changes the mean similarity by about 0.04; rounding (1 thread per process there,
+    # other batch sizes) moves it by about 1e-7, and may swap one near-tied neighbour: one query of 20
     for key in ("recall@1", "recall@2", "map@r"):
-        assert logged[0][key] == pytest.approx(expected[key], abs=1e-9), key
+        assert logged[0][key] == pytest.approx(expected[key], abs=1 / 20 + 1e-9), key
     unit = embeddings.astype(np.float64)
     sims = unit @ unit.T
     mean_similarity = (sims.sum() - np.trace(sims)) / (len(unit) * (len(unit) - 1))

@@ -196,19 +196,18 @@ class Trainer:
 
     def rebuild_tree(self, epoch: int) -> ClassTree:
         """Embed the training images with the current model, build the class tree, hand it to the loss and
-        the sampler, and log it as an ``htl_tree`` line of metrics.jsonl. With several processes rank 0 builds it
-        and sends it to the others, so that all of them draw the same global batches."""
-        tree = self._build_tree(epoch) if self.is_main else None
+        the sampler, and log it as an ``htl_tree`` line of metrics.jsonl. With several processes each embeds a
+        slice of the images with rank 0's BatchNorm statistics, and rank 0 builds the tree and sends it to the
+        others, so that all of them draw the same global batches."""
+        started = time.perf_counter()
+        distributed.broadcast_buffers(self.model)
+        embeddings, names = self._embed_shared(self._tree_records(epoch))
+        tree = self._build_tree(epoch, embeddings, names, started) if self.is_main else None
         tree = distributed.broadcast_object(tree)
         self._use_tree(tree)
         return tree
 
-    def _build_tree(self, epoch: int) -> ClassTree:
-        started = time.perf_counter()
-        records = self._tree_records(epoch)
-        embeddings, names, failures = embed_records(self.model, records, self.spec, self.device,
-                                                    workers=self.config.workers, amp_dtype=self.amp_dtype)
-        self._report_failures(failures)
+    def _build_tree(self, epoch: int, embeddings: np.ndarray, names: np.ndarray, started: float) -> ClassTree:
         labels = np.array([self.class_index[name] for name in names], dtype=np.int64)
         m = self.config.htl_neighbours
         tree = build_tree(embeddings, labels, len(self.class_index), levels=self.config.htl_levels,
