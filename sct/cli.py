@@ -21,6 +21,11 @@ The pipeline, in order:
   sct search --index index_data/fashion-mnist query.png --k 10
   sct serve  --index index_data/fashion-mnist
 
+Big galleries on GPUs (torch instead of ONNX Runtime for the embedding; see `sct embed --help`):
+  torchrun --nproc-per-node 8 -m sct embed --checkpoint runs/sop/best.pt --model runs/sop/model.onnx \\
+             --dataset sop --data-root data/sop --out shards/sop
+  sct index  --merge shards/sop --out index_data/sop
+
 Research: figures of the paper from your own runs
   sct report runs/hn runs/shn runs/sct --out reports/hard-negatives
   sct simulate-gradients --loss nca sct --entanglement 0 0.5 1 --out reports/fields
