@@ -14,6 +14,8 @@ Examples:
   sct train --dataset folder --data-root ~/photos --arch resnet18 --epochs 20 --pretrained none --out runs/mine
   sct train --dataset cub --data-root data/CUB_200_2011 --config my.yaml --out runs/cub   # YAML overrides defaults
   sct train --dataset cub --data-root data/CUB_200_2011 --out runs/cub --resume           # continue after a kill
+  sct train --dataset sop --data-root data/Stanford_Online_Products --compile --out runs/sop
+      # GPU: bf16 + channels_last by default; --compile adds torch.compile (a minute or two to compile first)
   sct train --dataset cub --data-root data/CUB_200_2011 --loss shn --val-fraction 0.2 --out runs/tune-shn
       # tune on 20% of the training classes held out, never on the test classes
   sct train --dataset cars --data-root data/cars196 --loss htl --htl-neighbours 4 --out runs/cars-htl
