@@ -27,12 +27,13 @@ from retrieval.cli import index_sources, report_unreadable, reporting_user_error
 from retrieval.embedder import OnnxEmbedder, usable_cpus
 from retrieval.gallery import GalleryItem
 from retrieval.shards import ShardSpec, list_sha256, write_shard
+from training import distributed
 from training.config import TrainConfig
 from training.data import EmbeddedRecords, embed_records_kept
 from training.export import load_checkpoint_model
 from training.model import EmbeddingNet
 from training.precision import autocast_dtype
-from training.trainer import preprocessing_of
+from training.trainer import pick_device, preprocessing_of
 from training.workers import default_workers, processes_on_this_machine
 
 #: Least cosine between the torch and the ONNX embedding of a check image, per precision of the torch path.
@@ -60,19 +61,6 @@ class Check:
 def default_shard(environ: Mapping[str, str] = os.environ) -> str:
     """``env`` under torchrun (WORLD_SIZE set), else ``0/1``: one shard holding every image."""
     return "env" if "WORLD_SIZE" in environ else "0/1"
-
-
-def resolve_device(choice: str, environ: Mapping[str, str] = os.environ) -> torch.device:
-    """cpu, or CUDA GPU LOCAL_RANK (0 outside torchrun); ``auto`` is cuda when present."""
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
-    index = int(environ.get("LOCAL_RANK", "0"))
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK is {index}, but torch sees {torch.cuda.device_count()} GPU(s)")
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
 
 
 def min_cosine_for(amp_dtype: torch.dtype | None) -> float:
@@ -153,7 +141,9 @@ def embed_command(args: argparse.Namespace) -> int:
     sources, dataset, split = index_sources(args)
     start, stop = shard.bounds(len(sources))
     mine = sources[start:stop]
-    device = resolve_device(args.device)
+    device = pick_device(args.device, distributed.local_rank())  # GPU LOCAL_RANK (0 outside torchrun)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(device, args.precision)
     model, config = load_checkpoint_model(args.checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -169,7 +159,7 @@ def embed_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = embed_sources(model, config, mine, device, amp_dtype=amp_dtype, batch_size=args.batch_size,
                            workers=default_workers() if args.workers is None else args.workers,
-                           progress=not args.no_progress and _is_first_process(), desc=f"shard {shard}")
+                           progress=not args.no_progress and distributed.local_rank() == 0, desc=f"shard {shard}")
     seconds = time.perf_counter() - started
     report_unreadable([(failure.path, failure.reason) for failure in result.unreadable])
     items = [GalleryItem(row, *mine[position]) for row, position in enumerate(result.kept.tolist())]
@@ -194,8 +184,3 @@ def _report_check(check: Check | None, args: argparse.Namespace, amp_dtype: torc
     print(f"{args.checkpoint} matches {args.model}: minimum cosine {check.min_cosine:.5f} on {check.images} "
           f"images (torch {precision_name(amp_dtype)}; at least {min_cosine_for(amp_dtype)} required)",
           file=sys.stderr)
-
-
-def _is_first_process(environ: Mapping[str, str] = os.environ) -> bool:
-    """One progress bar per machine under torchrun: LOCAL_RANK 0's."""
-    return environ.get("LOCAL_RANK", "0") == "0"

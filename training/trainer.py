@@ -46,12 +46,17 @@ from training.transforms import Normalizer, eval_pixels, train_pixels
 
 
 def pick_device(requested: str, index: int | None = None) -> torch.device:
-    """The CPU or CUDA device, ``index`` picking the GPU (a distributed run's local rank)."""
+    """The CPU or CUDA device ("auto": CUDA when present), ``index`` picking the GPU (a process's local rank).
+    A request that cannot be met is a ValueError, which the command line reports in one line."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise ValueError("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", index) if index is not None else torch.device("cuda")
+    if index is None:
+        return torch.device("cuda")
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK is {index}, but torch sees {torch.cuda.device_count()} GPU(s)")
+    return torch.device("cuda", index)
 
 
 def preprocessing_of(config: TrainConfig) -> Preprocessing:
