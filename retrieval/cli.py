@@ -17,6 +17,7 @@ from retrieval.evaluation import evaluate_gallery, format_table, save_eval
 from retrieval.gallery import (EVAL_FILE, INDEX_TYPES, STORAGES, Gallery, GalleryItem, build_gallery,
                                check_index_options, read_manifest)
 from retrieval.image_folder import list_image_folder
+from retrieval.image_roots import check_indexable
 from retrieval.shards import ShardSpec, list_sha256, merge_shards, write_shard
 
 #: The split that is the gallery, per dataset; "test" for the others.
@@ -188,7 +189,7 @@ def index_command(args: argparse.Namespace) -> int:
     if args.shard:
         _refuse_options(args, _GALLERY_OPTIONS, "a shard holds vectors only; choose the index when merging")
     shard = ShardSpec.parse(args.shard) if args.shard else None
-    sources, dataset, split = index_sources(args)
+    sources, dataset, split, root = index_sources(args)
     start, stop = shard.bounds(len(sources)) if shard else (0, len(sources))
     embedder = OnnxEmbedder(args.model, providers=_rank_providers() if args.shard == "env" else None)
     what = f"{len(sources):,} images of {dataset} {split}".rstrip()
@@ -200,7 +201,7 @@ def index_command(args: argparse.Namespace) -> int:
     if shard:
         folder = write_shard(args.out, shard, result.embeddings, items, args.model, total_images=len(sources),
                              image_list_sha256=list_sha256(sources), unreadable=len(result.failures),
-                             dataset=dataset, split=split)
+                             dataset=dataset, split=split, image_roots=[root])
         print(f"wrote shard {shard} to {folder}: {len(items):,} items; once all {shard.count} are written: "
               f"sct index --merge {args.out} --out GALLERY")
         return 0
@@ -208,22 +209,28 @@ def index_command(args: argparse.Namespace) -> int:
         raise ValueError("none of the images could be read; nothing to index")
     with _build_stages_on_stderr():
         out = build_gallery(args.out, result.embeddings, items, args.model, dataset=dataset, split=split,
-                            **gallery_options)
+                            image_roots=[root], **gallery_options)
     return _print_summary(out)
 
 
-def index_sources(args: argparse.Namespace) -> tuple[list[tuple[str, str, str | None]], str, str]:
-    """(path, label, chain) of every image to index, in order; the dataset name; the split."""
+def index_sources(args: argparse.Namespace) -> tuple[list[tuple[str, str, str | None]], str, str, str]:
+    """(path, label, chain) of every image to index, in order; the dataset name; the split; the resolved root
+    folder (--data-root or --images) that every image was checked to lie in (retrieval.image_roots)."""
     if args.dataset:
         if not args.data_root:
             raise ValueError("--dataset needs --data-root")
         split = args.split or GALLERY_SPLITS.get(args.dataset, "test")
         records = catalog.read_dataset(args.dataset, args.data_root)
         print(catalog.summarize(records), file=sys.stderr)
-        return [(r.path, r.label, r.chain) for r in catalog.select_split(records, split)], args.dataset, split
-    if args.data_root or args.split:
-        raise ValueError("--data-root and --split go with --dataset, not --images")
-    return [(path, label, None) for path, label in list_image_folder(args.images)], IMAGE_FOLDER, ""
+        sources = [(r.path, r.label, r.chain) for r in catalog.select_split(records, split)]
+        dataset, root = args.dataset, os.path.realpath(args.data_root)
+    else:
+        if args.data_root or args.split:
+            raise ValueError("--data-root and --split go with --dataset, not --images")
+        sources = [(path, label, None) for path, label in list_image_folder(args.images)]
+        dataset, split, root = IMAGE_FOLDER, "", os.path.realpath(args.images)
+    check_indexable([path for path, _, _ in sources], root)
+    return sources, dataset, split, root
 
 
 def _refuse_options(args: argparse.Namespace, names: Sequence[str], reason: str) -> None:
@@ -296,7 +303,7 @@ def search_command(args: argparse.Namespace) -> int:
     unreadable = 0
     for path in args.images:
         try:
-            image = catalog.load_rgb(path)
+            image = catalog.load_rgb(path, min_side=gallery.embedder.preprocessing.decode_side)
         except catalog.ImageLoadError as exc:
             print(f"error: {exc}", file=sys.stderr)
             unreadable += 1

@@ -24,14 +24,17 @@ import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
+from retrieval import probe
 from retrieval.atomic import atomic_directory, atomic_file
 from retrieval.embedder import OnnxEmbedder, file_sha256
+from retrieval.image_roots import folder_of
 from retrieval.index_files import (IVFDATA_FILE, build_ondisk_ivf, gather_rows, log_stage, ondisk_lists,
                                    read_ondisk_index, row_chunks)
 from retrieval.items import (ITEMS_FILE, GalleryItem, GalleryMismatchError, ItemTable,  # noqa: F401 (re-exported)
                              read_items, write_items)
 
-FORMAT_VERSION = 1
+#: 2: image_roots and probe_embedding in the manifest (and image_roots in shard.json).
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 MODEL_FILE = "model.onnx"
@@ -41,7 +44,8 @@ INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
 #: (memory-mapped).
 STORAGES = ("memory", "ondisk")
 _IVF_TYPES = ("ivf-flat", "ivf-pq")
-_MANIFEST_KEYS = ("format_version", "model_sha256", "embedding_dim", "count", "faiss_factory", "metric")
+_MANIFEST_KEYS = ("model_sha256", "embedding_dim", "count", "faiss_factory", "metric", "image_roots",
+                  "probe_embedding")
 _HNSW_NEIGHBORS = 32
 _HNSW_EF_SEARCH = 128
 #: k-means training points per IVF list: all of them up to 256 (FAISS's own cap) in memory; on disk a
@@ -65,6 +69,7 @@ def build_gallery(
     nlist: int | None = None,
     nprobe: int | None = None,
     seed: int = 0,
+    image_roots: Sequence[str | os.PathLike[str]] | None = None,
 ) -> Path:
     """Write a gallery folder atomically and return its path.
 
@@ -74,7 +79,11 @@ def build_gallery(
     only) the blocks are read a part at a time and never stacked, so they may
     exceed RAM. Non-flat indexes record their Recall@10 against exact search in
     the manifest (``recall_at_10_vs_exact``). ``nlist``/``nprobe`` tune the IVF
-    types; by default nlist ≈ 4·√N and nprobe = nlist / 8.
+    types; by default nlist ≈ 4·√N and nprobe = nlist / 8. ``image_roots`` are
+    the folders the items' image files lie in, the only ones a server reads
+    them from (retrieval.image_roots); by default the one folder holding all of
+    them. The manifest also keeps the model's embedding of the probe image
+    (retrieval.probe), by which ``Gallery.load`` recognises the model.
     """
     blocks = _check_embeddings(embeddings, items)
     count, dim = len(items), blocks[0].shape[1]
@@ -92,6 +101,9 @@ def build_gallery(
         "dataset": dataset,
         "split": split,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "image_roots": sorted({os.path.realpath(root) for root in image_roots} if image_roots is not None
+                              else {folder_of(item.path for item in items)}),
+        "probe_embedding": _probe_embedding(model_path),
     }
     index = None if storage == "ondisk" else _make_index(_stack(blocks), factory, nlist, nprobe, seed=seed)
     out_dir = Path(out_dir)
@@ -186,10 +198,12 @@ class Gallery:
             raise GalleryMismatchError(f"{INDEX_FILE} maps its own ids (IndexIDMap); a gallery's FAISS ids must be "
                                        f"the rows of {ITEMS_FILE}")
         embedder = OnnxEmbedder(directory / MODEL_FILE, providers=providers)
-        embedding_width, map_width = _output_widths(embedder)
+        probe_embedding, probe_map = _probe_outputs(embedder)
         _check_agree("embedding dimension", manifest_dim, (f"{MODEL_FILE} embedding dim", embedder.dim),
-                     (f"{MODEL_FILE} embedding output width", embedding_width),
-                     (f"{MODEL_FILE} feature_map output width", map_width))
+                     (f"{MODEL_FILE} embedding output width", len(probe_embedding)),
+                     (f"{MODEL_FILE} feature_map output width", probe_map.shape[-1]),
+                     (f"{MANIFEST_FILE} probe_embedding length", len(manifest["probe_embedding"])))
+        _check_probe(manifest["probe_embedding"], probe_embedding)
         return cls(directory, manifest, items, index, embedder)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,19 +278,39 @@ def _read_index(directory: Path, manifest: dict[str, Any]) -> faiss.Index:
     return index
 
 
-def _output_widths(embedder: OnnxEmbedder) -> tuple[int, int]:
-    """The widths of the model's two outputs on one blank image.
+def _probe_outputs(embedder: OnnxEmbedder) -> tuple[np.ndarray, np.ndarray]:
+    """The model's embedding [d] and feature map [Z, d] of the probe image (retrieval.probe).
 
-    The metadata's embedding_dim is cross-checked with the graph's output
-    shape only when that shape is static; a model with a symbolic width that
-    outputs another size would pass, and then fail every search.
+    Their widths are checked against the manifest: the metadata's embedding_dim
+    is cross-checked with the graph's output shape only when that shape is
+    static, and a model with a symbolic width that outputs another size would
+    pass, then fail every search.
     """
-    size = embedder.preprocessing.image_size
     try:
-        embeddings, maps = embedder.embed_pixels_with_maps(np.zeros((1, 3, size, size), dtype=np.float32))
+        embeddings, maps = embedder.embed_pixels_with_maps(probe.probe_pixels(embedder.preprocessing))
     except Exception as exc:  # onnxruntime's errors derive from Exception only
-        raise GalleryMismatchError(f"{MODEL_FILE} fails on a {size}×{size} input: {exc}") from None
-    return int(embeddings.shape[-1]), int(maps.shape[-1])
+        size = embedder.preprocessing.image_size
+        raise GalleryMismatchError(f"{embedder.model_path.name} fails on a {size}×{size} input: {exc}") from None
+    return embeddings[0], maps[0]
+
+
+def _probe_embedding(model_path: str | os.PathLike[str]) -> list[float]:
+    """The model's embedding of the probe image, on the CPU (the reference any provider is compared with)."""
+    embedding, _ = _probe_outputs(OnnxEmbedder(model_path, providers=["CPUExecutionProvider"]))
+    return [round(value, 6) for value in embedding.tolist()]
+
+
+def _check_probe(stored: list[float], embedding: np.ndarray) -> None:
+    """Refuse a model.onnx that embeds the probe image otherwise than the model the gallery was built with:
+    one swapped in with its sha256 edited into the manifest to match."""
+    stored_vector, embedding = np.asarray(stored, dtype=np.float64), embedding.astype(np.float64)
+    cosine = float(stored_vector @ embedding / (np.linalg.norm(stored_vector) * np.linalg.norm(embedding)))
+    if not cosine >= probe.MIN_COSINE:  # NaN included
+        raise GalleryMismatchError(
+            f"{MODEL_FILE} is not the model that built this gallery: the cosine between its embedding of the probe "
+            f"image and {MANIFEST_FILE} probe_embedding is {cosine:.4f}, at least {probe.MIN_COSINE} expected "
+            f"(rebuild the gallery with `sct index` if the model was replaced on purpose)"
+        )
 
 
 def _check_embeddings(embeddings: np.ndarray | Sequence[np.ndarray], items: Sequence[GalleryItem]) -> list[np.ndarray]:
@@ -423,13 +457,22 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise GalleryMismatchError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise GalleryMismatchError(f"{path} must hold a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:  # before the keys: older formats lack some
+        raise GalleryMismatchError(
+            f"{MANIFEST_FILE} format_version is {manifest.get('format_version')!r}; this version reads "
+            f"{FORMAT_VERSION}: rebuild the gallery with `sct index`"
+        )
     missing = [key for key in _MANIFEST_KEYS if key not in manifest]
     if missing:
         raise GalleryMismatchError(f"{MANIFEST_FILE} lacks {', '.join(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise GalleryMismatchError(
-            f"{MANIFEST_FILE} format_version is {manifest['format_version']!r}; this version reads {FORMAT_VERSION}"
-        )
+    roots = manifest["image_roots"]
+    if not isinstance(roots, list) or not roots or not all(isinstance(r, str) and os.path.isabs(r) for r in roots):
+        raise GalleryMismatchError(f"{MANIFEST_FILE} image_roots must be a non-empty list of absolute folders, "
+                                   f"got {str(roots)[:200]}")
+    probe_values = manifest["probe_embedding"]
+    if not isinstance(probe_values, list) or not all(type(v) in (int, float) for v in probe_values):
+        raise GalleryMismatchError(f"{MANIFEST_FILE} probe_embedding must be a list of numbers, "
+                                   f"got {str(probe_values)[:200]}")
     if manifest["metric"] != "inner_product":
         raise GalleryMismatchError(f"{MANIFEST_FILE} metric is {manifest['metric']!r}, expected 'inner_product'")
     if manifest.get("storage", "memory") not in STORAGES:  # galleries written before storage existed lack it

@@ -10,7 +10,8 @@ items.csv, same vectors, same search results.
 A shard folder (``shard-IIIII-of-NNNNN``)::
 
     shard.json       format_version, shard, shards, images {start, stop, total, list_sha256},
-                     count, unreadable, model_sha256, embedding_dim, dataset, split, created
+                     count, unreadable, model_sha256, embedding_dim, dataset, split, created,
+                     image_roots (the resolved data root; the merged gallery's image_roots are their union)
     embeddings.npy   float32 [count, d], unit vectors of the readable images of the slice
     items.csv        id,path,label[,chain] with ids counted from 0 in this shard
     model.onnx       the model that embedded them
@@ -99,12 +100,14 @@ def write_shard(
     unreadable: int = 0,
     dataset: str,
     split: str,
+    image_roots: Sequence[str],
 ) -> Path:
     """Write ``parent/shard-IIIII-of-NNNNN`` atomically and return it.
 
     ``items`` (ids 0..count-1) and the rows of ``embeddings`` are the readable
     images of slice ``shard.bounds(total_images)`` of the list identified by
-    ``image_list_sha256`` (see ``list_sha256``).
+    ``image_list_sha256`` (see ``list_sha256``), lying in the folders
+    ``image_roots`` (see ``build_gallery``).
     """
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or len(items) != len(embeddings):
@@ -122,6 +125,7 @@ def write_shard(
         "dataset": dataset,
         "split": split,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "image_roots": sorted({os.path.realpath(root) for root in image_roots}),
     }
     folder = Path(parent) / shard.folder_name
     with atomic_directory(folder) as staging:
@@ -170,7 +174,8 @@ def read_shard(directory: str | os.PathLike[str]) -> Shard:
         raise ShardMismatchError(f"{directory / SHARD_FILE} is not valid JSON: {exc}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ShardMismatchError(f"shard {directory}: format_version is {meta.get('format_version')!r}; "
-                                 f"this version reads {FORMAT_VERSION}")
+                                 f"this version reads {FORMAT_VERSION}: write the shard again with `sct index "
+                                 f"--shard` or `sct embed`")
     shard = Shard(directory, meta)
     model_sha = file_sha256(directory / MODEL_FILE)
     if model_sha != meta["model_sha256"]:
@@ -241,7 +246,8 @@ def merge_shards(
 
     Ids are the rows of the items of shard 0, then shard 1, and so on. The
     shards' vectors are memory-mapped; with ``storage="ondisk"`` they are read
-    a part at a time and never all held in memory.
+    a part at a time and never all held in memory. The gallery's image roots
+    are those of all the shards.
     """
     folders = shard_folders(shard_dirs)
     out = Path(out_dir).resolve()
@@ -265,4 +271,5 @@ def merge_shards(
         storage=storage,
         nlist=nlist,
         nprobe=nprobe,
+        image_roots=[root for shard in shards for root in shard.meta["image_roots"]],
     )

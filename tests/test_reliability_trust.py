@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import catalog
+import webapp.item_files
 from benchmarks.load_test import build_color_gallery
 from retrieval.embedder import file_sha256
 from retrieval.gallery import Gallery, GalleryMismatchError
@@ -257,11 +256,9 @@ def spied(pristine, tmp_path, monkeypatch):
     (pristine.parent / "secret.txt").write_text("TOP-SECRET-MARKER")
     app = create_app([pristine])
     opened: list[Path] = []
-    api_module = importlib.import_module("webapp.api")  # `webapp.api` is the package's blueprint
-    send_file, load_rgb = api_module.send_file, catalog.load_rgb
-    monkeypatch.setattr(api_module, "send_file",
-                        lambda path, *a, **k: opened.append(Path(path)) or send_file(path, *a, **k))
-    monkeypatch.setattr(catalog, "load_rgb", lambda path: opened.append(Path(path)) or load_rgb(path))
+    open_image_file = webapp.item_files.open_image_file  # the one opener of gallery files (images, heatmaps)
+    monkeypatch.setattr(webapp.item_files, "open_image_file",
+                        lambda path, roots: opened.append(Path(path)) or open_image_file(path, roots))
     client = app.test_client()
     item_files = {Path(item.path).resolve() for item in Gallery.load(pristine).items}
     request = search_form(Path(next(iter(item_files))).read_bytes(), k="2")

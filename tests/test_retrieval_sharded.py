@@ -149,7 +149,8 @@ def write_test_shards(
         items = [GalleryItem(local, f"img/{start + local}.jpg", f"class {(start + local) % 7}")
                  for local in range(stop - start)]
         folders.append(write_shard(parent, shard, vectors[start:stop], items, model, total_images=len(vectors),
-                                   image_list_sha256=sha, dataset="synthetic", split="test"))
+                                   image_list_sha256=sha, dataset="synthetic", split="test",
+                                   image_roots=[str(Path("img").resolve())]))
     return folders
 
 

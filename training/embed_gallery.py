@@ -138,7 +138,7 @@ def embed_command(args: argparse.Namespace) -> int:
     for flag, path in (("--checkpoint", args.checkpoint), ("--model", args.model)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} does not exist")
-    sources, dataset, split = index_sources(args)
+    sources, dataset, split, root = index_sources(args)
     start, stop = shard.bounds(len(sources))
     mine = sources[start:stop]
     device = pick_device(args.device, distributed.local_rank())  # GPU LOCAL_RANK (0 outside torchrun)
@@ -168,7 +168,7 @@ def embed_command(args: argparse.Namespace) -> int:
     embeddings = result.embeddings if items else np.zeros((0, config.dim), np.float32)
     folder = write_shard(args.out, shard, embeddings, items, args.model, total_images=len(sources),
                          image_list_sha256=list_sha256(sources), unreadable=len(result.unreadable),
-                         dataset=dataset, split=split)
+                         dataset=dataset, split=split, image_roots=[root])
     rate = len(mine) / max(seconds, 1e-9)
     print(f"wrote shard {shard} to {folder}: {len(items):,} items; {len(mine):,} images in {seconds:.1f} s "
           f"({rate:,.0f} images/s); once all {shard.count} are written: sct index --merge {args.out} --out GALLERY")
