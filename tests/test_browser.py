@@ -101,3 +101,51 @@ def test_an_expired_pair_link_shows_an_error_page(server, page):
     response = page.goto(server + "/pair?query=expired&item=0")
     assert response.status == 404
     assert "unknown or expired query id" in page.locator("#error-message").inner_text()
+
+
+def test_the_pages_work_under_their_content_security_policy(server, page, tmp_path):
+    """Search, pair view, evaluation and the restored search raise no CSP violation; inline code is blocked."""
+    query = tmp_path / "query.png"
+    query.write_bytes(png_bytes(color=(30, 40, 210), size=(40, 30)))
+    blocked = []  # Chromium reports each violation in the console too
+
+    def on_console(message) -> None:
+        if "Content Security Policy" in message.text:
+            blocked.append(message.text)
+
+    page.on("console", on_console)
+    page.add_init_script("document.addEventListener('securitypolicyviolation', event =>"
+                         " (window.violations ||= []).push(`${event.violatedDirective} ${event.blockedURI}`))")
+
+    def violations() -> list[str]:
+        return page.evaluate("window.violations || []") + blocked
+
+    page.goto(server + "/")
+    page.set_input_files("#image-input", str(query))
+    page.wait_for_function(f"[...document.querySelectorAll('#results img')].every({LOADED})")
+    assert page.locator("#results a.result").count() == 6 and violations() == []
+
+    page.locator("#results a.result").first.click()
+    page.wait_for_url("**/pair?**")
+    page.wait_for_function(f"['#query-heatmap', '#item-heatmap'].every(s => ({LOADED})(document.querySelector(s)))")
+    assert violations() == []
+
+    page.click("#evaluation-link")
+    page.wait_for_function(f"({LOADED})(document.querySelector('#recall-curve'))")
+    assert violations() == []
+
+    page.go_back()
+    page.go_back()  # the restored search shows its query from a data: URL
+    page.wait_for_function(f"({LOADED})(document.querySelector('#preview'))")
+    assert page.locator("#results a.result").count() == 6 and violations() == []
+
+    ran = page.evaluate("""() => {
+        const script = document.createElement("script");
+        script.textContent = "window.inlineRan = true";
+        document.body.append(script);
+        return window.inlineRan === true;
+    }""")
+    assert not ran
+    page.wait_for_function("(window.violations || []).length > 0")
+    assert violations()[0].startswith("script-src")
+    page.remove_listener("console", on_console)

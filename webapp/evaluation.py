@@ -41,6 +41,10 @@ _MANIFEST_FACTS = (
 )
 
 
+#: The drawn Recall@K picture of each gallery folder, with the (inode, mtime_ns, size) of its eval.json.
+_drawn_curves: dict[Path, tuple[tuple[int, int, int], bytes]] = {}
+
+
 @dataclass(frozen=True)
 class RecallCurve:
     name: str  # "" for the gallery's labels, else e.g. "chain" (Hotels-50K)
@@ -54,7 +58,9 @@ def read_eval(directory: Path) -> dict[str, Any] | None:
         results = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:  # its strerror, without the path: the message is shown to web clients
+        raise ValueError(f"{EVAL_FILE} of gallery {directory.name!r} cannot be read: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{EVAL_FILE} of gallery {directory.name!r} cannot be read: {exc}") from None
     if not isinstance(results, dict) or not recall_curves(results):
         raise ValueError(f"{EVAL_FILE} of gallery {directory.name!r} holds no recall@K values")
@@ -87,7 +93,31 @@ def manifest_rows(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     return [(label, _FORMATS.get(key, str)(manifest[key])) for key, label in _MANIFEST_FACTS if key in manifest]
 
 
-def recall_curve_png(results: dict[str, Any]) -> bytes:
+def recall_curve_png(directory: Path) -> bytes | None:
+    """The Recall@K picture of the gallery folder's eval.json; None and ValueError as read_eval.
+
+    Drawing it takes a quarter of a second of CPU, so each folder's picture is
+    kept until its eval.json is another file or changed: by inode, mtime and
+    size. A file replaced between the stat and the read is drawn again at the
+    next request, as its stamp then differs from the one kept.
+    """
+    try:
+        status = (directory / EVAL_FILE).stat()
+    except FileNotFoundError:
+        return None
+    stamp = (status.st_ino, status.st_mtime_ns, status.st_size)
+    kept = _drawn_curves.get(directory)
+    if kept is not None and kept[0] == stamp:
+        return kept[1]
+    results = read_eval(directory)
+    if results is None:
+        return None
+    png = _draw_recall_curve(results)
+    _drawn_curves[directory] = (stamp, png)
+    return png
+
+
+def _draw_recall_curve(results: dict[str, Any]) -> bytes:
     """Recall@K against K (log scale when K spans a factor of 8 or more), one line per label kind."""
     figure = Figure(figsize=(6.4, 3.4), dpi=144, layout="constrained")
     axes = figure.add_subplot()

@@ -39,16 +39,14 @@ def pair():
 def evaluation():
     served = settings()
     name, gallery = served.gallery(request.args.get("index"), unknown_status=404)
-    directory = served.indexes[name].directory
     try:
-        results, problem = read_eval(directory), None
+        results, problem = read_eval(served.indexes[name].directory), None
     except ValueError as exc:
         results, problem = None, str(exc)
     return render_template(
         "evaluation.html",
         name=name,
         names=list(served.indexes),
-        directory=directory,
         model_sha256=gallery.manifest["model_sha256"],
         facts=manifest_rows(gallery.manifest),
         results=results,
