@@ -188,7 +188,7 @@ class OnnxEmbedder:
         )
 
     def _load_and_preprocess(self, path: str | os.PathLike[str]) -> np.ndarray:
-        return preprocess(catalog.load_rgb(path), self.preprocessing)
+        return preprocess(catalog.load_rgb(path, min_side=self.preprocessing.decode_side), self.preprocessing)
 
     def _run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         return self.session.run(outputs, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})

@@ -21,6 +21,10 @@ from PIL import Image
 
 RESIZE_RULE = "resize_shorter_bilinear_then_center_crop"
 _METADATA_KEYS = ("image_size", "resize_size", "mean", "std", "resize_rule")
+#: Images are decoded down to no less than this many times the resize target (catalog.decode_rgb's ``min_side``),
+#: so that the bilinear resize still filters over several decoded pixels. Measured on a noisy 12-megapixel image,
+#: the model input then differs from a full decode's by 0.2/255 on average at 256 px and 4/255 at 32 px.
+DECODE_MARGIN = 4
 #: Beyond this many pixels (48 MiB of RGB) a resize covers only the centre crop: see _resized_center.
 _MAX_RESIZED_PIXELS = 1 << 24
 
@@ -41,6 +45,11 @@ class Preprocessing:
             raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be positive, got {self.std}")
+
+    @property
+    def decode_side(self) -> int:
+        """The shorter side worth decoding an image to for this preprocessing (``min_side`` of catalog's loaders)."""
+        return DECODE_MARGIN * self.resize_size
 
     def to_metadata(self) -> dict[str, str]:
         """The ONNX ``metadata_props`` entries that describe this preprocessing."""

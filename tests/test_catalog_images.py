@@ -256,3 +256,69 @@ def test_decode_rgb_rejects_too_many_pixels_before_decoding():
 def test_decode_rgb_pillow_bomb_limit_still_applies():
     with pytest.raises(ImageLoadError, match="decompression bomb"):
         decode_rgb(_png_header_only(50_000, 50_000), max_pixels=10**12)
+
+
+# --- decoding only what the model needs (min_side) ------------------------------------------------------------
+
+
+def _jpeg(width: int, height: int, **params) -> bytes:
+    rng = np.random.default_rng(width)
+    coarse = rng.integers(0, 256, (height // 50 + 2, width // 50 + 2, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(coarse).resize((width, height), Image.BILINEAR).save(buffer, "JPEG", quality=90, **params)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_by_draft_to_no_less_than_min_side():
+    data = _jpeg(4000, 3000)
+    image = decode_rgb(data, min_side=300)
+    assert min(image.size) >= 300 and image.size[0] * image.size[1] < 4000 * 3000 / 16
+    full = np.asarray(decode_rgb(data).resize(image.size, Image.BOX)).astype(int)
+    assert np.abs(np.asarray(image).astype(int) - full).mean() < 3  # the same picture, at lower resolution
+
+
+def test_max_pixels_applies_to_what_is_decoded():
+    data = _jpeg(4000, 3000)  # 12 megapixels, 1.5 after draft at 1/2 for a shorter side of 1000
+    with pytest.raises(ImageLoadError, match="exceeds the limit of 10,000,000"):
+        decode_rgb(data, max_pixels=10_000_000)
+    assert decode_rgb(data, max_pixels=10_000_000, min_side=1000).size == (2000, 1500)
+
+
+def test_a_16_bit_image_is_reduced_like_the_block_mean_of_its_8_bit_levels():
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 65536, (240, 360), dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, "PNG")
+    image = decode_rgb(buffer.getvalue(), min_side=40)  # factor 6: 240 // 40
+    assert image.size == (60, 40)
+    blocks = values.astype(np.float64).reshape(40, 6, 60, 6).mean(axis=(1, 3))
+    expected = np.rint(blocks / 257)
+    assert np.abs(np.asarray(image)[..., 0] - expected).max() <= 1
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_to_the_reduced_image(orientation):
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(orientation)
+    pixels = rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", exif=exif)
+    image = decode_rgb(buffer.getvalue(), min_side=30)  # factor 4
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        expected = ImageOps.exif_transpose(opened.convert("RGB")).reduce(4)
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_palette_and_bilevel_images_are_reduced_after_conversion():
+    rng = np.random.default_rng(5)
+    rgb = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    for image in (rgb.convert("P"), rgb.convert("1")):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        reduced = decode_rgb(buffer.getvalue(), min_side=16)
+        assert reduced.size == (24, 16) and reduced.mode == "RGB"
+        expected = image.convert("RGB").reduce(4)
+        np.testing.assert_array_equal(np.asarray(reduced), np.asarray(expected))
