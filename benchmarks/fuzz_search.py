@@ -101,7 +101,8 @@ class Fuzzer:
     def check_ranking(self, request, answer: dict) -> None:
         assert request.image is not None, f"{request.kind} answered 200"
         k = int(request.k) if request.k is not None and request.k.strip() else DEFAULT_K
-        query = self.embedder.embed_images([decode_rgb(request.image)])[0]
+        spec = self.embedder.preprocessing
+        query = self.embedder.embed_images([decode_rgb(request.image, min_side=spec.decode_side)])[0]
         scores = self.embeddings @ query
         expected = np.argsort(-scores, kind="stable")[: min(k, len(scores))].tolist()
         ids = [result["id"] for result in answer["results"]]
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     max_upload_bytes = int(args.max_upload_mb * (1 << 20))
 
-    corpus = image_corpus(args.seed)
+    corpus = image_corpus(args.seed, photos=True)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         model, embeddings, _ = build_color_gallery(root, root / "colors", per_class=8)

@@ -232,7 +232,8 @@ def queries_for(model: Path, embeddings: np.ndarray, labels: Sequence[str], k: i
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, "PNG" if number % 2 else "JPEG", quality=95)
         data = buffer.getvalue()
-        scores = embeddings @ embedder.embed_images([decode_rgb(data)])[0]
+        image = decode_rgb(data, min_side=embedder.preprocessing.decode_side)  # as the server decodes it
+        scores = embeddings @ embedder.embed_images([image])[0]
         top = np.argsort(-scores, kind="stable")[:k]
         queries.append(Query(data, top.tolist(), [labels[i] for i in top]))
     return queries

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from tests.photos import photo_corpus
+from webapp import MAX_FORM_FIELD_BYTES
+
 #: Formats that need an external program or handler to read (EPS: Ghostscript) or that Pillow only stubs.
 _UNREADABLE_FORMATS = {"EPS", "BUFR", "GRIB", "HDF5", "WMF", "PDF"}
 _MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "I;16B", "F")
@@ -64,8 +67,9 @@ class HostileRequest:
 # --- the image corpus ----------------------------------------------------------------------------------------
 
 
-def image_corpus(seed: int = 0) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every Pillow-writable format × mode that saves, and the special cases."""
+def image_corpus(seed: int = 0, *, photos: bool = False) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every Pillow-writable format × mode that saves, and the special cases; with ``photos``,
+    also the photos of realistic sizes (0.1 to 15 MB) of tests/photos.py, for fuzzing a server's real limits."""
     Image.init()
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
@@ -80,7 +84,8 @@ def image_corpus(seed: int = 0) -> list[tuple[str, bytes]]:
                     corpus.append((f"{fmt}/{mode}", _encoded(image, fmt)))
                 except (OSError, ValueError, KeyError, TypeError):
                     continue  # this format cannot store this mode
-    return corpus + special_images(seed)
+    realistic = [(f"photo {photo.name}", photo.data) for photo in photo_corpus()] if photos else []
+    return corpus + special_images(seed) + realistic
 
 
 def special_images(seed: int = 0) -> list[tuple[str, bytes]]:
@@ -312,7 +317,7 @@ def broken_structure(rng: random.Random, image: bytes, max_upload_bytes: int, ca
         parts = [(f"f{i}", None, None, b"x") for i in range(rng.randint(17, 2000))]
         body, content_type = multipart([("image", b"q.png", "image/png", image), *parts]), multipart_type
     elif case == "huge text field":
-        parts = [("image", b"q.png", "image/png", image), ("k", None, None, b"7" * rng.randint(65 << 10, 200 << 10))]
+        parts = [("image", b"q.png", "image/png", image), ("k", None, None, b"7" * rng.randint(MAX_FORM_FIELD_BYTES + 1, MAX_FORM_FIELD_BYTES + (32 << 10)))]
         body, content_type = multipart(parts), multipart_type
     elif case == "oversized body":
         padding = max_upload_bytes + rng.randint(1, 4096)

@@ -98,7 +98,7 @@ def test_a_gallery_rebuilt_by_sct_index_under_load_is_swapped_in_without_a_failu
     expected = {}
     embedder = OnnxEmbedder(setup["model"])
     for query in queries:
-        vector = embedder.embed_images([decode_rgb(query.image)])[0]
+        vector = embedder.embed_images([decode_rgb(query.image, min_side=embedder.preprocessing.decode_side)])[0]
         new_ids = np.argsort(-(new_embeddings @ vector), kind="stable")[:K].tolist()
         expected[query.image] = (query.expected_ids, new_ids)
 

@@ -86,7 +86,8 @@ def assert_correct(served, request, status, content_type, body) -> dict:
         name = request.index or "colors"
         k = DEFAULT_K if request.k is None or not request.k.strip() else int(request.k)
         gallery = served["embeddings"][name]
-        query = served["embedder"].embed_images([catalog.decode_rgb(request.image, max_pixels=MAX_PIXELS)])[0]
+        query = served["embedder"].embed_images([catalog.decode_rgb(
+            request.image, max_pixels=MAX_PIXELS, min_side=served["embedder"].preprocessing.decode_side)])[0]
         scores = gallery @ query
         expected = np.argsort(-scores, kind="stable")[: min(k, len(gallery))]
         assert [r["id"] for r in answer["results"]] == expected.tolist(), (request.kind, answer)
@@ -197,7 +198,7 @@ EXPECTED_STRUCTURE_ERRORS = {
     "many images": (400, "one image per search"),
     "many parts": (413, "form too large: at most 16 parts"),
     "huge text field": (413, "form too large"),
-    "oversized body": (413, "upload too large: the limit is 262,144 bytes"),
+    "oversized body": (413, "upload too large: the limit is 262,144 bytes per image"),
 }
 
 

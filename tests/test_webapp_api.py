@@ -78,7 +78,8 @@ def post_search(client, data: bytes | None = None, filename="q.png", **fields):
 
 
 def _brute_force(served, name: str, data: bytes, k: int) -> tuple[np.ndarray, np.ndarray]:
-    query = served["embedder"].embed_images([decode_rgb(data)])[0]
+    embedder = served["embedder"]
+    query = embedder.embed_images([decode_rgb(data, min_side=embedder.preprocessing.decode_side)])[0]
     scores = served["galleries"][name] @ query
     ids = np.argsort(-scores, kind="stable")[:k]
     return ids, scores[ids]

@@ -17,17 +17,23 @@ from flask import Flask
 
 from webapp.api import api
 from webapp.cache import LruCache
-from webapp.errors import drain_refused_bodies, register_error_handlers
+from webapp.compute import ComputePool
+from webapp.errors import FORM_OVERHEAD_BYTES, drain_refused_bodies, register_error_handlers
 from webapp.metrics import Metrics, count_requests
 from webapp.pages import pages
 from webapp.pair_api import pair_api
+from webapp.security import install_security
 from webapp.served import SearchSettings, load_indexes
 
 MiB = 1 << 20
 #: A search form has three parts (image, k, index) of which two are short text fields; werkzeug parses
 #: every part before a handler runs, so a request of thousands of parts is refused (413) up front.
 MAX_FORM_PARTS = 16
-MAX_FORM_FIELD_BYTES = 64 << 10
+#: The largest text field kept in memory. Werkzeug's multipart decoder counts against this limit its whole buffer:
+#: the next 64 KiB read plus the bytes of a file part held back because they might begin a boundary (up to a
+#: boundary line, at most 8 KiB behind gunicorn's header limit). At 64 KiB, the limit refused every upload whose
+#: bytes happened to put a CR or LF near the end of a read: most photos over a megabyte.
+MAX_FORM_FIELD_BYTES = 256 << 10
 
 
 def create_app(
@@ -40,6 +46,8 @@ def create_app(
     kept_queries: int = 128,
     query_ttl_s: float = 15 * 60,
     cached_items: int = 64,
+    allowed_hosts: Sequence[str] = (),
+    compute_slots: int = 2,
 ) -> Flask:
     """Build the Flask app serving the galleries in ``index_dirs``; the first is the default.
 
@@ -48,17 +56,21 @@ def create_app(
     served when a gallery is missing or inconsistent. Afterwards each gallery
     follows its folder being rebuilt (webapp.live). Each worker keeps the
     latest ``kept_queries`` searches for ``query_ttl_s`` seconds, for their
-    heatmaps, and the views of ``cached_items`` gallery items.
+    heatmaps, and the views of ``cached_items`` gallery items. At most
+    ``compute_slots`` requests decode, embed or draw at once (webapp.compute). Requests must name
+    the server by an IP address, localhost, the machine's name or one of
+    ``allowed_hosts`` (webapp.security).
     """
     if not 1 <= default_k <= max_k:
         raise ValueError(f"default_k must be between 1 and max_k = {max_k}, got {default_k}")
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
+    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes + FORM_OVERHEAD_BYTES
     app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES
     metrics = Metrics()
+    compute = ComputePool(compute_slots)
     app.extensions["sct"] = SearchSettings(
-        indexes=load_indexes(index_dirs),
+        indexes=load_indexes(index_dirs, compute),
         default_k=default_k,
         max_k=max_k,
         max_pixels=max_pixels,
@@ -66,6 +78,7 @@ def create_app(
         queries=LruCache(kept_queries, query_ttl_s),
         item_views=LruCache(cached_items, query_ttl_s),
         metrics=metrics,
+        compute=compute,
     )
     app.register_blueprint(pages)
     app.register_blueprint(api)
@@ -73,6 +86,7 @@ def create_app(
     register_error_handlers(app)
     drain_refused_bodies(app)
     count_requests(app, metrics)
+    install_security(app, allowed_hosts)
     return app
 
 

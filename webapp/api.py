@@ -14,19 +14,21 @@ the default; ``heatmap_url`` and ``pair_url`` carry the search's ``query_id``
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
-from flask import Blueprint, Response, jsonify, request, send_file, url_for
+from flask import Blueprint, Response, jsonify, request, url_for
 
 import catalog
 from retrieval.gallery import Gallery
 from retrieval.preprocessing import preprocess
-from webapp.errors import ApiError, quoted
-from webapp.evaluation import read_eval, recall_curve_png
+from webapp.errors import ApiError, quoted, size_text
+from webapp.evaluation import recall_curve_png
+from webapp.item_files import item_image_response
 from webapp.metrics import milliseconds
 from webapp.pairs import keep_query, view_of
-from webapp.served import item_file, settings
+from webapp.served import settings
 
 api = Blueprint("api", __name__)
 
@@ -44,19 +46,18 @@ def search():
     k = _parse_k(request.form.get("k"))
     name, gallery = served.gallery(request.form.get("index"), unknown_status=400)
 
-    timings: dict[str, float] = {}
-    with served.metrics.timed("decode", timings):
-        try:
-            image = catalog.decode_rgb(upload.read(), max_pixels=served.max_pixels)
-        except catalog.ImageLoadError as exc:
-            raise ApiError(400, f"cannot read the uploaded image: {exc.reason}") from None
-    with served.metrics.timed("embed", timings):  # preprocessing + the model, as in `sct index`
-        pixels = preprocess(image, gallery.embedder.preprocessing)
-        embeddings, maps = gallery.embedder.embed_pixels_with_maps(pixels[None])
-    with served.metrics.timed("search", timings):
-        scores, ids = _search_one_thread(gallery, embeddings, k)
+    data = upload.read(served.max_upload_bytes + 1)
+    if len(data) > served.max_upload_bytes:
+        raise ApiError(413, f"upload too large: the limit is {size_text(served.max_upload_bytes)} per image")
+    try:
+        query = served.compute.run(embed_and_search, data, gallery, k, served.max_pixels)
+    except catalog.ImageLoadError as exc:
+        raise ApiError(400, f"cannot read the uploaded image: {exc.reason}") from None
+    timings = query.timings
+    for stage, seconds in timings.items():
+        served.metrics.observe(stage, seconds)
     with served.metrics.timed("render", timings):
-        query_id = keep_query(name, view_of(pixels, embeddings[0], maps[0], gallery))
+        query_id = keep_query(name, view_of(query.pixels, query.embeddings[0], query.maps[0], gallery))
         results = [
             {
                 "id": item_id,
@@ -66,7 +67,7 @@ def search():
                 "heatmap_url": url_for("pair_api.heatmap", query=query_id, item=item_id, index=name),
                 "pair_url": url_for("pages.pair", query=query_id, item=item_id, index=name),
             }
-            for score, item_id in zip(scores[0].tolist(), ids[0].tolist())
+            for score, item_id in zip(query.scores[0].tolist(), query.ids[0].tolist())
             if item_id >= 0  # FAISS pads with -1 when an approximate index finds fewer than k
         ]
     timings["total"] = time.perf_counter() - started
@@ -81,33 +82,38 @@ def search():
 @api.get("/api/items/<int:item_id>/image")
 def item_image(item_id: int):
     name, gallery = settings().gallery(request.args.get("index"), unknown_status=404)
-    if item_id >= len(gallery.items):
-        raise ApiError(404, f"no item {item_id} in gallery {name!r} ({len(gallery.items)} items)")
-    path = item_file(gallery.items[item_id])  # from items.csv only, never from the request
-    if not path.is_file():
-        raise ApiError(404, f"the image file of item {item_id} in gallery {name!r} is missing")
-    return send_file(path)
+    return item_image_response(name, gallery, item_id)
 
 
 @api.get("/api/evaluation/recall.png")
 def recall_curve():
     name, _ = settings().gallery(request.args.get("index"), unknown_status=404)
     try:
-        results = read_eval(settings().indexes[name].directory)
+        png = recall_curve_png(settings().indexes[name].directory)
     except ValueError as exc:
         raise ApiError(404, str(exc)) from None
-    if results is None:
+    if png is None:
         raise ApiError(404, f"gallery {name!r} has no eval.json yet; create it with `sct eval --index DIR`")
-    return Response(recall_curve_png(results), mimetype="image/png")
+    response = Response(png, mimetype="image/png")
+    response.add_etag()
+    response.cache_control.no_cache = True  # the URL stays when eval.json is rebuilt: revalidate by ETag
+    return response.make_conditional(request)
 
 
 @api.get("/healthz")
 def healthz():
-    indexes = []
+    """"ok", or "degraded" (still HTTP 200: every gallery is still served) with each problem, for monitoring."""
+    indexes, problems = [], []
     for name, live in settings().indexes.items():
         manifest = live.current().manifest
         indexes.append({"name": name, "count": int(manifest["count"]), "model_sha256": manifest["model_sha256"],
                         "dim": int(manifest["embedding_dim"])})
+        problem = live.problem
+        if problem is not None:
+            indexes[-1]["problem"] = problem
+            problems.append(f"{name}: {problem}")
+    if problems:
+        return jsonify(status="degraded", problems=problems, indexes=indexes)
     return jsonify(status="ok", indexes=indexes)
 
 
@@ -116,6 +122,34 @@ def metrics():
     served = settings()
     return jsonify(**served.metrics.snapshot(), queries_kept=len(served.queries),
                    item_views_cached=len(served.item_views))
+
+
+@dataclass(frozen=True)
+class SearchedQuery:
+    """An uploaded query decoded, embedded and searched, with the seconds each stage took."""
+
+    pixels: np.ndarray  # the model input [3, S, S]
+    embeddings: np.ndarray  # [1, d]
+    maps: np.ndarray  # [1, Z, d]
+    scores: np.ndarray  # [1, k]
+    ids: np.ndarray  # [1, k]
+    timings: dict[str, float]
+
+
+def embed_and_search(data: bytes, gallery: Gallery, k: int, max_pixels: int) -> SearchedQuery:
+    """Decode (no more pixels than the model needs), embed and search one upload; runs in a compute slot."""
+    spec = gallery.embedder.preprocessing
+    started = time.perf_counter()
+    image = catalog.decode_rgb(data, max_pixels=max_pixels, min_side=spec.decode_side)
+    decoded = time.perf_counter()
+    pixels = preprocess(image, spec)  # preprocessing + the model, as in `sct index`
+    del image
+    embeddings, maps = gallery.embedder.embed_pixels_with_maps(pixels[None])
+    embedded = time.perf_counter()
+    scores, ids = _search_one_thread(gallery, embeddings, k)
+    searched = time.perf_counter()
+    timings = {"decode": decoded - started, "embed": embedded - decoded, "search": searched - embedded}
+    return SearchedQuery(pixels, embeddings, maps, scores, ids, timings)
 
 
 def _search_one_thread(gallery: Gallery, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import ipaddress
 import sys
 
 from retrieval.gallery import GalleryMismatchError
 from flask import Flask
 
 from webapp import MiB, create_app
-from webapp.server import serve_with_gunicorn
 
 EPILOG = """\
 Examples:
@@ -18,14 +18,15 @@ Examples:
   sct serve --index index_data/cub --index index_data/cars --port 8080
   sct serve --index index_data/sop --host 0.0.0.0 --max-upload-mb 32   # reachable from other hosts
   sct serve --index index_data/sop --workers 4 --threads 2              # more processes on a bigger machine
+  sct serve --index index_data/sop --host 0.0.0.0 --allowed-host search.example.org   # served under a name
 
   The first --index is the default gallery; each is named after its folder.
 
-`sct serve` runs the app under gunicorn (threaded workers). The same with
-gunicorn's own command line, e.g. under a process manager:
-  gunicorn -w 2 -b 127.0.0.1:5000 'webapp:create_app(["index_data/NAME"])'
-With --threads, also pass -k webapp.server.QuitSafeThreadWorker, the worker `sct serve`
-uses: gunicorn's own threaded worker can hang when stopped with Ctrl+C.
+`sct serve` runs the app under gunicorn with gevent workers: slow or stalled
+clients hold a greenlet, not a thread, so they cannot take the server down
+(docs/RELIABILITY.md). The same with gunicorn's own command line, e.g. under a
+process manager, needs that worker class and its timeouts:
+  gunicorn -w 2 -k webapp.server.SlowClientSafeWorker --keep-alive 5 --no-control-socket -b 127.0.0.1:5000 'webapp:create_app(["index_data/NAME"])'
 """
 
 
@@ -50,7 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-upload-mb", type=float, default=16, metavar="MB", help="largest accepted upload in MiB (default: %(default)s)"
     )
     parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=4, help="threads per worker (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="searches each worker decodes and embeds at once, in as many threads; each may hold "
+                             "one decoded upload of up to 40 megapixels (default: %(default)s)")
+    parser.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="a host name the server may be reached by, besides IP addresses, localhost and this machine's name "
+        "(other Host headers are refused, against DNS rebinding); .example.org allows that domain and its "
+        "subdomains, * any name; repeat for several",
+    )
     parser.add_argument("--dev-server", action="store_true", help="use Flask's development server instead of gunicorn")
     parser.set_defaults(func=serve)
 
@@ -64,7 +73,8 @@ def serve(args: argparse.Namespace) -> int:
             return 2
 
     def factory() -> Flask:
-        return create_app(args.index, max_upload_bytes=int(args.max_upload_mb * MiB))
+        return create_app(args.index, max_upload_bytes=int(args.max_upload_mb * MiB),
+                          allowed_hosts=args.allowed_host, compute_slots=args.threads)
 
     try:
         app = factory()  # load once here, so a bad gallery is reported before any worker starts
@@ -74,6 +84,10 @@ def serve(args: argparse.Namespace) -> int:
     names = ", ".join(app.extensions["sct"].indexes)
     print(f"serving {names} at http://{args.host}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr, flush=True)
     if args.dev_server:
+        if not is_loopback(args.host):
+            print(f"warning: Flask's development server on {args.host} is reachable from other hosts, and one "
+                  "client sending slowly can block it; drop --dev-server to serve with gunicorn",
+                  file=sys.stderr, flush=True)
         app.run(host=args.host, port=args.port, threaded=True)
     else:
         # Free the check's ONNX Runtime sessions here, before gunicorn forks: a forked worker that inherits a
@@ -81,5 +95,17 @@ def serve(args: argparse.Namespace) -> int:
         # hangs destroying it at exit, and each shutdown then waited for the master's 30 s timeout.
         del app
         gc.collect()
-        serve_with_gunicorn(factory, host=args.host, port=args.port, workers=args.workers, threads=args.threads)
+        from webapp.server import serve_with_gunicorn  # gunicorn and gevent: only where it serves
+
+        serve_with_gunicorn(factory, host=args.host, port=args.port, workers=args.workers)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

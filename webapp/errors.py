@@ -6,6 +6,11 @@ from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
 
+#: Room in a request body for the form around an image of the largest accepted size (boundaries, part headers,
+#: the ``k`` and ``index`` fields), so that an image of exactly the limit is accepted.
+FORM_OVERHEAD_BYTES = 64 << 10
+
+
 class ApiError(Exception):
     """A request the API refuses: ``status`` is the HTTP status, ``message`` says what was wrong."""
 
@@ -41,7 +46,7 @@ def register_error_handlers(app: Flask) -> None:
             parts, field = app.config["MAX_FORM_PARTS"], app.config["MAX_FORM_MEMORY_SIZE"]
             return error_response(413, f"form too large: at most {parts} parts and {field:,} bytes per text "
                                        "field; send one image in the file field 'image'")
-        return error_response(413, f"upload too large: the limit is {_size(limit)}")
+        return error_response(413, f"upload too large: the limit is {size_text(limit - FORM_OVERHEAD_BYTES)} per image")
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
@@ -77,7 +82,7 @@ def drain_refused_bodies(app: Flask) -> None:
         return response
 
 
-def _size(count: int) -> str:
+def size_text(count: int) -> str:
     return f"{count / (1 << 20):.3g} MiB" if count >= 1 << 20 else f"{count:,} bytes"
 
 

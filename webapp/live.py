@@ -1,12 +1,17 @@
 """A served gallery folder that follows ``sct index`` rebuilding it in place, without a restart.
 
-``sct index`` replaces a gallery folder atomically (retrieval.atomic), so a new
-manifest.json file appears exactly when a whole new gallery does. Each request
-stats that file (microseconds); when it is not the file loaded, one request
-thread loads the new folder while the others keep serving the old gallery.
-The new gallery then replaces the old by a single reference swap: a request
-holds the ``Gallery`` it started with until it ends, so nothing in flight
-fails. A new folder that does not load is logged and the old gallery stays.
+``sct index`` replaces a gallery folder atomically (retrieval.atomic), so its
+files all change at once. Each request stats the files a gallery is loaded
+from (microseconds); when they are not the files loaded, one request loads
+the new folder (in a compute slot) while the others keep serving the old
+gallery. The new gallery then replaces the old by a single reference swap: a
+request holds the ``Gallery`` it started with until it ends, so nothing in
+flight fails.
+
+A folder that no longer loads (a broken rebuild, a file edited or deleted in
+place) is logged, the last good gallery keeps serving, and ``problem`` says
+what is wrong, for ``/healthz`` to report the gallery as degraded, until a
+good folder replaces it.
 """
 
 from __future__ import annotations
@@ -14,53 +19,73 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
-from retrieval.gallery import MANIFEST_FILE, Gallery
+from retrieval.gallery import INDEX_FILE, MANIFEST_FILE, MODEL_FILE, Gallery
+from retrieval.index_files import IVFDATA_FILE
+from retrieval.items import ITEMS_FILE
 
 log = logging.getLogger(__name__)
 
-#: What identifies one manifest.json file: a rebuilt folder's has a new inode.
-Stamp = tuple[int, int, int, int]
+#: The files a gallery is loaded from (IVFDATA_FILE only for on-disk indexes).
+_GALLERY_FILES = (MANIFEST_FILE, INDEX_FILE, ITEMS_FILE, MODEL_FILE, IVFDATA_FILE)
+#: What identifies one version of a gallery folder: (device, inode, mtime, size) of each of its files, or None
+#: while it is being swapped or is missing its manifest.
+Stamp = tuple[tuple[int, int, int, int] | None, ...]
+Runner = Callable[..., Any]
 
 
 class LiveGallery:
     """The latest good version of the gallery in ``directory``; ``current()`` is the one to serve now."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], run: Runner = lambda function, *args: function(*args)) -> None:
         self.directory = Path(directory)
         self.name = self.directory.resolve().name
-        self._stamp = _manifest_stamp(self.directory)
+        self._run = run
+        self._stamp = _folder_stamp(self.directory)
         self._gallery = _load(self.directory)  # errors here are fatal: nothing to fall back on
+        self._problem: str | None = None
         self._reloading = threading.Lock()
 
     def current(self) -> Gallery:
         """The gallery to serve this request with, reloaded first if the folder was rebuilt."""
-        if _manifest_stamp(self.directory) not in (None, self._stamp) and self._reloading.acquire(blocking=False):
+        if _folder_stamp(self.directory) != self._stamp and self._reloading.acquire(blocking=False):
             try:
                 self._reload()
             finally:
                 self._reloading.release()
         return self._gallery
 
+    @property
+    def problem(self) -> str | None:
+        """Why the folder on disk is not what is served (None when it is): checked now, so a deleted or
+        half-replaced folder shows even before a request tries to reload it."""
+        self.current()
+        stamp = _folder_stamp(self.directory)
+        if stamp is None:
+            return f"{self.directory.name}/{MANIFEST_FILE} is missing (being replaced, or deleted)"
+        return self._problem if stamp == self._stamp else None
+
     def _reload(self) -> None:
-        stamp = _manifest_stamp(self.directory)
-        if stamp is None or stamp == self._stamp:  # another thread reloaded it meanwhile
+        stamp = _folder_stamp(self.directory)
+        if stamp is None or stamp == self._stamp:  # being swapped, or another request reloaded it meanwhile
             return
         try:
-            gallery = _load(self.directory)
+            gallery = self._run(_load, self.directory)
         except Exception as exc:  # whatever breaks the new folder (mismatch, bad model), the old one keeps serving
-            if _manifest_stamp(self.directory) == stamp:  # else it was replaced again meanwhile: retry that one
+            if _folder_stamp(self.directory) == stamp:  # else it was replaced again meanwhile: retry that one
                 self._stamp = stamp
-                log.error("gallery %s was rebuilt but does not load; still serving the previous one: %s",
+                self._problem = f"the gallery folder no longer loads, still serving the previous version: {exc}"
+                log.error("gallery %s changed on disk but does not load; still serving the previous one: %s",
                           self.name, exc)
             return
-        if _manifest_stamp(self.directory) != stamp:
+        if _folder_stamp(self.directory) != stamp:
             return  # replaced again while loading, so possibly read half old, half new: the next request retries
-        self._gallery = gallery
-        self._stamp = stamp
+        self._gallery, self._stamp, self._problem = gallery, stamp, None
         log.info("gallery %s reloaded: %d items, model %s", self.name, len(gallery.items),
                  gallery.manifest["model_sha256"][:12])
 
@@ -73,10 +98,16 @@ def _load(directory: Path) -> Gallery:
     return gallery
 
 
-def _manifest_stamp(directory: Path) -> Stamp | None:
-    """Device, inode, mtime and size of manifest.json; None while the folder is being swapped (or is gone)."""
-    try:
-        status = os.stat(directory / MANIFEST_FILE)
-    except OSError:
-        return None
-    return status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size
+def _folder_stamp(directory: Path) -> Stamp | None:
+    """The stamp of the gallery's files; None while manifest.json is absent (the folder is being swapped)."""
+    stamps = []
+    for name in _GALLERY_FILES:
+        try:
+            status = os.stat(directory / name)
+        except OSError:
+            if name == MANIFEST_FILE:
+                return None
+            stamps.append(None)
+            continue
+        stamps.append((status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size))
+    return tuple(stamps)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from retrieval.heatmaps import render_heatmap
-from webapp.errors import ApiError
+from webapp.errors import ApiError, quoted
 from webapp.pairs import Pair, requested_pair
 from webapp.served import settings
 
@@ -40,13 +40,11 @@ def pair():
 def heatmap():
     side = request.args.get("side", "item")
     if side not in SIDES:
-        raise ApiError(400, f"parameter 'side' must be one of {', '.join(SIDES)}, got {side!r}")
+        raise ApiError(400, f"parameter 'side' must be one of {', '.join(SIDES)}, got {quoted(side)}")
     pair = requested_pair(request.args)
     with settings().metrics.timed("heatmap"):
-        if side == "item":
-            png = render_heatmap(pair.item.image, pair.item_cells, pair.limit)
-        else:
-            png = render_heatmap(pair.query.image, pair.query_cells, pair.limit)
+        image, cells = (pair.item.image, pair.item_cells) if side == "item" else (pair.query.image, pair.query_cells)
+        png = settings().compute.run(render_heatmap, image, cells, pair.limit)
     return Response(png, mimetype="image/png")
 
 

@@ -22,8 +22,9 @@ import catalog
 from retrieval.gallery import Gallery
 from retrieval.heatmaps import contribution_grid, crop_of, symmetric_limit
 from retrieval.preprocessing import preprocess
-from webapp.errors import ApiError
-from webapp.served import item_file, settings
+from webapp.errors import ApiError, quoted
+from webapp.item_files import read_item_file
+from webapp.served import settings
 
 _ITEM_ID = re.compile(r"[0-9]{1,18}")
 
@@ -70,7 +71,8 @@ def requested_pair(args: Mapping[str, str]) -> Pair:
     """The pair named by the request parameters ``query``, ``item`` and ``index`` (default: the query's gallery)."""
     raw_item = args.get("item")
     if raw_item is None or not _ITEM_ID.fullmatch(raw_item):
-        raise ApiError(400, f"parameter 'item' must be a gallery item id (an integer from 0), got {raw_item!r}")
+        got = "nothing" if raw_item is None else quoted(raw_item)
+        raise ApiError(400, f"parameter 'item' must be a gallery item id (an integer from 0), got {got}")
     searched_in, query = kept_query(args.get("query"))
     name, gallery = settings().gallery(args.get("index") or searched_in, unknown_status=404)
     return compare(query, name, gallery, int(raw_item))
@@ -92,7 +94,7 @@ def kept_query(query_id: str | None) -> tuple[str, ImageView]:
     if kept is None:
         raise ApiError(
             404,
-            f"unknown or expired query id {query_id[:64]!r}: queries are kept for {queries.ttl_s / 60:g} minutes "
+            f"unknown or expired query id {quoted(query_id)}: queries are kept for {queries.ttl_s / 60:g} minutes "
             f"(the latest {queries.capacity} searches of this server process); search again",
         )
     return kept
@@ -115,25 +117,25 @@ def compare(query: ImageView, name: str, gallery: Gallery, item_id: int) -> Pair
 
 def item_view(name: str, gallery: Gallery, item_id: int) -> ImageView:
     """The view of gallery item ``item_id``, from the cache or by embedding its image file now."""
-    if not 0 <= item_id < len(gallery.items):
-        raise ApiError(404, f"no item {item_id} in gallery {name!r} ({len(gallery.items)} items)")
-    path = item_file(gallery.items[item_id])  # from items.csv only, never from the request
-    try:
-        status = path.stat()
-    except OSError:
-        raise ApiError(404, f"the image file of item {item_id} in gallery {name!r} is missing") from None
-    key = (gallery.manifest["model_sha256"], str(path), status.st_mtime_ns, status.st_size)
+    item = read_item_file(name, gallery, item_id)  # only a file inside the gallery's image roots
+    key = (gallery.manifest["model_sha256"], *item.identity)
     cached = settings().item_views.get(key)
     if cached is not None:
         return cached
     with settings().metrics.timed("item_view"):
         try:
-            image = catalog.load_rgb(path)
+            view = settings().compute.run(embedded_view, item.data, gallery, settings().max_pixels)
         except catalog.ImageLoadError as exc:
             raise ApiError(404, f"the image file of item {item_id} in gallery {name!r} "
                                 f"cannot be read: {exc.reason}") from None
-        pixels = preprocess(image, gallery.embedder.preprocessing)
-        embeddings, maps = gallery.embedder.embed_pixels_with_maps(pixels[None])
-        view = view_of(pixels, embeddings[0], maps[0], gallery)
     settings().item_views.put(key, view)
     return view
+
+
+def embedded_view(data: bytes, gallery: Gallery, max_pixels: int) -> ImageView:
+    """Decode an image file's bytes as ``sct index`` does and embed them with the gallery's model (in a compute
+    slot; see webapp.compute)."""
+    spec = gallery.embedder.preprocessing
+    pixels = preprocess(catalog.decode_rgb(data, max_pixels=max_pixels, min_side=spec.decode_side), spec)
+    embeddings, maps = gallery.embedder.embed_pixels_with_maps(pixels[None])
+    return view_of(pixels, embeddings[0], maps[0], gallery)

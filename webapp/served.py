@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 from flask import current_app
 
-from retrieval.gallery import Gallery, GalleryItem
+from retrieval.gallery import Gallery
 from webapp.cache import LruCache
+from webapp.compute import ComputePool
 from webapp.errors import ApiError, quoted
 from webapp.live import LiveGallery
 from webapp.metrics import Metrics
@@ -32,6 +33,7 @@ class SearchSettings:
     queries: LruCache[str, tuple[str, ImageView]]  # (gallery name, view) of recent searches, by query id
     item_views: LruCache[tuple, ImageView]  # gallery items embedded for heatmaps, by (model, file)
     metrics: Metrics
+    compute: ComputePool  # where decoding, embedding and drawing run
 
     @property
     def default_index(self) -> str:
@@ -45,22 +47,18 @@ class SearchSettings:
         return name, self.indexes[name].current()
 
 
-def load_indexes(index_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, LiveGallery]:
-    """Load each gallery folder (with the embedder for its own model.onnx), keyed by folder name."""
+def load_indexes(index_dirs: Sequence[str | os.PathLike[str]], compute: ComputePool) -> dict[str, LiveGallery]:
+    """Load each gallery folder (with the embedder for its own model.onnx), keyed by folder name; reloads of a
+    rebuilt folder run in ``compute``."""
     if not index_dirs:
         raise ValueError("no gallery folder given")
     names = [Path(d).resolve().name for d in index_dirs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"gallery names must be unique; several folders are named {', '.join(duplicates)}")
-    return {name: LiveGallery(directory) for name, directory in zip(names, index_dirs)}
+    return {name: LiveGallery(directory, compute.run) for name, directory in zip(names, index_dirs)}
 
 
 def settings() -> SearchSettings:
     """The settings of the app handling the current request."""
     return current_app.extensions["sct"]
-
-
-def item_file(item: GalleryItem) -> Path:
-    """The image file of an item; relative paths in items.csv are relative to the working directory."""
-    return Path(os.path.abspath(item.path))
