@@ -1,6 +1,6 @@
 """Leave-one-out Recall@K (``retrieval.metrics.evaluate``) against a bare ``faiss.knn`` call.
 
-DESIGN.md §4: on 60,000 × 512 (the size of the SOP test set) the evaluation
+Target: on 60,000 × 512 (the size of the SOP test set) the evaluation
 should take at most 1.2× one exact kNN search of the same depth on the same
 data, in O(N·K) memory rather than the N × N matrix of the official code.
 
@@ -38,7 +38,7 @@ KS = (1, 2, 4, 8)
 HEADER = """\
 # Leave-one-out Recall@K vs a bare faiss.knn call
 
-Target (DESIGN.md §4): `evaluate` ≤ 1.2 × `faiss.knn` of the same depth, O(N·K) memory.
+Target: `evaluate` ≤ 1.2 × `faiss.knn` of the same depth, O(N·K) memory.
 Times are medians; "traced" is tracemalloc's peak of numpy allocations during a call (FAISS's buffers untraced).
 
 | date (UTC) | command | machine | N × d | depth | evaluate s | faiss.knn s | ratio | traced MB evaluate / knn | N×N float32 MB | peak RSS MB |

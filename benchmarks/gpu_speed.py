@@ -1,4 +1,4 @@
-"""GPU speed in one run: every figure of DESIGN.md §4 / issue 10, each against a baseline of the same run.
+"""GPU speed in one run: every GPU target of the project, each against a baseline of the same run.
 
 Sections (``--sections``, all by default):
 

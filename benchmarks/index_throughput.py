@@ -4,7 +4,7 @@ Exports a ResNet (random weights; speed does not depend on them) through the
 product's `sct export` path, writes synthetic JPEGs, then times
 `OnnxEmbedder.embed_paths` (decode + preprocess + ONNX Runtime) against torch
 fp32 inference on the same preprocessed batches, in the same run. Also the
-batch-1 latency of ONNX Runtime (DESIGN.md §4: about 33 ms for ResNet-50 on 2
+batch-1 latency of ONNX Runtime (target: about 33 ms for ResNet-50 on 2
 cores). One row is appended to benchmarks/results/index_throughput.md.
 
     python benchmarks/index_throughput.py                  # ResNet-50, 256 px, 256 images

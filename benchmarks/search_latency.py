@@ -1,6 +1,6 @@
 """Latency of ``POST /api/search`` on a 100,000-item gallery, split into its stages.
 
-DESIGN.md §4: on 2 CPU cores, decode + search + response should take at most
+Target: on 2 CPU cores, decode + search + response should take at most
 20% of the embedding time; report p50 and p99.
 
 A ResNet-50 (random weights; speed does not depend on them) is exported
@@ -50,7 +50,7 @@ STAGES = ("decode", "embed", "search", "render")
 HEADER = """\
 # Search latency: POST /api/search, stage by stage
 
-Target (DESIGN.md §4): decode + search + render ≤ 20% of embed, on 2 CPU cores, 100,000-item gallery.
+Target: decode + search + render ≤ 20% of embed, on 2 CPU cores, 100,000-item gallery.
 Stages are the server's own timings of each response (`timings_ms`): decode (upload → RGB), embed
 (preprocessing + ONNX Runtime), search (FAISS, one OpenMP thread per request), render (the query's crop
 kept for heatmaps + the results). "request" is the whole call through the WSGI app (multipart parsing and

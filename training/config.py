@@ -38,7 +38,7 @@ class TrainConfig:
     temperature: float = 0.1
     hard_threshold: float | None = None
     margin: float = 0.2  # batch-all triplet loss only
-    # Hierarchical Triplet Loss (--loss htl; Ge et al., ECCV 2018; DESIGN.md §3). A batch is l′ groups of
+    # Hierarchical Triplet Loss (--loss htl; Ge et al., ECCV 2018). A batch is l′ groups of
     # m = htl_neighbours classes (a random class and its m − 1 nearest) × images_per_class (t) images, so
     # batch_size must be a multiple of m·t; l′ = batch_size // (m·t). The paper trained with larger batches
     # and its own per-dataset settings; we keep each dataset's defaults (SCT's batch, lr, schedule) so that
@@ -88,7 +88,7 @@ LOSS_DEFAULTS: dict[str, dict[str, Any]] = {"htl": dict(images_per_class=4)}
 # ("lr_factors"), as Fashion-MNIST's does from its own tuning (docs/hard-negatives/README.md).
 SGD_LR_FACTORS: dict[str, float] = {"hn": 0.25, "shn": 0.25}
 
-# The paper's settings (DESIGN.md §3); "cpu" entries replace them where no GPU is present, and an
+# The paper's settings (and its official code's); "cpu" entries replace them where no GPU is present, and an
 # "sgd" or "adamw" entry replaces them when that optimiser is chosen instead of the dataset's own.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cub": dict(dim=64, batch_size=128, lr=0.009, lam=1.0, epochs=80, milestones=[0.5],
