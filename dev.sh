@@ -66,6 +66,8 @@ case "$command" in
     test)
         # Debian's Chromium for the real-browser tests; without it those tests skip and say why.
         [ -x /usr/bin/chromium ] || apt_install chromium || true
+        # curl: a test uploads photos the way people do, with `curl -F image=@photo.jpg`.
+        command -v curl >/dev/null || apt_install curl || true
         # torch.compile's CPU backend (the --compile test) builds C++ against the Python headers.
         command -v g++ >/dev/null || apt_install g++ || true
         "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \

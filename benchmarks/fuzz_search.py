@@ -2,8 +2,9 @@
 
 The long variant of tests/test_reliability_uploads.py. ``python -m sct serve`` (gunicorn) serves a small
 generated gallery on 127.0.0.1 and a free port; client threads send hostile requests drawn from
-tests/hostile_inputs.py (every image format Pillow writes, damaged; random bytes; broken forms, many files
-and parts, oversized bodies and fields, hostile filenames and fields) until the time is up. Every answer
+tests/hostile_inputs.py (every image format Pillow writes, and photos of 0.1 to 15 MB, damaged; random bytes;
+broken forms, many files and parts, oversized bodies and fields, hostile filenames and fields) until the time
+is up; the server has its default 16 MiB upload limit. Every answer
 must be a 4xx JSON error with a reason, or a 200 whose ranking equals a brute-force search of the gallery
 embeddings; a 5xx, a non-JSON answer or a wrong ranking is a failure. A body over the upload limit may
 instead end with the server closing the connection after its 413 (counted as "closed"). The server's RSS is sampled
@@ -44,8 +45,9 @@ DEFAULT_K = 10  # sct serve's
 HEADER = """\
 # Fuzz: hostile requests to POST /api/search of `sct serve` (gunicorn) over HTTP
 
-Requests from tests/hostile_inputs.py: corpus images of every format Pillow writes (plain or damaged:
-truncated, bit-flipped, overwritten, inserted, duplicated bytes), random bytes, and broken forms (missing or
+Requests from tests/hostile_inputs.py: corpus images of every format Pillow writes and photos of 0.1 to 15 MB
+(plain or damaged: truncated, bit-flipped, overwritten, inserted, duplicated bytes), random bytes, and broken
+forms (missing or
 repeated fields, wrong content types, broken multipart, many parts, oversized bodies and text fields, hostile
 filenames, k and index values). A failure is a 5xx, an answer that is not JSON, a 4xx without a reason, a
 200 whose ranking differs from brute force, or a dropped connection other than on a body over the limit.
@@ -114,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=600, help="seconds of fuzzing (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="client threads (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request generator (default: %(default)s)")
-    parser.add_argument("--max-upload-mb", type=float, default=0.25,
+    parser.add_argument("--max-upload-mb", type=float, default=16,
                         help="the server's upload limit (default: %(default)s)")
     parser.add_argument("--no-record", action="store_true", help=f"do not append a row to {RESULTS.name}")
     args = parser.parse_args(argv)

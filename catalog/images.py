@@ -173,7 +173,8 @@ def _scale_to_uint8(image: Image.Image) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT_MODES:
         # rint(v · 255 / 65535) = rint(v / 257), and v / 257 is never a half: integers do it without a float copy.
         return ((np.asarray(image).astype(np.uint32) + 128) // 257).astype(np.uint8)
-    values = np.asarray(image).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # damaged float images hold NaN and infinities, mapped below
+        values = np.asarray(image).astype(np.float64)
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if image.mode == "I" and low >= 0 and high <= 65535:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
 import threading
 import time
 import urllib.error
@@ -122,7 +124,24 @@ def test_photos_and_an_image_of_exactly_the_limit_through_gunicorn(client, galle
         assert status == 200, answer
         status, answer = _http_search(server.url, at_limit + b"\0", "over-limit.jpg")
         assert status == 413 and answer["error"] == "upload too large: the limit is 16 MiB per image"
+        status, answer = _http_search(server.url, jpeg[: len(jpeg) // 3], "truncated.jpg")
+        assert status == 400 and "cannot read the uploaded image" in answer["error"]
         assert server.process.poll() is None
+    assert "Traceback" not in server.log.read_text(), server.log_tail()  # refused uploads are no server errors
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine (apt-get install curl)")
+def test_curl_uploads_photos_of_several_megabytes(gallery):
+    """curl as people run it: `curl -F image=@photo.jpg`, which asks for 100-continue before a large body."""
+    with running_server([gallery["folder"]], threads=2, log_dir=gallery["root"]) as server:
+        for photo in photo_corpus():
+            path = gallery["root"] / photo.name
+            path.write_bytes(photo.data)
+            done = subprocess.run(["curl", "-sS", "-F", f"image=@{path}", "-w", "\n%{http_code}",
+                                   server.url + "/api/search"], capture_output=True, text=True, timeout=120)
+            body, status = done.stdout.rsplit("\n", 1)
+            assert status == "200", (photo.name, status, body, done.stderr)
+            assert len(json.loads(body)["results"]) == 10, photo.name
 
 
 def _status_mib(pid: int, field: str) -> float:

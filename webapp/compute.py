@@ -44,9 +44,21 @@ class ComputePool:
         try:
             if self._threads is None:
                 return function(*args)
-            return self._threads.apply(function, args)
+            result, error = self._threads.apply(_outcome, (function, args))
         finally:
             self._free.release()
+        if error is not None:
+            raise error
+        return result
+
+
+def _outcome(function: Callable[..., T], args: tuple) -> tuple[T | None, BaseException | None]:
+    """``function(*args)`` as (result, None) or (None, its exception): gevent's pool would print the traceback of
+    every exception raised in a thread, such as each unreadable upload, before passing it on."""
+    try:
+        return function(*args), None
+    except Exception as error:
+        return None, error
 
 
 def _gevent_thread_pool(size: int):
