@@ -1,6 +1,6 @@
 """Load test of the served app: zero errors, p50/p99 latency, requests/s, and the server's memory over the run.
 
-The real server (``python -m sct serve``: gunicorn, threaded workers) serves a small generated gallery on
+The real server (``python -m sct serve``: gunicorn, gevent workers) serves a small generated gallery on
 127.0.0.1 and a free port. The gallery is built by ``build_gallery`` from coloured images embedded with the
 tiny ONNX model of tests/onnx_fixture.py, so the run measures the serving path (HTTP, multipart, decode,
 ONNX Runtime, FAISS, JSON), not a large model. Client threads POST /api/search over keep-alive connections

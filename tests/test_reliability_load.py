@@ -146,8 +146,8 @@ def test_a_gallery_rebuilt_by_sct_index_under_load_is_swapped_in_without_a_failu
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_the_server_stops_promptly_after_serving(tmp_path, stop_signal):
-    """Before webapp.server.QuitSafeThreadWorker and the collection of the check's sessions in `sct serve`,
-    a worker hung at exit after serving a search, and stopping took gunicorn's 30 s graceful timeout."""
+    """Workers hung at exit (in ONNX Runtime's exit handlers, or in gunicorn's threaded worker's quit handler),
+    and stopping took gunicorn's graceful timeout; workers now leave through webapp.server's exit hook."""
     build_color_gallery(tmp_path, tmp_path / "colors", per_class=2)
     with running_server([tmp_path / "colors"], log_dir=tmp_path) as server:
         workers = server.pids()[1:]

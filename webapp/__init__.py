@@ -2,10 +2,11 @@
 
 ``create_app`` is the app factory, for ``sct serve`` and for WSGI servers::
 
-    gunicorn -w 2 -b 127.0.0.1:5000 'webapp:create_app(["index_data/NAME"])'
+    gunicorn -w 2 -k webapp.server.SlowClientSafeWorker --keep-alive 5 --no-control-socket \
+        -b 127.0.0.1:5000 'webapp:create_app(["index_data/NAME"])'
 
-Nothing here imports torch; a serving host needs onnxruntime, faiss, flask,
-pillow and numpy only.
+(webapp.server says why that worker). Nothing here imports torch; a serving
+host needs onnxruntime, faiss, flask, gunicorn, gevent, pillow and numpy only.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Counts are totals since the worker started; latency statistics cover the last
 ``window`` observations of each stage, so memory stays bounded. Every method
-is thread-safe (gunicorn's gthread workers serve several requests at once).
+is thread-safe (requests run in greenlets and in compute threads at once).
 """
 
 from __future__ import annotations
