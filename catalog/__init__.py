@@ -31,6 +31,15 @@ DATASETS: dict[str, Callable[[Path], list[ImageRecord]]] = {
     "fashion-mnist": read_fashion_mnist,
 }
 
+#: The K of each dataset's published Recall@K table, used by `sct eval` and by the training log; DEFAULT_KS elsewhere.
+DATASET_KS: dict[str, tuple[int, ...]] = {"inshop": (1, 10, 20, 30, 40), "hotels50k": (1, 10, 100)}
+DEFAULT_KS = (1, 2, 4, 8)
+
+
+def recall_ks(name: str) -> tuple[int, ...]:
+    """The Ks at which dataset ``name`` is reported; any other name (a folder of images) gets DEFAULT_KS."""
+    return DATASET_KS.get(name, DEFAULT_KS)
+
 
 def read_dataset(name: str, root: str | os.PathLike[str]) -> list[ImageRecord]:
     """Read the dataset ``name`` stored under ``root``."""
@@ -43,6 +52,8 @@ def read_dataset(name: str, root: str | os.PathLike[str]) -> list[ImageRecord]:
 
 __all__ = [
     "DATASETS",
+    "DATASET_KS",
+    "DEFAULT_KS",
     "DatasetError",
     "ImageLoadError",
     "ImageRecord",
@@ -51,6 +62,7 @@ __all__ = [
     "decode_rgb",
     "load_rgb",
     "read_dataset",
+    "recall_ks",
     "select_split",
     "summarize",
 ]

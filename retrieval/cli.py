@@ -22,9 +22,6 @@ from retrieval.shards import ShardSpec, list_sha256, merge_shards, write_shard
 
 #: The split that is the gallery, per dataset; "test" for the others.
 GALLERY_SPLITS = {"hotels50k": "train", "inshop": "gallery"}
-#: The K of each dataset's published Recall@K table; (1, 2, 4, 8) for the others.
-DATASET_KS = {"inshop": (1, 10, 20, 30, 40), "hotels50k": (1, 10, 100)}
-DEFAULT_KS = (1, 2, 4, 8)
 #: ``dataset`` in the manifest of a gallery built with --images
 IMAGE_FOLDER = "image-folder"
 
@@ -287,7 +284,7 @@ def eval_command(args: argparse.Namespace) -> int:
         queries = [(r.path, r.label, r.chain) for r in records]
     elif args.data_root:
         raise ValueError("--data-root goes with --queries-split")
-    ks = args.k or DATASET_KS.get(dataset, DEFAULT_KS)
+    ks = args.k or catalog.recall_ks(dataset)
     results = evaluate_gallery(gallery, ks, queries, batch_size=args.batch_size)
     report_unreadable([(failure["path"], failure["reason"]) for failure in results["unreadable_queries"]])
     print(format_table(results))

@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import catalog
+from retrieval.cpus import usable_cpus
 from retrieval.preprocessing import Preprocessing, preprocess, preprocess_batch
 
 INPUT_NAME = "image"
@@ -44,11 +45,6 @@ def default_providers(device_id: int | None = None) -> list[str | tuple[str, dic
         cuda = "CUDAExecutionProvider" if device_id is None else ("CUDAExecutionProvider", {"device_id": device_id})
         return [cuda, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (a container's share, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

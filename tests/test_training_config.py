@@ -1,9 +1,17 @@
-"""Settings resolution: dataset defaults, per-loss learning rates with SGD, optimiser-specific defaults."""
+"""Settings resolution: dataset defaults, per-loss learning rates with SGD, optimiser-specific defaults,
+decoders per CPU, Recall@K's Ks, refused values, and the provenance of each setting."""
 from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 
-from training.config import DATASET_DEFAULTS, SGD_LR_FACTORS, resolve_config
+from training.config import DATASET_DEFAULTS, SGD_LR_FACTORS, load_config_file, resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _resolve(dataset: str, **overrides):
@@ -72,3 +80,149 @@ def test_on_cuda_each_process_gets_its_share_of_the_cpus_as_decoders(monkeypatch
     assert _resolve("fashion-mnist").workers == DATASET_DEFAULTS["fashion-mnist"]["workers"]  # so does the dataset
     cpu = resolve_config("cub", "data", "out", cuda_available=False)
     assert cpu.workers == resolve_config("cub", "data", "out", overrides={"device": "cpu"}).workers == 4
+
+
+def test_on_a_cpu_the_decoders_follow_the_usable_cpus_and_torch_does_not_warn(monkeypatch) -> None:
+    """torch's DataLoader warns when it gets more workers than the CPUs in os.sched_getaffinity."""
+    import torch.utils.data
+
+    for cpus, expected in ((2, 2), (1, 1), (40, 4)):  # 4 at most: on a CPU the other cores run the model
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, cpus=cpus: set(range(cpus)))
+        config = resolve_config("cub", "data", "out", cuda_available=False)
+        assert config.workers == expected
+        loader = torch.utils.data.DataLoader(range(8), num_workers=config.workers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loader.check_worker_number_rationality()
+
+
+def test_resolving_a_training_config_loads_neither_onnxruntime_nor_faiss() -> None:
+    probe = ("import sys, {module}\n{call}\n"
+             "print(sorted(m for m in ('onnxruntime', 'faiss') if m in sys.modules))")
+    resolve = probe.format(module="training.config", call="training.config.resolve_config('cub', 'data', 'out')")
+    control = probe.format(module="retrieval.embedder", call="")  # the probe sees ONNX Runtime where it is loaded
+    outputs = [subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+               .stdout.strip() for code in (resolve, control)]
+    assert outputs == ["[]", "['onnxruntime']"]
+
+
+class _Evaluated(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dataset", ["inshop", "hotels50k", "cub"])
+def test_training_logs_recall_at_the_ks_of_sct_eval(dataset: str, monkeypatch) -> None:
+    import retrieval.cli
+    from sct.cli import build_parser
+
+    class Loaded:
+        manifest = {"dataset": dataset}
+
+    def evaluate_gallery(gallery, ks, *args, **kwargs):
+        raise _Evaluated(list(ks))
+
+    monkeypatch.setattr(retrieval.cli.Gallery, "load", staticmethod(lambda directory: Loaded()))
+    monkeypatch.setattr(retrieval.cli, "evaluate_gallery", evaluate_gallery)
+    args = build_parser().parse_args(["eval", "--index", "unused"])
+    with pytest.raises(_Evaluated) as evaluated:
+        args.func(args)
+    assert _resolve(dataset).eval_ks == evaluated.value.args[0]
+
+
+def test_the_users_ks_win_over_the_datasets(tmp_path) -> None:
+    from sct.cli import build_parser
+    from training.cli import OVERRIDES
+
+    args = build_parser().parse_args(["train", "--dataset", "inshop", "--data-root", "d", "--out", "o",
+                                      "--eval-ks", "1", "5"])
+    assert _resolve("inshop", **{name: getattr(args, name) for name in OVERRIDES}).eval_ks == [1, 5]
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("eval_ks: [1, 3]\n")
+    assert resolve_config("hotels50k", "d", "o", config_file=str(config_file)).eval_ks == [1, 3]
+
+
+@pytest.mark.parametrize("setting,value", [
+    ("lr", -1.0), ("lr", float("nan")), ("lr", float("inf")), ("weight_decay", -1e-4), ("momentum", 1.0),
+    ("momentum", -0.5), ("epochs", 0), ("gamma", 0.0), ("temperature", 0.0), ("lam", -1.0), ("margin", -0.2),
+    ("images_per_class", 1), ("workers", -1), ("warmup_iters", -1), ("eval_every", -1), ("triplets_every", -1),
+    ("max_iters_per_epoch", 0), ("hard_threshold", float("nan")), ("val_fraction", 1.0), ("milestones", [1.5]),
+    ("eval_ks", [0]), ("eval_ks", []),
+])
+def test_nonsense_numbers_are_refused_naming_the_setting_and_value(setting: str, value) -> None:
+    with pytest.raises(ValueError, match=rf"^{setting} must be .*, got {value!r}".replace("[", r"\[")):
+        _resolve("cub", **{setting: value})
+
+
+def test_the_edges_that_make_sense_are_accepted() -> None:
+    config = _resolve("cub", lr=0.0, momentum=0.9, weight_decay=0.0, eval_every=0, workers=0, triplets_every=0)
+    assert (config.lr, config.momentum) == (0.0, 0.9)  # lr 0 measures the untrained network
+
+
+def test_a_negative_learning_rate_is_refused_from_the_flag_and_the_config_file(tmp_path, monkeypatch, capsys) -> None:
+    import training.trainer
+    from sct.cli import main
+
+    monkeypatch.setattr(training.trainer, "train", lambda *args, **kwargs: pytest.fail("trained anyway"))
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("lr: -1\n")
+    for extra in (["--lr", "-1"], ["--config", str(config_file)]):
+        assert main(["train", "--dataset", "cub", "--data-root", "d", "--out", str(tmp_path), *extra]) == 2
+        assert capsys.readouterr().err.startswith("error: lr must be a finite number at least 0, got -1")
+
+
+def test_each_setting_is_attributed_to_the_layer_that_set_it(tmp_path) -> None:
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("epochs: 5\nlr: 0.07\n")
+    config = resolve_config("cub", "d", "o", config_file=str(config_file), overrides={"lr": 0.05, "loss": "htl"})
+    assert (config.lr, config.provenance["lr"]) == (0.05, "flag")  # the flag beats the file
+    assert (config.epochs, config.provenance["epochs"]) == (5, "config-file")
+    assert (config.images_per_class, config.provenance["images_per_class"]) == (4, "loss:htl")
+    from_cub = {name for name, layer in config.provenance.items() if layer == "dataset:cub"}
+    assert from_cub and all(getattr(config, name) == DATASET_DEFAULTS["cub"][name] for name in from_cub - {"eval_ks"})
+    assert "optimizer" not in config.provenance  # the dataclass default
+
+    shn = _resolve("cub", loss="shn")
+    assert shn.provenance["lr"] == "dataset:cub * lr_factor:shn"
+    demo = resolve_config("fashion-mnist", "d", "o", overrides={"optimizer": "sgd"}, cuda_available=False)
+    assert (demo.provenance["lr"], demo.provenance["epochs"]) == ("optimizer:sgd", "cpu")
+    assert demo.epochs == DATASET_DEFAULTS["fashion-mnist"]["cpu"]["epochs"]
+
+
+def test_sct_train_shows_where_the_key_settings_come_from(tmp_path, monkeypatch, capsys) -> None:
+    import training.trainer
+    from sct.cli import main
+
+    monkeypatch.setattr(training.trainer, "train", lambda config, **kwargs: Path(config.out))
+    assert main(["train", "--dataset", "cub", "--data-root", "d", "--out", str(tmp_path), "--loss", "shn",
+                 "--epochs", "3", "--no-progress"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    expected_lr = DATASET_DEFAULTS["cub"]["lr"] * SGD_LR_FACTORS["shn"]
+    assert f"  lr: {expected_lr}  (dataset:cub * lr_factor:shn)" in shown
+    assert "  epochs: 3  (flag)" in shown and "  optimizer: sgd  (default)" in shown
+    assert f"  batch_size: {DATASET_DEFAULTS['cub']['batch_size']}  (dataset:cub)" in shown
+
+
+def test_the_saved_config_yaml_loads_back_to_the_same_config(tmp_path) -> None:
+    """The trainer writes config.yaml with the provenance; read back, or given back as --config, it is the
+    same config (given back, the file set everything)."""
+    import numpy as np
+    from PIL import Image
+
+    from training.trainer import Trainer
+
+    for c in range(4):
+        folder = tmp_path / "data" / f"class_{c}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 60 * c + i, np.uint8)).save(folder / f"{i}.png")
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("lr: 1e-3\nepochs: 1\n")
+    config = resolve_config("folder", str(tmp_path / "data"), str(tmp_path / "run"), config_file=str(config_file),
+                            overrides=dict(arch="resnet18", pretrained="none", dim=8, image_size=8, batch_size=4,
+                                           device="cpu", workers=0))
+    Trainer(config, progress=False)
+    saved = tmp_path / "run" / "config.yaml"
+    loaded = load_config_file(saved)
+    assert loaded == config and loaded.provenance == config.provenance == {**loaded.provenance, "lr": "config-file"}
+    again = resolve_config("folder", config.data_root, config.out, config_file=str(saved))
+    assert again == config and set(again.provenance.values()) == {"config-file"}

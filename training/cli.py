@@ -28,8 +28,10 @@ Examples:
 Defaults follow the paper for each dataset (embedding size, batch, lr, λ, schedule).
 The dataset's lr is SCT's; with SGD, --loss hn or shn defaults to a quarter of it
 (docs/hard-negatives/README.md).
-The resolved settings are written to OUT/config.yaml before training starts;
-OUT/metrics.jsonl gets one line per iteration and per evaluation.
+The resolved settings are written to OUT/config.yaml before training starts, with
+provenance: the layer that set each (dataset:NAME, cpu, usable cpus, optimizer:NAME,
+loss:NAME, lr_factor:NAME, config-file, flag); OUT/metrics.jsonl gets one line per
+iteration and per evaluation, Recall@K at the dataset's Ks (those of sct eval).
 """
 
 EXPORT_EPILOG = """\
@@ -117,6 +119,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pretrained", metavar="imagenet|none|PATH",
                         help="ImageNet weights from torchvision's cache, none, or a state-dict file")
     parser.add_argument("--eval-every", type=int, metavar="EPOCHS", help="evaluate every N epochs (0: at the end)")
+    parser.add_argument("--eval-ks", type=positive_int, nargs="+", metavar="K",
+                        help="K of the logged Recall@K, the first choosing best.pt (default: the dataset's, as in "
+                             "sct eval: 1 10 20 30 40 for inshop, 1 10 100 for hotels50k, else 1 2 4 8)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random crop from 1.1× and horizontal flip (the paper's; default on, off for the demo)")
     parser.add_argument("--workers", type=int, help="data-loading processes")
@@ -185,20 +190,23 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
 
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
              "temperature", "margin", "hard_threshold", "device", "precision", "compile", "seed", "pretrained",
-             "eval_every", "augment", "workers", "max_iters_per_epoch", "val_fraction", "val_by", "htl_levels",
-             "htl_beta", "htl_neighbours", "htl_rebuild_every", "htl_tree_images_per_class", "gather_embeddings", "sync_batchnorm", "dist_backend")
+             "eval_every", "eval_ks", "augment", "workers", "max_iters_per_epoch", "val_fraction", "val_by",
+             "htl_levels", "htl_beta", "htl_neighbours", "htl_rebuild_every", "htl_tree_images_per_class",
+             "gather_embeddings", "sync_batchnorm", "dist_backend")
 
 
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from training import distributed
-    from training.config import resolve_config
+    from training.config import describe_provenance, resolve_config
     from training.trainer import train
 
     config = resolve_config(args.dataset, args.data_root, args.out, config_file=args.config,
                             overrides={name: getattr(args, name) for name in OVERRIDES},
                             cuda_available=torch.cuda.is_available())
+    if distributed.is_main():
+        print("settings (and the layer that set them; all in OUT/config.yaml):\n" + describe_provenance(config))
     run_dir = train(config, resume=args.resume, progress=not args.no_progress)
     if distributed.is_main():
         print(f"run written to {run_dir} (best.pt, last.pt, metrics.jsonl, config.yaml)")

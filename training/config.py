@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from training.workers import default_workers
+import catalog
+from training.workers import MAX_CPU_TRAINING_WORKERS, MAX_DEFAULT_WORKERS, default_workers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,8 +62,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs between Recall@K evaluations on the test split; 0 = only at the end
     val_fraction: float = 0.0  # > 0: hold out this share of the training split and evaluate on it instead of test
     val_by: str = "auto"  # "classes", "images", or "auto" (images when train and test share their classes)
-    eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    workers: int = 4  # on CUDA: min(16, CPUs per process) unless the dataset or you say otherwise
+    eval_ks: list[int] = field(default_factory=lambda: list(catalog.DEFAULT_KS))  # resolved: the dataset's Ks
+    workers: int = 4  # resolved: this process's share of the usable CPUs, at most 16 on CUDA and 4 on the CPU
     cache_images: bool = False  # keep preprocessed training images in memory; only with augment: false, workers: 0
     triplets_every: int = 100  # save sampled (S_ap, S_an) pairs every N iterations; 0 = never
     max_iters_per_epoch: int | None = None  # cap for quick runs and tests
@@ -69,6 +72,9 @@ class TrainConfig:
     gather_embeddings: bool = False  # mine positives and negatives from the global batch, not each process's share
     sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm)
     dist_backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "nccl" or "gloo"
+    # Not a setting: the layer of resolve_config that set each setting it set ("dataset:cub", "flag", ...); the
+    # others have their default. Saved in config.yaml and checkpoints; a --config file's own is ignored.
+    provenance: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,6 +119,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# A run's config.yaml holds these too; given back as --config, they are ignored: the command line says them.
+NOT_FROM_FILE = ("dataset", "data_root", "out", "provenance")
+
+
 def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None, cuda_available: bool = False) -> TrainConfig:
     """Dataset defaults ← device defaults ← optimiser defaults ← per-loss defaults (``LOSS_DEFAULTS``, then the
@@ -120,38 +130,61 @@ def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str |
 
     The dataset's learning rate is SCT's. With SGD and no learning rate given, a baseline loss gets
     its own: SCT's times ``SGD_LR_FACTORS[loss]`` (docs/hard-negatives/README.md explains why).
+    ``config.provenance`` names the layer that set each setting.
     """
-    settings: dict[str, Any] = dict(DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["folder"]))
-    cpu_settings = settings.pop("cpu", {})
-    per_optimizer = {name: settings.pop(name, {}) for name in OPTIMIZERS}
-    per_loss = settings.pop("losses", {})
+    preset: dict[str, Any] = dict(DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["folder"]))
+    cpu_settings = preset.pop("cpu", {})
+    per_optimizer = {name: preset.pop(name, {}) for name in OPTIMIZERS}
+    per_loss = preset.pop("losses", {})
+    settings: dict[str, Any] = {}
+    provenance: dict[str, str] = {}
+
+    def apply(layer: str, values: Mapping[str, Any]) -> None:
+        settings.update(values)
+        provenance.update(dict.fromkeys(values, layer))
+
+    apply(f"dataset:{dataset}", {"eval_ks": list(catalog.recall_ks(dataset)), **preset})
     device = (overrides or {}).get("device") or "auto"
-    if device == "cpu" or (device == "auto" and not cuda_available):
-        settings.update(cpu_settings)
-    else:  # a GPU eats images faster than a few decoders make them: the process's share of the CPUs
-        settings.setdefault("workers", default_workers())
-    explicit: dict[str, Any] = _read_yaml(Path(config_file)) if config_file else {}
-    explicit.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    on_cpu = device == "cpu" or (device == "auto" and not cuda_available)
+    if on_cpu:
+        apply("cpu", cpu_settings)
+    if "workers" not in settings:  # the process's share of the CPUs; a GPU eats images fast, so up to 16 there
+        apply("usable cpus", {"workers": default_workers(cap=MAX_CPU_TRAINING_WORKERS if on_cpu
+                                                         else MAX_DEFAULT_WORKERS)})
+    from_file = {k: v for k, v in (_read_yaml(Path(config_file)) if config_file else {}).items()
+                 if k not in NOT_FROM_FILE}
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    explicit = {**from_file, **flags}
     optimizer = explicit.get("optimizer", settings.get("optimizer", TrainConfig.optimizer))
     lr_factors = dict(SGD_LR_FACTORS)
     if optimizer != settings.get("optimizer", TrainConfig.optimizer):
         chosen = dict(per_optimizer.get(optimizer, {}))
         lr_factors.update(chosen.pop("lr_factors", {}))
-        settings.update(chosen)
+        apply(f"optimizer:{optimizer}", chosen)
     loss = explicit.get("loss", settings.get("loss", TrainConfig.loss))
-    settings.update(LOSS_DEFAULTS.get(loss, {}))
-    settings.update(per_loss.get(loss, {}))
+    apply(f"loss:{loss}", {**LOSS_DEFAULTS.get(loss, {}), **per_loss.get(loss, {})})
     if optimizer == "sgd" and "lr" not in explicit and loss in lr_factors:
         settings["lr"] = settings.get("lr", TrainConfig.lr) * lr_factors[loss]
-    settings.update(explicit)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(settings) - known - {"dataset", "data_root", "out"})
+        provenance["lr"] = f"{provenance.get('lr', 'default')} * lr_factor:{loss}"
+    apply("config-file", from_file)
+    apply("flag", flags)
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FROM_FILE)
+    unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}")
-    settings.update(dataset=dataset, data_root=data_root, out=out)
-    config = TrainConfig(**settings)
+    config = TrainConfig(dataset=dataset, data_root=data_root, out=out, provenance=provenance, **settings)
     _validate(config)
     return config
+
+
+#: The settings `sct train` shows at the start with the layer that set them.
+KEY_SETTINGS = ("lr", "optimizer", "batch_size", "epochs", "schedule")
+
+
+def describe_provenance(config: TrainConfig, names: tuple[str, ...] = KEY_SETTINGS) -> str:
+    """One line per setting: ``name: value  (layer)``, the layer "default" when none set it."""
+    return "\n".join(f"  {name}: {getattr(config, name)}  ({config.provenance.get(name, 'default')})"
+                     for name in names)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -176,7 +209,51 @@ def _as_float_if_expected(path: Path, key: str, value: Any) -> Any:
         raise ValueError(f"--config {path}: {key} must be a number, got {value!r}") from None
 
 
+_AT_LEAST_0 = (lambda v: 0 <= v < math.inf, "a finite number at least 0")
+_ABOVE_0 = (lambda v: 0 < v < math.inf, "a finite number above 0")
+_BELOW_1 = (lambda v: 0 <= v < 1, "at least 0 and below 1")
+_COUNT = (lambda v: isinstance(v, int) and v >= 0, "a whole number at least 0")
+_POSITIVE_COUNT = (lambda v: isinstance(v, int) and v >= 1, "a whole number at least 1")
+
+#: What each numeric setting accepts (None, where allowed, is not checked). NaN fails every comparison.
+_NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": _AT_LEAST_0,  # 0 measures the untrained network
+    "weight_decay": _AT_LEAST_0, "lam": _AT_LEAST_0, "margin": _AT_LEAST_0,
+    "gamma": _ABOVE_0, "temperature": _ABOVE_0,
+    "momentum": _BELOW_1, "val_fraction": _BELOW_1,
+    "hard_threshold": (math.isfinite, "a finite number"),
+    "epochs": _POSITIVE_COUNT, "batch_size": _POSITIVE_COUNT, "image_size": _POSITIVE_COUNT, "dim": _POSITIVE_COUNT,
+    "max_iters_per_epoch": _POSITIVE_COUNT,
+    "images_per_class": (lambda v: isinstance(v, int) and v >= 2, "a whole number at least 2 (anchor and positive)"),
+    "warmup_iters": _COUNT, "eval_every": _COUNT, "workers": _COUNT, "triplets_every": _COUNT,
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _all(values: Any, accepts: Callable[[Any], bool]) -> bool:
+    """``values`` is a list of numbers that ``accepts`` takes (a YAML file may give anything)."""
+    return isinstance(values, list) and all(_is_number(v) and accepts(v) for v in values)
+
+
+def _validate_numbers(config: TrainConfig) -> None:
+    for name, (accepts, expected) in _NUMBER_RULES.items():
+        value = getattr(config, name)
+        if value is not None and not (_is_number(value) and accepts(value)):
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if not _all(config.milestones, lambda m: 0 < m < 1):
+        raise ValueError(f"milestones must be fractions of the epochs, each above 0 and below 1, "
+                         f"got {config.milestones!r}")
+    if not (config.eval_ks and _all(config.eval_ks, lambda k: isinstance(k, int) and k >= 1)):
+        raise ValueError(f"eval_ks must be whole numbers at least 1, got {config.eval_ks!r}")
+    if not _all(config.std, lambda v: 0 < v < math.inf):
+        raise ValueError(f"std must be finite numbers above 0 (pixels are divided by them), got {config.std!r}")
+
+
 def _validate(config: TrainConfig) -> None:
+    _validate_numbers(config)
     if config.batch_size % config.images_per_class:
         raise ValueError(
             f"batch size {config.batch_size} is not a multiple of images per class {config.images_per_class}"
@@ -187,15 +264,10 @@ def _validate(config: TrainConfig) -> None:
         raise ValueError(f"schedule must be 'step' or 'cosine', not {config.schedule!r}")
     if config.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, not {config.precision!r}")
-    if not 0.0 <= config.val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be at least 0 and below 1, got {config.val_fraction}")
     if config.val_by not in ("auto", "classes", "images"):
         raise ValueError(f"val_by must be auto, classes or images, not {config.val_by!r}")
     if config.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {config.device!r}")
-    for name in ("epochs", "batch_size", "image_size", "dim"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.loss == "htl":
         _validate_htl(config)
 

@@ -1,12 +1,16 @@
-"""How many image-decoding processes a torch process gets by default: its share of the machine's CPUs."""
+"""How many image-decoding processes a torch process gets by default: its share of the machine's CPUs.
+
+Never more than the CPUs the process may use, the most torch's DataLoader accepts without a warning.
+"""
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 
-from retrieval.embedder import usable_cpus
+from retrieval.cpus import usable_cpus
 
 MAX_DEFAULT_WORKERS = 16  # a ResNet-50 step at 3,000 img/s needs about this many Pillow decoders (gpu_speed.md)
+MAX_CPU_TRAINING_WORKERS = 4  # a step on the CPU is slow enough for a few decoders; the other cores run the model
 
 
 def processes_on_this_machine(environ: Mapping[str, str] = os.environ) -> int:
@@ -14,6 +18,6 @@ def processes_on_this_machine(environ: Mapping[str, str] = os.environ) -> int:
     return max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def default_workers(environ: Mapping[str, str] = os.environ) -> int:
-    """min(16, this process's share of the usable CPUs), at least 1."""
-    return max(1, min(MAX_DEFAULT_WORKERS, usable_cpus() // processes_on_this_machine(environ)))
+def default_workers(environ: Mapping[str, str] = os.environ, *, cap: int = MAX_DEFAULT_WORKERS) -> int:
+    """min(cap, this process's share of the usable CPUs), at least 1."""
+    return max(1, min(cap, usable_cpus() // processes_on_this_machine(environ)))
