@@ -12,6 +12,7 @@ from PIL import Image
 from sct.cli import main
 from training.analysis.model_diagram import (chance_recall_at_1, mean_pairwise_similarity,
                                              nearest_positive_and_negative, sample_by_class)
+from training.analysis.report import build_report
 from training.analysis.runs import load_run, pick_iterations
 from training.config import resolve_config
 from training.trainer import Trainer
@@ -156,3 +157,70 @@ def test_typed_lines_other_than_evaluations_are_not_iterations(tmp_path: Path) -
     run = load_run(tmp_path)
     assert [s["iter"] for s in run.steps] == [0, 1] and len(run.evaluations) == 1
     assert run.final_hard_fraction == 0.25
+
+
+def _synthetic_run(folder: Path, stall_lines: list[dict]) -> Path:
+    """100 SCT iterations, evaluations at 49 and 99, and ``stall_lines`` where the trainer would have logged them."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("loss: sct\ndim: 8\nlr: 0.009\nlam: 1.0\n")
+    lines = []
+    for i in range(100):
+        lines.append({"iter": i, "epoch": i // 50, "loss": 1.0, "hard_fraction": 0.97 if i < 60 else 0.4,
+                      "mean_s_ap": 0.05, "mean_s_an": 0.3, "lr": 0.009, "images_per_s": 100.0})
+        lines.extend(line for line in stall_lines if line["iter"] == i)
+        if i in (49, 99):
+            lines.append({"type": "eval", "epoch": i // 50, "iter": i + 1, "split": "test",
+                          "recall@1": 0.1 + i / 1000, "map@r": 0.05})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+STALL_LINES = [
+    {"type": "stall_start", "iter": 29, "epoch": 0, "kind": "stall", "start_iter": 10, "window": 20,
+     "hard_fraction": 0.97, "s_ap": 0.05, "s_an": 0.3, "s_ap_rise": 0.0},
+    {"type": "stall_end", "iter": 63, "epoch": 1, "kind": "stall", "start_iter": 10, "window": 20,
+     "hard_fraction": 0.84, "s_ap": 0.05, "s_an": 0.3, "s_ap_rise": 0.0},
+    {"type": "stall_start", "iter": 94, "epoch": 1, "kind": "collapse", "start_iter": 75, "window": 20,
+     "hard_fraction": 0.98, "s_ap": 0.998, "s_an": 0.9995, "s_ap_rise": 0.001},
+]
+
+
+def test_stall_lines_become_stretches_not_iterations(tmp_path: Path) -> None:
+    run = load_run(_synthetic_run(tmp_path / "stalled", STALL_LINES))
+    assert len(run.steps) == 100 and len(run.evaluations) == 2
+    assert [(s.kind, s.start, s.end) for s in run.stalls] == [("stall", 10, 63), ("collapse", 75, None)]
+    assert run.stalled_ranges() == [(10, 63), (75, 99)]  # the unfinished one runs to the last iteration
+
+
+def test_report_marks_stalled_runs_and_shades_their_stretches(tmp_path: Path, capsys) -> None:
+    from matplotlib.colors import to_rgb
+    from matplotlib.figure import Figure
+
+    from training.analysis import figures
+
+    stalled = _synthetic_run(tmp_path / "runs" / "stalled", STALL_LINES)
+    clean = _synthetic_run(tmp_path / "runs" / "clean", [])
+    out = tmp_path / "report"
+    assert main(["report", str(stalled), str(clean), "--out", str(out), "--no-model"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "stalled at iterations: stall 10–63, collapse 75–end" in printed[0] and "stalled" not in printed[1]
+    rows = {row["label"]: row for row in json.loads((out / "report.json").read_text())["runs"]}
+    assert rows["stalled"]["stalls"] == [{"kind": "stall", "start": 10, "end": 63},
+                                         {"kind": "collapse", "start": 75, "end": None}]
+    assert rows["clean"]["stalls"] == []
+    html = (out / "report.html").read_text()
+    stalled_row, clean_row = (html[html.index(f">{name}</td>"):].split("</tr>")[0] for name in ("stalled", "clean"))
+    assert ('<span class="stalled">stall 10–63</span>' in stalled_row
+            and '<span class="stalled">collapse 75–end</span>' in stalled_row)
+    assert 'class="stalled"' not in clean_row
+
+    # the curves shade exactly the stalled iterations, in the run's colour
+    ax = Figure().subplots()
+    figures._shade_stalls(ax, [load_run(clean), load_run(stalled)])
+    assert [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches] == [(10, 63), (75, 99)]
+    assert all(p.get_facecolor()[:3] == to_rgb("C0") for p in ax.patches)  # sct's colour
+    unshaded = tmp_path / "unshaded"
+    build_report([_synthetic_run(tmp_path / "again" / "stalled", []), clean], unshaded, analyse_model=False)
+    for name in ("hard_fraction.png", "recall.png"):
+        with Image.open(out / name) as shaded, Image.open(unshaded / name) as plain:
+            assert shaded.size == plain.size and np.asarray(shaded).tobytes() != np.asarray(plain).tobytes(), name

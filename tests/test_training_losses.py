@@ -16,7 +16,7 @@ def _nca(s_ap: torch.Tensor, s_an: torch.Tensor) -> torch.Tensor:
 
 
 def reference_loss(embeddings: torch.Tensor, labels: list[int], kind: str, lam: float = 1.0,
-                   threshold: float | None = None) -> torch.Tensor:
+                   threshold: float | None = None, floor: float | None = None) -> torch.Tensor:
     """The batch loss written out anchor by anchor, straight from the paper's definitions."""
     unit = [e / e.norm() for e in embeddings]
     n = len(labels)
@@ -35,6 +35,7 @@ def reference_loss(embeddings: torch.Tensor, labels: list[int], kind: str, lam: 
         q = max(negatives, key=lambda j: sims[j])
         s_ap, s_an = unit[a] @ unit[p], unit[a] @ unit[q]
         hard = sims[q] > sims[p] or (threshold is not None and sims[q] > threshold)
+        hard = hard and (floor is None or sims[q] > floor)
         if kind == "sct" and hard:
             per_anchor.append(lam * s_an)
         else:
@@ -90,6 +91,7 @@ LOSSES = {
     "sct": lambda: SCTLoss(lam=1.0, temperature=TAU),
     "sct-lam0.1": lambda: SCTLoss(lam=0.1, temperature=TAU),
     "sct-threshold": lambda: SCTLoss(lam=1.0, temperature=TAU, hard_threshold=0.5),
+    "sct-floor": lambda: SCTLoss(lam=1.0, temperature=TAU, hard_floor=0.6),  # changes 2 of 3 batches
     "hn": lambda: HNLoss(temperature=TAU),
     "shn": lambda: SHNLoss(temperature=TAU),
     "ep": lambda: EasyPositiveLoss(temperature=TAU),
@@ -97,7 +99,7 @@ LOSSES = {
 }
 REFERENCE = {
     "sct": dict(kind="sct"), "sct-lam0.1": dict(kind="sct", lam=0.1),
-    "sct-threshold": dict(kind="sct", threshold=0.5), "hn": dict(kind="hn"), "shn": dict(kind="shn"),
+    "sct-threshold": dict(kind="sct", threshold=0.5), "sct-floor": dict(kind="sct", floor=0.6), "hn": dict(kind="hn"), "shn": dict(kind="shn"),
 }
 REFERENCE_FUNCTIONS = {"ep": reference_easy_positive, "batch-all": reference_batch_all}
 

@@ -31,7 +31,9 @@ The dataset's lr is SCT's; with SGD, --loss hn or shn defaults to a quarter of i
 The resolved settings are written to OUT/config.yaml before training starts, with
 provenance: the layer that set each (dataset:NAME, cpu, usable cpus, optimizer:NAME,
 loss:NAME, lr_factor:NAME, config-file, flag); OUT/metrics.jsonl gets one line per
-iteration and per evaluation, Recall@K at the dataset's Ks (those of sct eval).
+iteration and per evaluation, Recall@K at the dataset's Ks (those of sct eval), and a
+stall_start / stall_end line when the hard-triplet fraction stays above 0.9 while S_ap
+does not rise (a warning is printed too; sct report shades those stretches).
 """
 
 EXPORT_EPILOG = """\
@@ -98,7 +100,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, help="NCA temperature τ (default 0.1)")
     parser.add_argument("--margin", type=float, help="margin of --loss batch-all (default 0.2)")
     parser.add_argument("--hard-threshold", type=float, metavar="T",
-                        help="also treat S_an > T as hard (the official code used 0.8, its 2020 version 0.5)")
+                        help="--loss sct: also treat S_an > T as hard (the official code uses 0.8)")
+    parser.add_argument("--hard-floor", type=float, metavar="F",
+                        help="--loss sct: a triplet is hard only if also S_an > F (the official code's 2020 "
+                             "version: 0.5)")
     parser.add_argument("--htl-levels", type=int, metavar="L", help="--loss htl: levels of the class tree (default 16)")
     parser.add_argument("--htl-beta", type=float, metavar="B",
                         help="--loss htl: β in the margin α = β + d_H(ya,yn) − s_ya (default 0.1)")
@@ -189,7 +194,7 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
 
 
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
-             "temperature", "margin", "hard_threshold", "device", "precision", "compile", "seed", "pretrained",
+             "temperature", "margin", "hard_threshold", "hard_floor", "device", "precision", "compile", "seed", "pretrained",
              "eval_every", "eval_ks", "augment", "workers", "max_iters_per_epoch", "val_fraction", "val_by",
              "htl_levels", "htl_beta", "htl_neighbours", "htl_rebuild_every", "htl_tree_images_per_class",
              "gather_embeddings", "sync_batchnorm", "dist_backend")

@@ -40,6 +40,7 @@ class TrainConfig:
     lam: float = 1.0
     temperature: float = 0.1
     hard_threshold: float | None = None
+    hard_floor: float | None = None  # SCT: a triplet is hard only if also S_an > this (the official 2020 rule: 0.5)
     margin: float = 0.2  # batch-all triplet loss only
     # Hierarchical Triplet Loss (--loss htl; Ge et al., ECCV 2018). A batch is l′ groups of
     # m = htl_neighbours classes (a random class and its m − 1 nearest) × images_per_class (t) images, so
@@ -221,7 +222,7 @@ _NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": _AT_LEAST_0, "lam": _AT_LEAST_0, "margin": _AT_LEAST_0,
     "gamma": _ABOVE_0, "temperature": _ABOVE_0,
     "momentum": _BELOW_1, "val_fraction": _BELOW_1,
-    "hard_threshold": (math.isfinite, "a finite number"),
+    "hard_threshold": (math.isfinite, "a finite number"), "hard_floor": (math.isfinite, "a finite number"),
     "epochs": _POSITIVE_COUNT, "batch_size": _POSITIVE_COUNT, "image_size": _POSITIVE_COUNT, "dim": _POSITIVE_COUNT,
     "max_iters_per_epoch": _POSITIVE_COUNT,
     "images_per_class": (lambda v: isinstance(v, int) and v >= 2, "a whole number at least 2 (anchor and positive)"),

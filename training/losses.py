@@ -175,19 +175,26 @@ class SCTLoss(MinedTripletLoss):
 
     A hard triplet (S_an > S_ap, or S_an > hard_threshold when given) contributes
     λ·S_an, which only pushes the negative away and leaves the positive without
-    gradient; every other triplet contributes the NCA loss.
+    gradient; every other triplet contributes the NCA loss. With ``hard_floor``,
+    a triplet is hard only if also S_an > hard_floor (the official code's 2020
+    rule, with 0.5): while similarities are low, as in a network trained from
+    scratch, triplets then get NCA, which pulls positives in.
     """
 
-    def __init__(self, lam: float = 1.0, temperature: float = 0.1, hard_threshold: float | None = None) -> None:
+    def __init__(self, lam: float = 1.0, temperature: float = 0.1, hard_threshold: float | None = None,
+                 hard_floor: float | None = None) -> None:
         super().__init__()
         self.lam = lam
         self.temperature = temperature
         self.hard_threshold = hard_threshold
+        self.hard_floor = hard_floor
 
     def per_anchor_loss(self, s_ap: Tensor, s_an: Tensor) -> Tensor:
         hard = s_an.detach() > s_ap.detach()
         if self.hard_threshold is not None:
             hard = hard | (s_an.detach() > self.hard_threshold)
+        if self.hard_floor is not None:
+            hard = hard & (s_an.detach() > self.hard_floor)
         return torch.where(hard, self.lam * s_an, nca(s_ap, s_an, self.temperature))
 
 
@@ -274,10 +281,10 @@ LOSSES = {"sct": SCTLoss, "hn": HNLoss, "shn": SHNLoss, "ep": EasyPositiveLoss, 
 
 
 def build_loss(name: str, *, lam: float, temperature: float, hard_threshold: float | None,
-               margin: float = 0.2, htl_beta: float = 0.1) -> MinedTripletLoss:
+               margin: float = 0.2, htl_beta: float = 0.1, hard_floor: float | None = None) -> MinedTripletLoss:
     """The loss called ``name`` with the run's settings."""
     if name == "sct":
-        return SCTLoss(lam=lam, temperature=temperature, hard_threshold=hard_threshold)
+        return SCTLoss(lam=lam, temperature=temperature, hard_threshold=hard_threshold, hard_floor=hard_floor)
     if name == "batch-all":
         return BatchAllTripletLoss(margin=margin)
     if name == "htl":

@@ -42,6 +42,7 @@ from training.losses import TripletStats, build_loss
 from training.model import build_model
 from training.precision import autocast, autocast_dtype
 from training.sampler import HTLBatchSampler, PKBatchSampler
+from training.stall import StallDetector, stall_window
 from training.transforms import Normalizer, eval_pixels, train_pixels
 
 
@@ -143,6 +144,7 @@ class Trainer:
             self._say("note: cache_images is ignored: it needs augment: false and workers: 0")
         self.dataset = RecordImages(self.train_records, self.class_index, transform, cache=cache)
         self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
+        self.stall = StallDetector(stall_window(config.epochs * self.iters_per_epoch))  # fed by rank 0
         self.loader: DataLoader | None = None  # made at the first epoch; its worker processes serve every epoch
 
         model = build_model(config.arch, config.dim, config.pretrained)
@@ -155,7 +157,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.device, config.precision)
         self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
                                   hard_threshold=config.hard_threshold, margin=config.margin,
-                                  htl_beta=config.htl_beta)
+                                  htl_beta=config.htl_beta, hard_floor=config.hard_floor)
         self.tree: ClassTree | None = None  # --loss htl: the class tree the loss and the sampler use
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -268,6 +270,7 @@ class Trainer:
             record["images_per_s"] = sum(sizes) / max(now - started, 1e-9)  # the global batch
             started = now
             self._log(record)
+            self._watch_for_stall(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", hard=f"{record['hard_fraction']:.2f}",
                             img_s=f"{record['images_per_s']:.0f}")
             bar.update()
@@ -385,6 +388,15 @@ class Trainer:
             tqdm.write(f"skipped unreadable image: {failure}")
         self.skipped_images += len(failures)
 
+    def _watch_for_stall(self, record: dict[str, Any]) -> None:
+        """Rank 0: feed the iteration to the stall detector; log a stall's start and end, and print them."""
+        if not self.is_main:
+            return
+        change = self.stall.update(record["iter"], record["hard_fraction"], record["mean_s_ap"], record["mean_s_an"])
+        if change is not None:
+            self._log(change.log_line(record["epoch"]))
+            tqdm.write(change.message())
+
     def _log(self, line: dict[str, Any]) -> None:
         """Append a line to metrics.jsonl (rank 0 only)."""
         if self.is_main:
@@ -431,7 +443,9 @@ class Trainer:
         if "htl_tree" in state and self.config.loss == "htl":
             self._use_tree(_tree_from_state(state["htl_tree"]))
         if self.is_main:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
+            for entry in _truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration):
+                if entry.get("type") is None:  # the detector's state is a function of the iterations logged
+                    self.stall.update(entry["iter"], entry["hard_fraction"], entry["mean_s_ap"], entry["mean_s_an"])
         self._say(f"resumed from {path} after epoch {state['epoch'] + 1} (iteration {self.iteration})")
 
 
@@ -502,20 +516,22 @@ def _serialise(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric lines written after the checkpoint, so a resumed run's log reads like an unbroken one.
-    An htl_tree line at the checkpoint's iteration belongs to the next epoch, which rebuilds it."""
+def _truncate_metrics(path: Path, iteration: int) -> list[dict[str, Any]]:
+    """Drop metric lines written after the checkpoint, so a resumed run's log reads like an unbroken one; returns
+    the lines kept. An htl_tree line at the checkpoint's iteration belongs to the next epoch, which rebuilds it.
+    A stall line carries the iteration whose step showed it, so it stays or goes with that step."""
     if not path.exists():
-        return
+        return []
     entries = []
     for line in path.read_text().splitlines():
         try:
             entries.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a full disk or a crash: it is after the checkpoint
             continue
-    kept = [json.dumps(e) for e in entries
+    kept = [e for e in entries
             if (e["iter"] <= iteration if e.get("type") == "eval" else e["iter"] < iteration)]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
+    return kept
 
 
 def _seed_everything(seed: int) -> None:

@@ -3,7 +3,8 @@
 - triplet diagrams (paper Fig. 1 and 5): sampled (S_ap, S_an) pairs, hard ones red,
   with arrows to where the same triplets were one step later when the run saved it;
 - the easiest-positive / hardest-negative diagram of a trained model (Fig. 7);
-- hard-triplet fraction per iteration and Recall@1 per evaluation, runs overlaid (Fig. 6).
+- hard-triplet fraction per iteration and Recall@1 per evaluation, runs overlaid (Fig. 6), with the iterations
+  the trainer flagged as stalled shaded in the run's colour.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from training.analysis.runs import Run, TripletSnapshot
 
 HARD, EASY, DIAGONAL = "#d62728", "#1f77b4", "#444444"
 MAX_ARROWS = 150  # more arrows than this turn into a smear
+STALL_ALPHA = 0.12
 
 
 def save(figure: Figure, path: Path, dpi: int = 110) -> Path:
@@ -90,6 +92,7 @@ def draw_hard_fraction_curves(runs: Sequence[Run], labels: Sequence[str], path: 
     """Share of anchors whose hardest negative is closer than their easiest positive, per iteration."""
     figure = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = figure.subplots()
+    _shade_stalls(ax, runs)
     for run, label, style in zip(runs, labels, _styles(runs)):
         if not run.steps:
             continue
@@ -106,6 +109,7 @@ def draw_recall_curves(runs: Sequence[Run], labels: Sequence[str], path: Path) -
     """Recall@1 at each evaluation, against the iteration it was taken at."""
     figure = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = figure.subplots()
+    _shade_stalls(ax, runs)
     values: list[float] = []
     for run, label, style in zip(runs, labels, _styles(runs)):
         points = [(e["iter"], e["recall@1"]) for e in run.evaluations if "recall@1" in e]
@@ -117,6 +121,15 @@ def draw_recall_curves(runs: Sequence[Run], labels: Sequence[str], path: Path) -
     limits = (max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.03)) if values else (0.0, 1.0)
     _finish_curves(ax, "Recall@1", "Recall@1 per evaluation", limits)
     return save(figure, path)
+
+
+def _shade_stalls(ax: Axes, runs: Sequence[Run]) -> None:
+    """Each run's stalled iterations (training.stall) as a band in its colour, with one legend entry for all."""
+    label = "stalled (shaded)"
+    for run, style in zip(runs, _styles(runs)):
+        for first, last in run.stalled_ranges():
+            ax.axvspan(first, last, color=style["color"], alpha=STALL_ALPHA, lw=0, label=label)
+            label = "_stalled"  # a leading underscore keeps it out of the legend
 
 
 def _styles(runs: Sequence[Run]) -> list[dict[str, str]]:

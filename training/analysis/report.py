@@ -10,7 +10,7 @@ import base64
 import datetime as dt
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class RunSummary:
     images_per_s: float | None
     mean_similarity: float | None = None  # over the evaluation split: the checkpoint's sample, else the last eval
     chance_recall_at_1: float | None = None
+    stalls: list[dict[str, Any]] = field(default_factory=list)  # kind, start, end (None: until the run stopped)
     figures: dict[str, str] = field(default_factory=dict)
 
 
@@ -57,7 +58,8 @@ def summarise(run: Run, label: str) -> RunSummary:
         evaluated_split=final.get("split", "test") if final else None,
         recall={f"recall@{k}": final.get(f"recall@{k}") for k in TABLE_KS},
         map_at_r=final.get("map@r"), final_hard_fraction=run.final_hard_fraction,
-        images_per_s=run.images_per_second, mean_similarity=final.get("mean_similarity"))
+        images_per_s=run.images_per_second, mean_similarity=final.get("mean_similarity"),
+        stalls=[asdict(stall) for stall in run.stalls])
 
 
 def build_report(run_paths: list[str | Path], out: str | Path, *, iterations: list[int] | None = None,
@@ -119,11 +121,17 @@ def _render_html(out: Path, title: str, created: str, summaries: list[RunSummary
     environment = Environment(loader=PackageLoader("training.analysis", "templates"),
                               autoescape=select_autoescape(["html"]))
     environment.filters["num"] = _format_number
+    environment.filters["stall"] = describe_stall
     template = environment.get_template("report.html")
     inline = {name: _data_uri(out / name) for s in summaries for name in s.figures.values()}
     inline.update({name: _data_uri(out / name) for name in shared.values()})
     return template.render(title=title, created=created, runs=summaries, shared=shared, inline=inline,
                            ks=TABLE_KS)
+
+
+def describe_stall(stall: dict[str, Any]) -> str:
+    """"stall 120–480", or "collapse 900–end" for one still under way when the run stopped."""
+    return f"{stall['kind']} {stall['start']}–{'end' if stall['end'] is None else stall['end']}"
 
 
 def _format_number(value: Any, digits: int = 4) -> str:

@@ -13,7 +13,8 @@ Examples:
 Writes into OUT: triplets_<run>.png (sampled (S_ap, S_an) pairs, hard ones red, arrows
 for one step), model_<run>.png (each gallery image's easiest positive vs hardest
 negative under the trained model, on training classes and on unseen data),
-hard_fraction.png, recall.png, report.json and report.html (self-contained).
+hard_fraction.png, recall.png, report.json and report.html (self-contained). Iterations
+sct train flagged as stalled are shaded in the curves and listed in the table.
 """
 
 
@@ -38,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from training.analysis.report import build_report
+    from training.analysis.report import build_report, describe_stall
 
     if args.max_images < 2:
         raise ValueError(f"--max-images {args.max_images}: needs at least 2 images")
@@ -49,6 +50,7 @@ def run_report(args: argparse.Namespace) -> int:
         recall = s.recall.get("recall@1")
         shown = f"R@1 {recall:.4f}" if recall is not None else "no evaluation"
         collapse = f"  mean similarity {s.mean_similarity:.3f}" if s.mean_similarity is not None else ""
-        print(f"{s.label} ({s.loss}): {shown}{collapse}")
+        stalled = f"  stalled at iterations: {', '.join(map(describe_stall, s.stalls))}" if s.stalls else ""
+        print(f"{s.label} ({s.loss}): {shown}{collapse}{stalled}")
     print(f"wrote {args.out}/report.html")
     return 0

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from training import stall
+
 TAIL_SHARE = 0.05  # "final" hard fraction: mean over the last 5% of iterations
 
 
@@ -34,11 +36,22 @@ class TripletSnapshot:
 
 
 @dataclass
+class Stall:
+    """A stretch the trainer flagged as stalled (training.stall): ``kind`` "stall" or "collapse", from iteration
+    ``start`` to ``end``, or to the end of the log when ``end`` is None (still stalled when the run stopped)."""
+
+    kind: str
+    start: int
+    end: int | None = None
+
+
+@dataclass
 class Run:
     path: Path
     config: dict[str, Any]
     steps: list[dict[str, Any]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    stalls: list[Stall] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -64,6 +77,11 @@ class Run:
         """Median over iterations (the first one of each epoch waits for the loader and is left out)."""
         rates = [s["images_per_s"] for s in self.steps if "images_per_s" in s]
         return float(statistics.median(rates[1:] or rates)) if rates else None
+
+    def stalled_ranges(self) -> list[tuple[int, int]]:
+        """(first, last) iteration of each stall, an unfinished one running to the last iteration logged."""
+        last = self.steps[-1]["iter"] if self.steps else 0
+        return [(s.start, s.end if s.end is not None else max(last, s.start)) for s in self.stalls]
 
     def triplet_iterations(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in (self.path / "triplets").glob("iter_*.npz"))
@@ -105,6 +123,10 @@ def load_run(path: str | Path) -> Run:
         kind = entry.get("type")
         if kind == "eval":
             run.evaluations.append(entry)
+        elif kind == stall.START:
+            run.stalls.append(Stall(entry["kind"], entry["start_iter"]))
+        elif kind == stall.END and run.stalls:
+            run.stalls[-1].end = entry["iter"]
         elif kind is None:  # one training iteration; other typed lines (e.g. "htl_tree") are not steps
             run.steps.append(entry)
     return run
