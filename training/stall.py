@@ -82,7 +82,7 @@ class StallChange:
                     "see docs/hard-negatives/README.md.")
         return (f"warning: training has stalled: over {span}, {w.hard_fraction:.0%} of triplets were hard "
                 f"(S_an > S_ap) and S_ap did not rise (mean S_ap {w.s_ap:.3f}, change {w.s_ap_rise:+.3f}; "
-                f"mean S_an {w.s_an:.3f}): positives are not coming closer, so Recall is unlikely to improve. "
+                f"mean S_an {w.s_an:.3f}): positives are not coming closer, and Recall@K often stops improving (watch the evaluations). "
                 "Things to try: a warm-up with a loss that pulls positives in (--loss shn or ep), "
                 "a different --lr, or for SCT a different --lam; see docs/hard-negatives/README.md.")
 
