@@ -23,7 +23,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 import catalog
 from retrieval.gallery import Gallery
 from retrieval.preprocessing import preprocess
-from webapp.errors import ApiError, quoted, size_text
+from webapp.errors import ApiError, quoted, upload_too_large
 from webapp.evaluation import recall_curve_png
 from webapp.item_files import item_image_response
 from webapp.metrics import milliseconds
@@ -48,7 +48,7 @@ def search():
 
     data = upload.read(served.max_upload_bytes + 1)
     if len(data) > served.max_upload_bytes:
-        raise ApiError(413, f"upload too large: the limit is {size_text(served.max_upload_bytes)} per image")
+        raise ApiError(413, upload_too_large(served.max_upload_bytes))
     try:
         query = served.compute.run(embed_and_search, data, gallery, k, served.max_pixels)
     except catalog.ImageLoadError as exc:

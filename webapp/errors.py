@@ -46,7 +46,7 @@ def register_error_handlers(app: Flask) -> None:
             parts, field = app.config["MAX_FORM_PARTS"], app.config["MAX_FORM_MEMORY_SIZE"]
             return error_response(413, f"form too large: at most {parts} parts and {field:,} bytes per text "
                                        "field; send one image in the file field 'image'")
-        return error_response(413, f"upload too large: the limit is {size_text(limit - FORM_OVERHEAD_BYTES)} per image")
+        return error_response(413, upload_too_large(limit - FORM_OVERHEAD_BYTES))
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
@@ -82,7 +82,12 @@ def drain_refused_bodies(app: Flask) -> None:
         return response
 
 
-def size_text(count: int) -> str:
+def upload_too_large(max_upload_bytes: int) -> str:
+    """The 413 message of an image over the upload limit, whether werkzeug or the search handler finds it."""
+    return f"upload too large: the limit is {_size(max_upload_bytes)} per image"
+
+
+def _size(count: int) -> str:
     return f"{count / (1 << 20):.3g} MiB" if count >= 1 << 20 else f"{count:,} bytes"
 
 
