@@ -129,7 +129,22 @@ def test_queries_expire_and_only_the_latest_are_kept(served):
     assert response.status_code == 404 and "expired" in response.get_json()["error"]
 
 
-def test_gallery_items_are_embedded_once_per_pair_view(served):
+def test_gallery_items_are_embedded_and_read_once_per_pair_view(served, monkeypatch):
+    import webapp.item_files
+
+    opened = webapp.item_files.open_image_file
+    bytes_read = []
+
+    class CountingReads(io.BufferedReader):
+        def read(self, *args):
+            data = super().read(*args)
+            bytes_read.append(len(data))
+            return data
+
+    def counting_open(path, roots):
+        return CountingReads(opened(path, roots).detach())
+
+    monkeypatch.setattr(webapp.item_files, "open_image_file", counting_open)
     app = create_app([served["root"] / "index_data" / "colors"])
     client = app.test_client()
     result = search(client)["results"][0]
@@ -138,3 +153,5 @@ def test_gallery_items_are_embedded_once_per_pair_view(served):
     client.get(result["heatmap_url"])
     latency = client.get("/metrics").get_json()["latency"]
     assert latency["item_view"]["count"] == 1 and latency["heatmap"]["count"] == 2
+    image_file = served["paths"][result["id"]]
+    assert sum(bytes_read) == image_file.stat().st_size  # the later requests find the view without reading

@@ -22,7 +22,8 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import BinaryIO
@@ -56,12 +57,12 @@ class OutsideImageRoots(PermissionError):
 
 
 @dataclass(frozen=True)
-class ItemFile:
-    """The bytes of a gallery item's image file, read from a descriptor checked by ``open_image_file``."""
+class OpenItemFile:
+    """A gallery item's image file, open on a descriptor checked by ``open_image_file``."""
 
-    data: bytes
+    file: BinaryIO
     name: str  # the file's name in items.csv
-    identity: tuple[int, int, int, int]  # device, inode, mtime (ns) and size of the file read
+    identity: tuple[int, int, int, int]  # device, inode, mtime (ns) and size of the file opened
 
 
 def open_image_file(path: str, roots: Sequence[str]) -> BinaryIO:
@@ -80,8 +81,10 @@ def open_image_file(path: str, roots: Sequence[str]) -> BinaryIO:
         raise
 
 
-def read_item_file(name: str, gallery: Gallery, item_id: int) -> ItemFile:
-    """The image file of item ``item_id`` of gallery ``name``, or ApiError 404 with a message that names no path.
+@contextmanager
+def opened_item_file(name: str, gallery: Gallery, item_id: int) -> Iterator[OpenItemFile]:
+    """The image file of item ``item_id`` of gallery ``name``, open for the ``with`` block; ApiError 404, with a
+    message that names no path, when it cannot be opened or read there.
 
     A relative path in items.csv is relative to the working directory, as ``sct index`` wrote it.
     """
@@ -91,7 +94,8 @@ def read_item_file(name: str, gallery: Gallery, item_id: int) -> ItemFile:
     try:
         with open_image_file(path, gallery.manifest["image_roots"]) as file:
             status = os.fstat(file.fileno())
-            data = file.read()
+            yield OpenItemFile(file, PurePath(path).name,
+                               (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size))
     except FileNotFoundError:
         raise ApiError(404, f"{_describe(name, item_id)} is missing") from None
     except OutsideImageRoots:
@@ -100,17 +104,16 @@ def read_item_file(name: str, gallery: Gallery, item_id: int) -> ItemFile:
         raise ApiError(404, f"{_describe(name, item_id)} cannot be read ({exc.strerror})") from None
     except ValueError:  # a NUL character in the path
         raise ApiError(404, f"{_describe(name, item_id)} cannot be read (its path holds a NUL character)") from None
-    identity = (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
-    return ItemFile(data, PurePath(path).name, identity)
 
 
 def item_image_response(name: str, gallery: Gallery, item_id: int) -> Response:
     """The image of item ``item_id`` as an inline response typed by its decoded format (see the module)."""
-    item = read_item_file(name, gallery, item_id)
-    data, image_format = item.data, _browser_format(item.data)
+    with opened_item_file(name, gallery, item_id) as item:
+        data = item.file.read()
+    image_format = _browser_format(data)
     if image_format is None:
         try:
-            data, image_format = settings().compute.run(as_png, item.data, settings().max_pixels), "PNG"
+            data, image_format = settings().compute.run(as_png, data, settings().max_pixels), "PNG"
         except catalog.ImageLoadError as exc:
             raise ApiError(404, f"{_describe(name, item_id)} cannot be read: {exc.reason}") from None
     response = Response(data, mimetype=Image.MIME[image_format])

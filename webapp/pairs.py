@@ -23,7 +23,7 @@ from retrieval.gallery import Gallery
 from retrieval.heatmaps import contribution_grid, crop_of, symmetric_limit
 from retrieval.preprocessing import preprocess
 from webapp.errors import ApiError, quoted
-from webapp.item_files import read_item_file
+from webapp.item_files import opened_item_file
 from webapp.served import settings
 
 _ITEM_ID = re.compile(r"[0-9]{1,18}")
@@ -117,14 +117,15 @@ def compare(query: ImageView, name: str, gallery: Gallery, item_id: int) -> Pair
 
 def item_view(name: str, gallery: Gallery, item_id: int) -> ImageView:
     """The view of gallery item ``item_id``, from the cache or by embedding its image file now."""
-    item = read_item_file(name, gallery, item_id)  # only a file inside the gallery's image roots
-    key = (gallery.manifest["model_sha256"], *item.identity)
-    cached = settings().item_views.get(key)
-    if cached is not None:
-        return cached
+    with opened_item_file(name, gallery, item_id) as item:  # only a file inside the gallery's image roots
+        key = (gallery.manifest["model_sha256"], *item.identity)
+        cached = settings().item_views.get(key)
+        if cached is not None:  # a pair view asks four times: the file is read only the first
+            return cached
+        data = item.file.read()
     with settings().metrics.timed("item_view"):
         try:
-            view = settings().compute.run(embedded_view, item.data, gallery, settings().max_pixels)
+            view = settings().compute.run(embedded_view, data, gallery, settings().max_pixels)
         except catalog.ImageLoadError as exc:
             raise ApiError(404, f"the image file of item {item_id} in gallery {name!r} "
                                 f"cannot be read: {exc.reason}") from None
