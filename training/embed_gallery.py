@@ -24,7 +24,8 @@ import torch
 import catalog
 from catalog import ImageRecord
 from retrieval.cli import index_sources, report_unreadable, reporting_user_errors
-from retrieval.embedder import OnnxEmbedder, usable_cpus
+from retrieval.cpus import usable_cpus
+from retrieval.embedder import OnnxEmbedder
 from retrieval.gallery import GalleryItem
 from retrieval.shards import ShardSpec, list_sha256, write_shard
 from training import distributed

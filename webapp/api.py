@@ -27,7 +27,7 @@ from webapp.errors import ApiError, quoted, upload_too_large
 from webapp.evaluation import recall_curve_png
 from webapp.item_files import item_image_response
 from webapp.metrics import milliseconds
-from webapp.pairs import keep_query, view_of
+from webapp.pairs import ImageView, keep_query, view_of
 from webapp.served import settings
 
 api = Blueprint("api", __name__)
@@ -57,7 +57,7 @@ def search():
     for stage, seconds in timings.items():
         served.metrics.observe(stage, seconds)
     with served.metrics.timed("render", timings):
-        query_id = keep_query(name, view_of(query.pixels, query.embeddings[0], query.maps[0], gallery))
+        query_id = keep_query(name, query.view)
         results = [
             {
                 "id": item_id,
@@ -128,9 +128,7 @@ def metrics():
 class SearchedQuery:
     """An uploaded query decoded, embedded and searched, with the seconds each stage took."""
 
-    pixels: np.ndarray  # the model input [3, S, S]
-    embeddings: np.ndarray  # [1, d]
-    maps: np.ndarray  # [1, Z, d]
+    view: ImageView  # what its heatmaps need
     scores: np.ndarray  # [1, k]
     ids: np.ndarray  # [1, k]
     timings: dict[str, float]
@@ -149,7 +147,7 @@ def embed_and_search(data: bytes, gallery: Gallery, k: int, max_pixels: int) -> 
     scores, ids = _search_one_thread(gallery, embeddings, k)
     searched = time.perf_counter()
     timings = {"decode": decoded - started, "embed": embedded - decoded, "search": searched - embedded}
-    return SearchedQuery(pixels, embeddings, maps, scores, ids, timings)
+    return SearchedQuery(view_of(pixels, embeddings[0], maps[0], gallery), scores, ids, timings)
 
 
 def _search_one_thread(gallery: Gallery, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
