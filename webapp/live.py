@@ -62,9 +62,9 @@ class LiveGallery:
 
     @property
     def problem(self) -> str | None:
-        """Why the folder on disk is not what is served (None when it is): checked now, so a deleted or
-        half-replaced folder shows even before a request tries to reload it."""
-        self.current()
+        """Why the folder on disk is not what ``current()`` serves (None when it is); call it after ``current()``,
+        which reloads a changed folder. The folder is stamped again here, so a deleted or half-replaced one
+        shows at once."""
         stamp = _folder_stamp(self.directory)
         if stamp is None:
             return f"{self.directory.name}/{MANIFEST_FILE} is missing (being replaced, or deleted)"
