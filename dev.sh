@@ -68,6 +68,10 @@ case "$command" in
         [ -x /usr/bin/chromium ] || apt_install chromium || true
         # curl: a test uploads photos the way people do, with `curl -F image=@photo.jpg`.
         command -v curl >/dev/null || apt_install curl || true
+        # Fonts that benchmarks/zero_shot_sets.py draws its many-class image sets with (glyphs, emoji).
+        [ -d /usr/share/fonts/truetype/liberation ] && [ -d /usr/share/fonts/truetype/dejavu ] \
+            || apt_install fonts-dejavu-core fonts-dejavu-extra fonts-liberation || true
+        [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || apt_install fonts-noto-color-emoji || true
         # torch.compile's CPU backend (the --compile test) builds C++ against the Python headers.
         command -v g++ >/dev/null || apt_install g++ || true
         "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
