@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from training.losses import BatchAllTripletLoss, EasyPositiveLoss, HNLoss, SCTLoss, SHNLoss
+from training.losses import BatchAllTripletLoss, EasyPositiveLoss, HNLoss, SCTLoss, SHNLoss, warm_start_weight
 
 TAU = 0.1
 
@@ -15,19 +15,23 @@ def _nca(s_ap: torch.Tensor, s_an: torch.Tensor) -> torch.Tensor:
     return -torch.log(torch.exp(s_ap / TAU) / (torch.exp(s_ap / TAU) + torch.exp(s_an / TAU)))
 
 
+def _anchors(unit: list[torch.Tensor], labels: list[int]):
+    """Each anchor a that has a positive and a negative: (a, its detached similarity to every other image, its
+    easiest positive, its negatives)."""
+    for a in range(len(labels)):
+        sims = {j: float((unit[a] @ unit[j]).detach()) for j in range(len(labels)) if j != a}
+        positives = [j for j in sims if labels[j] == labels[a]]
+        negatives = [j for j in sims if labels[j] != labels[a]]
+        if positives and negatives:
+            yield a, sims, max(positives, key=lambda j: sims[j]), negatives
+
+
 def reference_loss(embeddings: torch.Tensor, labels: list[int], kind: str, lam: float = 1.0,
                    threshold: float | None = None, floor: float | None = None) -> torch.Tensor:
     """The batch loss written out anchor by anchor, straight from the paper's definitions."""
     unit = [e / e.norm() for e in embeddings]
-    n = len(labels)
     per_anchor = []
-    for a in range(n):
-        sims = {j: float((unit[a] @ unit[j]).detach()) for j in range(n) if j != a}
-        positives = [j for j in sims if labels[j] == labels[a]]
-        negatives = [j for j in sims if labels[j] != labels[a]]
-        if not positives or not negatives:
-            continue
-        p = max(positives, key=lambda j: sims[j])
+    for a, sims, p, negatives in _anchors(unit, labels):
         if kind == "shn":
             negatives = [j for j in negatives if sims[j] <= sims[p]]
             if not negatives:
@@ -178,3 +182,85 @@ def test_stats_describe_the_batch() -> None:
     assert stats.hard_fraction == pytest.approx(sum(an > ap for ap, an in pairs) / len(pairs))
     assert stats.mean_s_ap == pytest.approx(sum(ap for ap, _ in pairs) / len(pairs), abs=1e-6)
     assert stats.mean_s_an == pytest.approx(sum(an for _, an in pairs) / len(pairs), abs=1e-6)
+
+
+# ------------------------------------------------------------------ SCT's warm start
+
+
+def reference_warm_start(embeddings: torch.Tensor, labels: list[int], w: float, warm: str,
+                         lam: float = 1.0) -> torch.Tensor:
+    """SCT's warm start anchor by anchor: "ep": (1 − w)·EP + w·SCT; "shn": a hard triplet adds (1 − w)·NCA
+    against its hardest negative not closer than the positive (nothing when there is none)."""
+    unit = [e / e.norm() for e in embeddings]
+    per_anchor = []
+    for a, sims, p, negatives in _anchors(unit, labels):
+        q = max(negatives, key=lambda j: sims[j])
+        s_ap, s_an = unit[a] @ unit[p], unit[a] @ unit[q]
+        hard = sims[q] > sims[p]
+        sct = lam * s_an if hard else _nca(s_ap, s_an)
+        if warm == "ep":
+            denominator = torch.exp(s_ap / TAU) + sum(torch.exp(unit[a] @ unit[j] / TAU) for j in negatives)
+            per_anchor.append((1 - w) * -torch.log(torch.exp(s_ap / TAU) / denominator) + w * sct)
+            continue
+        semi = [j for j in negatives if sims[j] <= sims[p]]
+        pull = _nca(s_ap, unit[a] @ unit[max(semi, key=lambda j: sims[j])]) if semi and hard else 0.0
+        per_anchor.append(sct + (1 - w) * pull)
+    return torch.stack(per_anchor).mean()
+
+
+@pytest.mark.parametrize("warm", ["ep", "shn"])
+@pytest.mark.parametrize("w", [0.0, 0.3, 0.9])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_warm_start_matches_an_explicit_loop(warm: str, w: float, seed: int) -> None:
+    embeddings, labels = _batch(2, seed)
+    ours_input = embeddings.clone().requires_grad_(True)
+    reference_input = embeddings.clone().requires_grad_(True)
+    loss_fn = SCTLoss(lam=0.5, warm_loss=warm)
+    loss_fn.sct_weight = w
+    ours = loss_fn(ours_input, torch.tensor(labels))
+    expected = reference_warm_start(reference_input, labels, w, warm, lam=0.5)
+    ours.backward()
+    expected.backward()
+    assert loss_fn.stats.hard_fraction > 0  # the batch has hard triplets, where the two losses differ
+    assert math.isclose(ours.item(), expected.item(), rel_tol=1e-4, abs_tol=1e-5)
+    assert torch.allclose(ours_input.grad, reference_input.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_the_warm_start_ends_as_the_papers_sct_and_begins_as_easy_positive() -> None:
+    embeddings, labels = _batch(2, 0)
+    labels = torch.tensor(labels)
+    warm = SCTLoss(warm_loss="ep")
+    warm.sct_weight = 0.0
+    assert math.isclose(warm(embeddings, labels).item(), EasyPositiveLoss()(embeddings, labels).item(), rel_tol=1e-6)
+    warm.sct_weight = 1.0
+    assert warm(embeddings, labels).item() == SCTLoss()(embeddings, labels).item()
+
+
+def test_during_the_warm_start_a_hard_triplet_pulls_its_positive() -> None:
+    """The 3-image batch of test_hard_triplet_gives_its_positive_no_gradient: anchors 0 and 1 are hard. The
+    paper's SCT gives S_ap no gradient; half-way through the warm start the positive is pulled toward the anchor."""
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.99, 0.14]])
+    labels = torch.tensor([0, 0, 1])
+
+    def d_loss_d_s_ap(w: float) -> float:
+        angle = torch.tensor(0.0, requires_grad=True)  # rotate image 1 toward image 0: S_ap rises with the angle
+        rotated = torch.stack([images[0], torch.stack([torch.sin(angle), torch.cos(angle)]), images[2]])
+        loss_fn = SCTLoss(warm_loss="ep")
+        loss_fn.sct_weight = w
+        loss_fn(rotated, labels).backward()
+        return float(angle.grad)
+
+    assert d_loss_d_s_ap(1.0) > 0  # only image 1's own push on negative 2 moves it, away from the anchor
+    assert d_loss_d_s_ap(0.5) < 0  # the loss falls as the positive comes closer
+
+
+@pytest.mark.parametrize(("progress", "warmup", "expected"), [
+    (0.0, 0.5, 0.0), (0.25, 0.5, 0.5), (0.5, 0.5, 1.0), (0.9, 0.5, 1.0), (0.0, 0.0, 1.0), (0.3, 1.0, 0.3)])
+def test_the_weight_of_sct_rises_linearly_over_the_warm_start(progress: float, warmup: float,
+                                                             expected: float) -> None:
+    assert warm_start_weight(progress, warmup) == pytest.approx(expected)
+
+
+def test_an_unknown_warm_start_loss_is_refused() -> None:
+    with pytest.raises(ValueError, match="warm-start loss 'hn'"):
+        SCTLoss(warm_loss="hn")

@@ -122,14 +122,31 @@ class MinedTripletLoss(nn.Module):
 
     def batch_terms(self, mining: Mining) -> LossTerms | None:
         """Per-anchor losses over anchors with a positive and an allowed negative; None if there are none."""
-        negative, has_negative = _masked_argmax(mining.similarities.detach(), self.negative_mask(mining))
-        valid = mining.has_positive & has_negative
-        if not bool(valid.any()):
+        triplets = _triplets(mining, self.negative_mask(mining))
+        if triplets is None:
             return None
-        anchors = valid.nonzero().squeeze(1)
-        s_ap = mining.similarities[anchors, mining.positive[anchors]]
-        s_an = mining.similarities[anchors, negative[anchors]]
-        return LossTerms(self.per_anchor_loss(s_ap, s_an).sum(), valid.sum())
+        _, s_ap, s_an, count = triplets
+        return LossTerms(self.per_anchor_loss(s_ap, s_an).sum(), count)
+
+
+def _triplets(mining: Mining, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """(anchors, live S_ap, live S_an, how many) for the anchors with a positive and one of ``negatives``, each
+    with its easiest positive and its hardest such negative; None if no anchor has both."""
+    negative, has_negative = _masked_argmax(mining.similarities.detach(), negatives)
+    valid = mining.has_positive & has_negative
+    if not bool(valid.any()):
+        return None
+    anchors = valid.nonzero().squeeze(1)
+    return (anchors, mining.similarities[anchors, mining.positive[anchors]],
+            mining.similarities[anchors, negative[anchors]], valid.sum())
+
+
+def _easy_positive(mining: Mining, anchors: Tensor, temperature: float) -> Tensor:
+    """Per anchor: −log(e^{S_ap/τ} / (e^{S_ap/τ} + Σ_n e^{S_an/τ})), its easiest positive against all negatives."""
+    logits = mining.similarities[anchors] / temperature
+    positive_logit = logits.gather(1, mining.positive[anchors, None])
+    negative_logits = logits.masked_fill(~mining.negatives[anchors], float("-inf"))
+    return torch.logsumexp(torch.cat([positive_logit, negative_logits], dim=1), dim=1) - positive_logit.squeeze(1)
 
 
 def _stats(s_ap: Tensor, s_an: Tensor, valid: Tensor, triplets: Tensor) -> TripletStats:
@@ -170,32 +187,82 @@ class SHNLoss(HNLoss):
         return mining.negatives & (mining.similarities.detach() <= mining.s_ap[:, None])
 
 
+WARM_LOSSES = ("ep", "shn")  # what SCT's warm start blends in (SCTLoss)
+
+
 class SCTLoss(MinedTripletLoss):
-    """Selectively Contrastive Triplet loss (paper eq. 13).
+    """Selectively Contrastive Triplet loss (paper eq. 13), with an optional warm start.
 
     A hard triplet (S_an > S_ap, or S_an > hard_threshold when given) contributes
     λ·S_an, which only pushes the negative away and leaves the positive without
     gradient; every other triplet contributes the NCA loss. With ``hard_floor``,
     a triplet is hard only if also S_an > hard_floor (the official code's 2020
-    rule, with 0.5): while similarities are low, as in a network trained from
-    scratch, triplets then get NCA, which pulls positives in.
+    rule, with 0.5).
+
+    Warm start: from scratch nearly every triplet starts hard, and λ·S_an alone
+    never pulls a class together (docs/hard-negatives/ZERO_SHOT.md). While
+    ``sct_weight`` w < 1, each anchor's loss blends in a loss that does:
+
+    - ``warm_loss="ep"``: (1 − w)·EP + w·SCT, with EP the Easy-Positive NCA of
+      the anchor's positive against all its negatives (``EasyPositiveLoss``);
+    - ``warm_loss="shn"``: a hard triplet gives λ·S_an + (1 − w)·NCA(S_ap, S_an′),
+      S_an′ the hardest negative not closer than the positive (SHN's; the term
+      is 0 when there is none); an easy triplet gives NCA as always.
+
+    w = 1 is the paper's SCT. The trainer raises w from 0 to 1 over the first
+    ``sct_warmup`` share of the run (``warm_start_weight``).
     """
 
     def __init__(self, lam: float = 1.0, temperature: float = 0.1, hard_threshold: float | None = None,
-                 hard_floor: float | None = None) -> None:
+                 hard_floor: float | None = None, warm_loss: str = "ep") -> None:
         super().__init__()
+        if warm_loss not in WARM_LOSSES:
+            raise ValueError(f"unknown warm-start loss {warm_loss!r}; choose one of {', '.join(WARM_LOSSES)}")
+        self.warm_loss = warm_loss
         self.lam = lam
         self.temperature = temperature
         self.hard_threshold = hard_threshold
         self.hard_floor = hard_floor
+        self.sct_weight = 1.0  # set by the trainer at each step (warm_start_weight)
+
+    def is_hard(self, s_ap: Tensor, s_an: Tensor) -> Tensor:
+        hard = s_an > s_ap
+        if self.hard_threshold is not None:
+            hard = hard | (s_an > self.hard_threshold)
+        if self.hard_floor is not None:
+            hard = hard & (s_an > self.hard_floor)
+        return hard
 
     def per_anchor_loss(self, s_ap: Tensor, s_an: Tensor) -> Tensor:
-        hard = s_an.detach() > s_ap.detach()
-        if self.hard_threshold is not None:
-            hard = hard | (s_an.detach() > self.hard_threshold)
-        if self.hard_floor is not None:
-            hard = hard & (s_an.detach() > self.hard_floor)
+        hard = self.is_hard(s_ap.detach(), s_an.detach())
         return torch.where(hard, self.lam * s_an, nca(s_ap, s_an, self.temperature))
+
+    def batch_terms(self, mining: Mining) -> LossTerms | None:
+        if self.sct_weight >= 1.0:
+            return super().batch_terms(mining)
+        triplets = _triplets(mining, mining.negatives)
+        if triplets is None:
+            return None
+        anchors, s_ap, s_an, count = triplets
+        hard = self.is_hard(s_ap.detach(), s_an.detach())
+        sct = torch.where(hard, self.lam * s_an, nca(s_ap, s_an, self.temperature))
+        w = self.sct_weight
+        if self.warm_loss == "ep":
+            easy_positive = _easy_positive(mining, anchors, self.temperature)
+            return LossTerms(((1.0 - w) * easy_positive + w * sct).sum(), count)
+        semi_mask = mining.negatives & (mining.similarities.detach() <= mining.s_ap[:, None])
+        semi, has_semi = _masked_argmax(mining.similarities.detach(), semi_mask)
+        pull = torch.where(has_semi[anchors], nca(s_ap, mining.similarities[anchors, semi[anchors]],
+                                                   self.temperature), 0.0)
+        return LossTerms((sct + torch.where(hard, (1.0 - w) * pull, 0.0)).sum(), count)
+
+
+def warm_start_weight(progress: float, warmup: float) -> float:
+    """SCT's weight w at ``progress`` (share of the run done, 0 to 1): rises linearly from 0 to 1 over the first
+    ``warmup`` share of the run; 1 throughout when ``warmup`` is 0 (the paper's SCT)."""
+    if warmup <= 0:
+        return 1.0
+    return min(max(progress / warmup, 0.0), 1.0)
 
 
 class EasyPositiveLoss(MinedTripletLoss):
@@ -210,12 +277,7 @@ class EasyPositiveLoss(MinedTripletLoss):
         valid = mining.has_positive & mining.negatives.any(dim=1)
         if not bool(valid.any()):
             return None
-        anchors = valid.nonzero().squeeze(1)
-        logits = mining.similarities[anchors] / self.temperature
-        positive_logit = logits.gather(1, mining.positive[anchors, None])
-        negative_logits = logits.masked_fill(~mining.negatives[anchors], float("-inf"))
-        all_logits = torch.cat([positive_logit, negative_logits], dim=1)
-        return LossTerms((torch.logsumexp(all_logits, dim=1) - positive_logit.squeeze(1)).sum(), valid.sum())
+        return LossTerms(_easy_positive(mining, valid.nonzero().squeeze(1), self.temperature).sum(), valid.sum())
 
 
 class BatchAllTripletLoss(MinedTripletLoss):
@@ -281,10 +343,12 @@ LOSSES = {"sct": SCTLoss, "hn": HNLoss, "shn": SHNLoss, "ep": EasyPositiveLoss, 
 
 
 def build_loss(name: str, *, lam: float, temperature: float, hard_threshold: float | None,
-               margin: float = 0.2, htl_beta: float = 0.1, hard_floor: float | None = None) -> MinedTripletLoss:
+               margin: float = 0.2, htl_beta: float = 0.1, hard_floor: float | None = None,
+               sct_warm_loss: str = "ep") -> MinedTripletLoss:
     """The loss called ``name`` with the run's settings."""
     if name == "sct":
-        return SCTLoss(lam=lam, temperature=temperature, hard_threshold=hard_threshold, hard_floor=hard_floor)
+        return SCTLoss(lam=lam, temperature=temperature, hard_threshold=hard_threshold, hard_floor=hard_floor,
+                       warm_loss=sct_warm_loss)
     if name == "batch-all":
         return BatchAllTripletLoss(margin=margin)
     if name == "htl":
