@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import DATASET_DEFAULTS, SGD_LR_FACTORS, load_config_file, resolve_config
+from training.config import DATASET_DEFAULTS, SGD_LR_FACTORS, START_DEFAULTS, load_config_file, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,3 +226,60 @@ def test_the_saved_config_yaml_loads_back_to_the_same_config(tmp_path) -> None:
     assert loaded == config and loaded.provenance == config.provenance == {**loaded.provenance, "lr": "config-file"}
     again = resolve_config("folder", config.data_root, config.out, config_file=str(saved))
     assert again == config and set(again.provenance.values()) == {"config-file"}
+
+
+# ------------------------------------------------------------------ defaults that depend on how training starts
+
+
+@pytest.mark.parametrize("dataset", ["folder", "cub", "cars", "sop", "inshop", "hotels50k"])
+def test_from_scratch_every_preset_takes_the_from_scratch_recipe_over_its_pretrained_one(dataset: str) -> None:
+    scratch = START_DEFAULTS["none"]
+    config = _resolve(dataset, pretrained="none")
+    for name in ("optimizer", "lr", "weight_decay", "momentum", "schedule", "augment"):
+        assert getattr(config, name) == scratch[name], name
+        assert config.provenance[name] == "start:none", name
+    assert config.sct_warmup == scratch["losses"]["sct"]["sct_warmup"] > 0  # SCT gets its warm start
+    assert (config.dim, config.batch_size, config.epochs) == tuple(DATASET_DEFAULTS[dataset][name]
+                                                                  for name in ("dim", "batch_size", "epochs"))
+    for loss in ("hn", "shn", "ep", "htl"):
+        baseline = _resolve(dataset, pretrained="none", loss=loss)
+        factor = scratch["lr_factors"].get(loss, 1.0)
+        assert (baseline.lr, baseline.sct_warmup) == (pytest.approx(scratch["lr"] * factor), 0.0), loss
+        if loss in scratch["lr_factors"]:
+            assert baseline.provenance["lr"] == f"start:none * lr_factor:{loss}" and factor < 1
+
+
+@pytest.mark.parametrize("pretrained", ["imagenet", "/weights/resnet50-from-elsewhere.pth"])
+def test_a_pretrained_trunk_keeps_the_datasets_recipe(pretrained: str) -> None:
+    config = _resolve("cub", pretrained=pretrained)
+    assert (config.optimizer, config.lr, config.provenance["lr"]) == ("sgd", DATASET_DEFAULTS["cub"]["lr"],
+                                                                        "dataset:cub")
+    assert config.sct_warmup == 0.0 and config.augment is True  # the paper's SCT and augmentation
+    assert not any(layer.startswith("start:") for layer in config.provenance.values())
+
+
+def test_a_preset_that_already_starts_from_scratch_keeps_its_own_tuned_recipe() -> None:
+    demo = _resolve("fashion-mnist")
+    assert demo.pretrained == "none" and _resolve("fashion-mnist", pretrained="none") == demo
+    assert demo.lr == DATASET_DEFAULTS["fashion-mnist"]["lr"] and demo.sct_warmup == 0.0
+
+
+def test_from_scratch_with_sgd_takes_the_from_scratch_sgd_settings_and_flags_still_win(tmp_path) -> None:
+    sgd = START_DEFAULTS["none"]["sgd"]
+    for loss in ("sct", "shn", "hn"):  # one learning rate for every loss from scratch
+        config = _resolve("cub", pretrained="none", optimizer="sgd", loss=loss)
+        assert (config.lr, config.momentum, config.weight_decay) == (sgd["lr"], sgd["momentum"], sgd["weight_decay"])
+    assert _resolve("cub", pretrained="none", optimizer="sgd").provenance["momentum"] == "start:none:optimizer:sgd"
+    assert _resolve("cub", pretrained="none", lr=0.2).lr == 0.2
+    assert _resolve("cub", pretrained="none", sct_warmup=0.0).sct_warmup == 0.0  # the paper's SCT, from scratch
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("pretrained: none\nschedule: step\n")
+    from_file = resolve_config("cub", "d", "o", config_file=str(config_file))
+    assert (from_file.optimizer, from_file.schedule) == (START_DEFAULTS["none"]["optimizer"], "step")
+
+
+@pytest.mark.parametrize(("setting", "value"), [("sct_warmup", -0.1), ("sct_warmup", 1.5),
+                                                 ("sct_warm_loss", "hn")])
+def test_the_warm_start_settings_are_checked(setting: str, value) -> None:
+    with pytest.raises(ValueError, match=setting):
+        _resolve("folder", pretrained="none", **{setting: value})

@@ -61,3 +61,17 @@ def test_pretrained_path_and_wrong_architecture(tmp_path: Path) -> None:
 def test_from_scratch_only_when_asked() -> None:
     a, b = build_model("resnet18", 8, "none"), build_model("resnet18", 8, "none")
     assert not torch.equal(a.trunk.conv1.weight, b.trunk.conv1.weight)  # random init, nothing loaded
+
+
+def test_a_checkpoint_of_sct_train_starts_the_trunk_and_not_the_head(tmp_path: Path) -> None:
+    """`--pretrained runs/old/best.pt`: the previous run's trunk, a new head (the embedding size may differ)."""
+    previous = EmbeddingNet("resnet18", 32)
+    torch.nn.init.normal_(previous.trunk.layer2[0].conv1.weight)
+    torch.save({"model": previous.state_dict(), "epoch": 3, "config": {"arch": "resnet18", "dim": 32}},
+               tmp_path / "best.pt")
+    model = build_model("resnet18", 16, str(tmp_path / "best.pt"))
+    for name, value in previous.trunk.state_dict().items():
+        assert torch.equal(model.trunk.state_dict()[name], value), name
+    assert model.head.out_features == 16
+    with pytest.raises((ValueError, RuntimeError)):
+        build_model("resnet34", 16, str(tmp_path / "best.pt"))

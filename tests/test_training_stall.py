@@ -127,8 +127,8 @@ def test_only_rank_zero_logs_and_prints_a_stall(tmp_path: Path, capsys) -> None:
 
 
 # ------------------------------------------------------------------ a real run that stalls
-# SCT from scratch with the folder dataset's defaults (SGD, lr 0.009, λ 1) on 32 training classes of pure-noise
-# images: nothing is shared within a class, so no step can pull positives in. With 16 classes × 2 images a
+# SCT from scratch with the folder preset's recipe for a pretrained trunk (SGD, lr 0.009, λ 1) and no warm start,
+# on 32 training classes of pure-noise images: nothing is shared within a class, so no step can pull positives in. With 16 classes × 2 images a
 # batch, an anchor's easiest positive is one image against 30 negatives: nearly every triplet is hard.
 # 4 iterations an epoch × 3 epochs; the window (and so the grace period before it) is cut from the rule's 20
 # iterations to 5 to keep the run short: the stall is judged on iterations 5–9.
@@ -148,7 +148,9 @@ def _noise_images(root: Path) -> Path:
 def _stalling_config(data: Path, out: Path):
     return resolve_config("folder", str(data), str(out), overrides=dict(
         arch="resnet18", pretrained="none", dim=8, image_size=16, epochs=EPOCHS, batch_size=32, images_per_class=2,
-        augment=False, workers=0, device="cpu", precision="fp32", eval_every=0, triplets_every=0, seed=0))
+        augment=False, workers=0, device="cpu", precision="fp32", eval_every=0, triplets_every=0, seed=0,
+        # the folder preset's recipe for a pretrained trunk and the paper's SCT, not the from-scratch defaults
+        optimizer="sgd", lr=0.009, momentum=0.0, weight_decay=0.0, schedule="step", sct_warmup=0.0))
 
 
 @pytest.fixture(scope="module")

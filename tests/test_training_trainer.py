@@ -99,7 +99,7 @@ def test_run_folder_contents(tmp_path: Path) -> None:
 
 
 def test_learning_rate_schedules() -> None:
-    step = _config(Path("."), Path("."), epochs=10, lr=1.0)
+    step = _config(Path("."), Path("."), epochs=10, lr=1.0, schedule="step")
     step.milestones, step.warmup_iters = [0.5, 0.75], 0
     assert [lr_factor(e * 5, step, 5) for e in (0, 4, 5, 7, 8, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     cosine = _config(Path("."), Path("."), epochs=2, schedule="cosine", warmup_iters=4)

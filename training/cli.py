@@ -104,6 +104,11 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--hard-floor", type=float, metavar="F",
                         help="--loss sct: a triplet is hard only if also S_an > F (the official code's 2020 "
                              "version: 0.5)")
+    parser.add_argument("--sct-warmup", type=float, metavar="SHARE",
+                        help="--loss sct: over this first share of the run (0 to 1), each anchor's loss moves from a loss "
+                             "that pulls positives in (--sct-warm-loss) to SCT's; 0: the paper's SCT throughout")
+    parser.add_argument("--sct-warm-loss", choices=["ep", "shn"],
+                        help="--loss sct: the loss the warm start blends in (default ep: Easy-Positive NCA)")
     parser.add_argument("--htl-levels", type=int, metavar="L", help="--loss htl: levels of the class tree (default 16)")
     parser.add_argument("--htl-beta", type=float, metavar="B",
                         help="--loss htl: β in the margin α = β + d_H(ya,yn) − s_ya (default 0.1)")
@@ -122,7 +127,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                              "two first; see benchmarks/results/gpu_speed.md for what it gains)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--pretrained", metavar="imagenet|none|PATH",
-                        help="ImageNet weights from torchvision's cache, none, or a state-dict file")
+                        help="how the network starts, which also picks the recipe (docs/hard-negatives/ZERO_SHOT.md): "
+                             "imagenet (torchvision's cached weights), none (from scratch: its own defaults), or "
+                             "PATH: a torchvision state dict or an `sct train` checkpoint, whose trunk is loaded")
     parser.add_argument("--eval-every", type=int, metavar="EPOCHS", help="evaluate every N epochs (0: at the end)")
     parser.add_argument("--eval-ks", type=positive_int, nargs="+", metavar="K",
                         help="K of the logged Recall@K, the first choosing best.pt (default: the dataset's, as in "
@@ -194,7 +201,8 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
 
 
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
-             "temperature", "margin", "hard_threshold", "hard_floor", "device", "precision", "compile", "seed", "pretrained",
+             "temperature", "margin", "hard_threshold", "hard_floor", "sct_warmup", "sct_warm_loss",
+             "device", "precision", "compile", "seed", "pretrained",
              "eval_every", "eval_ks", "augment", "workers", "max_iters_per_epoch", "val_fraction", "val_by",
              "htl_levels", "htl_beta", "htl_neighbours", "htl_rebuild_every", "htl_tree_images_per_class",
              "gather_embeddings", "sync_batchnorm", "dist_backend")

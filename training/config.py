@@ -41,6 +41,10 @@ class TrainConfig:
     temperature: float = 0.1
     hard_threshold: float | None = None
     hard_floor: float | None = None  # SCT: a triplet is hard only if also S_an > this (the official 2020 rule: 0.5)
+    # SCT's warm start (training.losses.SCTLoss): over this first share of the run, each anchor's loss moves from a
+    # loss that pulls positives in (sct_warm_loss: "ep" or "shn") to SCT's; 0: the paper's SCT from the start.
+    sct_warmup: float = 0.0
+    sct_warm_loss: str = "ep"
     margin: float = 0.2  # batch-all triplet loss only
     # Hierarchical Triplet Loss (--loss htl; Ge et al., ECCV 2018). A batch is l′ groups of
     # m = htl_neighbours classes (a random class and its m − 1 nearest) × images_per_class (t) images, so
@@ -120,18 +124,44 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Per start (how the network's weights begin: ``pretrained``), over the dataset's settings. The dataset presets are
+# recipes for a pretrained trunk (ImageNet weights, or a file of them: --pretrained PATH), the paper's setting.
+# From scratch ("none") nearly every triplet starts hard and those recipes barely learn; this recipe was chosen
+# on the zero-shot sets of benchmarks/zero_shot_sets.py (docs/hard-negatives/ZERO_SHOT.md). A dataset whose own
+# preset already starts from scratch (Fashion-MNIST) keeps its own tuned recipe.
+START_DEFAULTS: dict[str, dict[str, Any]] = {
+    "none": dict(
+        optimizer="adamw", lr=0.001, weight_decay=1e-4, momentum=0.0, schedule="cosine", warmup_iters=50,
+        augment=False,
+        # SCT: a blend from Easy-Positive into SCT over the whole run
+        losses=dict(sct=dict(sct_warmup=1.0, sct_warm_loss="ep")),
+        # SHN takes a tenth of the step: at 0.001 it collapsed on the glyphs set (every similarity → 1)
+        lr_factors=dict(shn=0.1),
+        # --optimizer sgd from scratch: momentum and weight decay, one learning rate for every loss
+        sgd=dict(lr=0.03, momentum=0.9, weight_decay=5e-4, lr_factors=dict(hn=1.0, shn=1.0)),
+    ),
+}
+
+
+def start_of(pretrained: str) -> str:
+    """How training starts: "none" (from scratch), "imagenet", or "file" (--pretrained PATH)."""
+    return pretrained if pretrained in ("none", "imagenet") else "file"
+
+
 # A run's config.yaml holds these too; given back as --config, they are ignored: the command line says them.
 NOT_FROM_FILE = ("dataset", "data_root", "out", "provenance")
 
 
 def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None, cuda_available: bool = False) -> TrainConfig:
-    """Dataset defaults ← device defaults ← optimiser defaults ← per-loss defaults (``LOSS_DEFAULTS``, then the
-    dataset's "losses" entry) ← per-loss learning rate ← YAML ``config_file`` ← ``overrides`` (None ignored).
+    """Dataset defaults ← device defaults ← start defaults (``START_DEFAULTS``, when ``pretrained`` differs from the
+    dataset's own) ← optimiser defaults ← per-loss defaults (``LOSS_DEFAULTS``, then the dataset's or the start's
+    "losses" entry) ← per-loss learning rate ← YAML ``config_file`` ← ``overrides`` (None ignored).
 
-    The dataset's learning rate is SCT's. With SGD and no learning rate given, a baseline loss gets
-    its own: SCT's times ``SGD_LR_FACTORS[loss]`` (docs/hard-negatives/README.md explains why).
-    ``config.provenance`` names the layer that set each setting.
+    The preset's learning rate is SCT's. With no learning rate given, a baseline loss gets its own: SCT's times
+    its factor for the optimiser (with SGD ``SGD_LR_FACTORS[loss]``, docs/hard-negatives/README.md explains why;
+    a preset or its optimiser entry may give its own "lr_factors"). ``config.provenance`` names the layer that
+    set each setting.
     """
     preset: dict[str, Any] = dict(DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["folder"]))
     cpu_settings = preset.pop("cpu", {})
@@ -156,15 +186,27 @@ def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str |
                  if k not in NOT_FROM_FILE}
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     explicit = {**from_file, **flags}
+    factors = {"sgd": dict(SGD_LR_FACTORS)}  # per optimizer: a baseline loss's learning rate over SCT's
+    start = start_of(explicit.get("pretrained", settings.get("pretrained", TrainConfig.pretrained)))
+    if start != start_of(settings.get("pretrained", TrainConfig.pretrained)):  # the dataset's recipe is for another
+        start_preset = dict(START_DEFAULTS.get(start, {}))
+        per_optimizer = {name: start_preset.pop(name, {}) for name in OPTIMIZERS}
+        per_loss = start_preset.pop("losses", {})
+        factors[start_preset.get("optimizer", TrainConfig.optimizer)] = start_preset.pop("lr_factors", {})
+        apply(f"start:{start}", start_preset)
+        layer_of_optimizer, layer_of_loss = f"start:{start}:optimizer", f"start:{start}:loss"
+    else:
+        layer_of_optimizer, layer_of_loss = "optimizer", "loss"
     optimizer = explicit.get("optimizer", settings.get("optimizer", TrainConfig.optimizer))
-    lr_factors = dict(SGD_LR_FACTORS)
     if optimizer != settings.get("optimizer", TrainConfig.optimizer):
         chosen = dict(per_optimizer.get(optimizer, {}))
-        lr_factors.update(chosen.pop("lr_factors", {}))
-        apply(f"optimizer:{optimizer}", chosen)
+        factors[optimizer] = {**factors.get(optimizer, {}), **chosen.pop("lr_factors", {})}
+        apply(f"{layer_of_optimizer}:{optimizer}", chosen)
+    lr_factors = factors.get(optimizer, {})
     loss = explicit.get("loss", settings.get("loss", TrainConfig.loss))
-    apply(f"loss:{loss}", {**LOSS_DEFAULTS.get(loss, {}), **per_loss.get(loss, {})})
-    if optimizer == "sgd" and "lr" not in explicit and loss in lr_factors:
+    apply(f"loss:{loss}", LOSS_DEFAULTS.get(loss, {}))
+    apply(f"{layer_of_loss}:{loss}", per_loss.get(loss, {}))
+    if "lr" not in explicit and loss in lr_factors:
         settings["lr"] = settings.get("lr", TrainConfig.lr) * lr_factors[loss]
         provenance["lr"] = f"{provenance.get('lr', 'default')} * lr_factor:{loss}"
     apply("config-file", from_file)
@@ -178,12 +220,14 @@ def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str |
     return config
 
 
-#: The settings `sct train` shows at the start with the layer that set them.
-KEY_SETTINGS = ("lr", "optimizer", "batch_size", "epochs", "schedule")
+#: The settings `sct train` shows at the start with the layer that set them (and SCT's warm start for SCT).
+KEY_SETTINGS = ("pretrained", "lr", "optimizer", "batch_size", "epochs", "schedule")
 
 
-def describe_provenance(config: TrainConfig, names: tuple[str, ...] = KEY_SETTINGS) -> str:
+def describe_provenance(config: TrainConfig, names: tuple[str, ...] | None = None) -> str:
     """One line per setting: ``name: value  (layer)``, the layer "default" when none set it."""
+    if names is None:
+        names = KEY_SETTINGS + (("sct_warmup",) if config.loss == "sct" else ())
     return "\n".join(f"  {name}: {getattr(config, name)}  ({config.provenance.get(name, 'default')})"
                      for name in names)
 
@@ -222,6 +266,7 @@ _NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": _AT_LEAST_0, "lam": _AT_LEAST_0, "margin": _AT_LEAST_0,
     "gamma": _ABOVE_0, "temperature": _ABOVE_0,
     "momentum": _BELOW_1, "val_fraction": _BELOW_1,
+    "sct_warmup": (lambda v: 0 <= v <= 1, "between 0 and 1 (a share of the run)"),
     "hard_threshold": (math.isfinite, "a finite number"), "hard_floor": (math.isfinite, "a finite number"),
     "epochs": _POSITIVE_COUNT, "batch_size": _POSITIVE_COUNT, "image_size": _POSITIVE_COUNT, "dim": _POSITIVE_COUNT,
     "max_iters_per_epoch": _POSITIVE_COUNT,
@@ -261,6 +306,8 @@ def _validate(config: TrainConfig) -> None:
         )
     if config.optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer must be sgd or adamw, not {config.optimizer!r}")
+    if config.sct_warm_loss not in ("ep", "shn"):
+        raise ValueError(f"sct_warm_loss must be ep or shn, not {config.sct_warm_loss!r}")
     if config.schedule not in ("step", "cosine"):
         raise ValueError(f"schedule must be 'step' or 'cosine', not {config.schedule!r}")
     if config.precision not in ("auto", "fp32", "bf16"):

@@ -65,7 +65,8 @@ def imagenet_weights_path(arch: str) -> Path:
 
 
 def build_model(arch: str, dim: int, pretrained: str) -> EmbeddingNet:
-    """``pretrained`` is "imagenet" (torchvision's cache), "none" (from scratch) or a file path."""
+    """``pretrained`` is "imagenet" (torchvision's cache), "none" (from scratch) or a file: a torchvision ResNet
+    state dict, or a checkpoint of `sct train` (last.pt, best.pt), whose trunk is taken and whose head is not."""
     model = EmbeddingNet(arch, dim)
     if pretrained == "none":
         return model
@@ -84,5 +85,8 @@ def build_model(arch: str, dim: int, pretrained: str) -> EmbeddingNet:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a checkpoint of `sct train`: its trunk
+        state = {key.removeprefix("trunk."): value for key, value in state["model"].items()
+                 if key.startswith("trunk.")}
     model.load_trunk_weights(state)
     return model

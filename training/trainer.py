@@ -38,7 +38,7 @@ from training.data import (RecordImages, SeededBatches, class_index_of, collate_
                            drop_small_classes, embed_records)
 from training.htl import ClassTree, build_tree
 from training.knn import knn_for
-from training.losses import TripletStats, build_loss
+from training.losses import SCTLoss, TripletStats, build_loss, warm_start_weight
 from training.model import build_model
 from training.precision import autocast, autocast_dtype
 from training.sampler import HTLBatchSampler, PKBatchSampler
@@ -157,7 +157,8 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.device, config.precision)
         self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
                                   hard_threshold=config.hard_threshold, margin=config.margin,
-                                  htl_beta=config.htl_beta, hard_floor=config.hard_floor)
+                                  htl_beta=config.htl_beta, hard_floor=config.hard_floor,
+                                  sct_warm_loss=config.sct_warm_loss)
         self.tree: ClassTree | None = None  # --loss htl: the class tree the loss and the sampler use
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -280,6 +281,9 @@ class Trainer:
         images = batch.images.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
         images = self.normalize(images.contiguous(memory_format=torch.channels_last))
+        if isinstance(self.loss_fn, SCTLoss):
+            total = self.config.epochs * self.iters_per_epoch
+            self.loss_fn.sct_weight = warm_start_weight(self.iteration / total, self.config.sct_warmup)
         with autocast(self.device, self.amp_dtype):
             embeddings = self.train_model(images)
         if self.gather:
