@@ -178,7 +178,7 @@ def test_a_stalling_run_logs_the_stall_and_warns_once(stalled_run: tuple[Path, P
     assert stalls[0]["hard_fraction"] > 0.9 and stalls[0]["s_ap"] < stalls[0]["s_an"]
     assert printed.count("warning: training has stalled") == 1
     warning = next(line for line in printed.splitlines() if "training has stalled" in line)
-    assert f"iterations {WINDOW}–{2 * WINDOW - 1}" in warning and "--loss shn" in warning and "--lr" in warning
+    assert f"iterations {WINDOW}–{2 * WINDOW - 1}" in warning and "--sct-warmup 1" in warning and "--lr" in warning
     assert load_run(run).stalls == [Stall("stall", WINDOW, None)] and len(load_run(run).steps) == len(steps)
 
 

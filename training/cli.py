@@ -12,6 +12,11 @@ Examples:
   sct train --dataset cub --data-root data/CUB_200_2011 --loss sct --out runs/cub-sct
   sct train --dataset sop --data-root data/Stanford_Online_Products --loss shn --lr 0.01 --out runs/sop-shn
   sct train --dataset folder --data-root ~/photos --arch resnet18 --epochs 20 --pretrained none --out runs/mine
+      # from scratch: AdamW, cosine, no augmentation, and SCT's warm start (docs/hard-negatives/ZERO_SHOT.md)
+  sct train --dataset folder --data-root ~/photos-2027 --pretrained runs/mine/best.pt --out runs/mine-2027
+      # start from an earlier run's trunk (the pretrained-trunk recipe)
+  sct train --dataset folder --data-root ~/photos --pretrained none --sct-warmup 0 --out runs/paper-sct
+      # the paper's SCT from the first step, no warm start
   sct train --dataset cub --data-root data/CUB_200_2011 --config my.yaml --out runs/cub   # YAML overrides defaults
   sct train --dataset cub --data-root data/CUB_200_2011 --out runs/cub --resume           # continue after a kill
   sct train --dataset sop --data-root data/Stanford_Online_Products --compile --out runs/sop
@@ -25,12 +30,13 @@ Examples:
       # 4 GPUs, one process each: --batch-size is the global batch, split into whole classes;
       # negatives mined from all 4 shares (docs/DISTRIBUTED.md)
 
-Defaults follow the paper for each dataset (embedding size, batch, lr, λ, schedule).
-The dataset's lr is SCT's; with SGD, --loss hn or shn defaults to a quarter of it
-(docs/hard-negatives/README.md).
+Defaults follow the paper for each dataset (embedding size, batch, lr, λ, schedule) when
+the trunk starts pretrained (imagenet or PATH). The dataset's lr is SCT's; with SGD,
+--loss hn or shn defaults to a quarter of it (docs/hard-negatives/README.md). From scratch
+(--pretrained none) the optimiser settings come from the start:none layer instead.
 The resolved settings are written to OUT/config.yaml before training starts, with
-provenance: the layer that set each (dataset:NAME, cpu, usable cpus, optimizer:NAME,
-loss:NAME, lr_factor:NAME, config-file, flag); OUT/metrics.jsonl gets one line per
+provenance: the layer that set each (dataset:NAME, cpu, usable cpus, start:none,
+optimizer:NAME, loss:NAME, lr_factor:NAME, config-file, flag); OUT/metrics.jsonl gets one line per
 iteration and per evaluation, Recall@K at the dataset's Ks (those of sct eval), and a
 stall_start / stall_end line when the hard-triplet fraction stays above 0.9 while S_ap
 does not rise (a warning is printed too; sct report shades those stretches).

@@ -77,14 +77,14 @@ class StallChange:
         if self.kind == "collapse":
             return (f"warning: the embedding is collapsing: over {span}, {w.hard_fraction:.0%} of triplets were "
                     f"hard (S_an > S_ap) with mean S_ap {w.s_ap:.3f} and S_an {w.s_an:.3f}, both near 1: every image "
-                    "maps to nearly the same point. Things to try: a different --lr or --optimizer, a warm-up with "
-                    "a loss that pulls positives in (--loss shn or ep), or for SCT a different --lam; "
-                    "see docs/hard-negatives/README.md.")
+                    "maps to nearly the same point; from scratch this often passes. Things to try: a smaller --lr "
+                    "or another --optimizer, for SCT a warm start that pulls positives in (--sct-warmup 1, the "
+                    "default from scratch), --loss ep; see docs/hard-negatives/ZERO_SHOT.md.")
         return (f"warning: training has stalled: over {span}, {w.hard_fraction:.0%} of triplets were hard "
                 f"(S_an > S_ap) and S_ap did not rise (mean S_ap {w.s_ap:.3f}, change {w.s_ap_rise:+.3f}; "
                 f"mean S_an {w.s_an:.3f}): positives are not coming closer, and Recall@K often stops improving (watch the evaluations). "
-                "Things to try: a warm-up with a loss that pulls positives in (--loss shn or ep), "
-                "a different --lr, or for SCT a different --lam; see docs/hard-negatives/README.md.")
+                "Things to try: for SCT a warm start that pulls positives in (--sct-warmup 1, the default from "
+                "scratch), --loss ep or shn, or a different --lr; see docs/hard-negatives/ZERO_SHOT.md.")
 
 
 class StallDetector:
