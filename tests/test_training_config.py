@@ -262,6 +262,10 @@ def test_a_preset_that_already_starts_from_scratch_keeps_its_own_tuned_recipe() 
     demo = _resolve("fashion-mnist")
     assert demo.pretrained == "none" and _resolve("fashion-mnist", pretrained="none") == demo
     assert demo.lr == DATASET_DEFAULTS["fashion-mnist"]["lr"] and demo.sct_warmup == 0.0
+    # with ImageNet weights it keeps its recipe too, its per-loss and per-optimiser entries included
+    assert _resolve("fashion-mnist", pretrained="imagenet", loss="htl").images_per_class == 12
+    sgd = _resolve("fashion-mnist", pretrained="imagenet", optimizer="sgd")
+    assert sgd.lr == DATASET_DEFAULTS["fashion-mnist"]["sgd"]["lr"]
 
 
 def test_from_scratch_with_sgd_takes_the_from_scratch_sgd_settings_and_flags_still_win(tmp_path) -> None:

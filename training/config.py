@@ -188,8 +188,8 @@ def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str |
     explicit = {**from_file, **flags}
     factors = {"sgd": dict(SGD_LR_FACTORS)}  # per optimizer: a baseline loss's learning rate over SCT's
     start = start_of(explicit.get("pretrained", settings.get("pretrained", TrainConfig.pretrained)))
-    if start != start_of(settings.get("pretrained", TrainConfig.pretrained)):  # the dataset's recipe is for another
-        start_preset = dict(START_DEFAULTS.get(start, {}))
+    if start != start_of(settings.get("pretrained", TrainConfig.pretrained)) and start in START_DEFAULTS:
+        start_preset = dict(START_DEFAULTS[start])  # the dataset's recipe is for another start
         per_optimizer = {name: start_preset.pop(name, {}) for name in OPTIMIZERS}
         per_loss = start_preset.pop("losses", {})
         factors[start_preset.get("optimizer", TrainConfig.optimizer)] = start_preset.pop("lr_factors", {})
