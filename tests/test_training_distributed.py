@@ -125,7 +125,7 @@ def test_command_line_flags_reach_the_config() -> None:
 FEATURES, CLASSES, PER_CLASS, P, K = 12, 8, 5, 4, 3
 # (loss, gather the embeddings, BatchNorm in the model: synchronised across the processes)
 CASES = [(name, True, False) for name in sorted(LOSSES)] + [("hn", False, False), ("sct", False, False),
-                                                          ("sct", True, True)]
+                                                          ("sct", True, True), ("sct-warm", True, False)]
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +143,10 @@ def _model(batchnorm: bool) -> nn.Sequential:
 
 
 def _loss(name: str):
-    loss_fn = build_loss(name, lam=1.0, temperature=0.1, hard_threshold=None, margin=0.2, htl_beta=0.1)
+    loss_fn = build_loss(name.removesuffix("-warm"), lam=1.0, temperature=0.1, hard_threshold=None, margin=0.2,
+                         htl_beta=0.1)
+    if name == "sct-warm":  # part-way through SCT's warm start: EP and SCT blended
+        loss_fn.sct_weight = 0.4
     if name == "htl":  # a real tree, so that the margins depend on the (anchor, negative) classes
         features, labels = _data()
         unit = torch.nn.functional.normalize(features[:, :8], dim=1).numpy()
@@ -246,10 +249,15 @@ def test_gathering_changes_the_gradient(two_process_results) -> None:
 # resnet18 from scratch at 16 px with 8-image batches is numerically chaotic: BatchNorm normalises 8 values per
 # channel on 1×1 maps, and one process against itself with 1 vs 2 BLAS threads drifts by 1e-2 in loss within four
 # steps at lr 0.05. At lr 1e-5 rounding stays near 1e-5, while one step still moves the similarities by ~0.5, so a
-# wrong gradient (a missing share, a wrong scale) cannot hide below the tolerance.
+# wrong gradient (a missing share, a wrong scale) cannot hide below the tolerance. Plain SGD, not the from-scratch
+# AdamW: Adam moves every weight by about lr whatever its gradient's size, so rounding-level differences in tiny
+# gradients flip whole steps. No warm start either: it is a share of the run, and this run is extended from one epoch
+# to two on resume (the blended loss is checked under DDP by test_ddp_gradients_equal_one_process, "sct-warm").
 TRAIN_SETTINGS = dict(arch="resnet18", pretrained="none", dim=8, image_size=16, batch_size=8, images_per_class=2,
                       lr=1e-5, workers=0, device="cpu", precision="fp32", augment=False, eval_every=1,
-                      triplets_every=2, milestones=[], gather_embeddings=True, sync_batchnorm=True)
+                      triplets_every=2, milestones=[], gather_embeddings=True, sync_batchnorm=True,
+                      optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="step", warmup_iters=0,
+                      sct_warmup=0.0)
 
 
 def _torchrun(data: Path, run: Path, config_file: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
