@@ -24,7 +24,6 @@ import torch
 import catalog
 from catalog import ImageRecord
 from retrieval.cli import index_sources, report_unreadable, reporting_user_errors
-from retrieval.cpus import usable_cpus
 from retrieval.embedder import OnnxEmbedder
 from retrieval.gallery import GalleryItem
 from retrieval.shards import ShardSpec, list_sha256, write_shard
@@ -35,7 +34,7 @@ from training.export import load_checkpoint_model
 from training.model import EmbeddingNet
 from training.precision import autocast_dtype
 from training.trainer import pick_device, preprocessing_of
-from training.workers import default_workers, processes_on_this_machine
+from training.workers import cpu_share, default_workers
 
 #: Least cosine between the torch and the ONNX embedding of a check image, per precision of the torch path.
 FP32_MIN_COSINE = 0.999
@@ -151,7 +150,7 @@ def embed_command(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch but the last has one shape
     embedder = OnnxEmbedder(args.model, providers=["CPUExecutionProvider"],
-                            threads=max(1, usable_cpus() // processes_on_this_machine()))
+                            threads=cpu_share())
     check = check_same_model(model, config, embedder, mine, device, amp_dtype, checkpoint=args.checkpoint)
     _report_check(check, args, amp_dtype, shard)
     what = f"{len(sources):,} images of {dataset} {split}".rstrip()

@@ -184,7 +184,12 @@ class SHNLoss(HNLoss):
     """NCA on the hardest negative that is not closer than the positive; anchors with none are skipped."""
 
     def negative_mask(self, mining: Mining) -> Tensor:
-        return mining.negatives & (mining.similarities.detach() <= mining.s_ap[:, None])
+        return _semi_hard_negatives(mining)
+
+
+def _semi_hard_negatives(mining: Mining) -> Tensor:
+    """[A, B]: the negatives of each anchor that are not closer than its easiest positive."""
+    return mining.negatives & (mining.similarities.detach() <= mining.s_ap[:, None])
 
 
 WARM_LOSSES = ("ep", "shn")  # what SCT's warm start blends in (SCTLoss)
@@ -244,14 +249,13 @@ class SCTLoss(MinedTripletLoss):
         if triplets is None:
             return None
         anchors, s_ap, s_an, count = triplets
-        hard = self.is_hard(s_ap.detach(), s_an.detach())
-        sct = torch.where(hard, self.lam * s_an, nca(s_ap, s_an, self.temperature))
+        sct = self.per_anchor_loss(s_ap, s_an)
         w = self.sct_weight
         if self.warm_loss == "ep":
             easy_positive = _easy_positive(mining, anchors, self.temperature)
             return LossTerms(((1.0 - w) * easy_positive + w * sct).sum(), count)
-        semi_mask = mining.negatives & (mining.similarities.detach() <= mining.s_ap[:, None])
-        semi, has_semi = _masked_argmax(mining.similarities.detach(), semi_mask)
+        hard = self.is_hard(s_ap.detach(), s_an.detach())
+        semi, has_semi = _masked_argmax(mining.similarities.detach(), _semi_hard_negatives(mining))
         pull = torch.where(has_semi[anchors], nca(s_ap, mining.similarities[anchors, semi[anchors]],
                                                    self.temperature), 0.0)
         return LossTerms((sct + torch.where(hard, (1.0 - w) * pull, 0.0)).sum(), count)

@@ -144,7 +144,8 @@ class Trainer:
             self._say("note: cache_images is ignored: it needs augment: false and workers: 0")
         self.dataset = RecordImages(self.train_records, self.class_index, transform, cache=cache)
         self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
-        self.stall = StallDetector(stall_window(config.epochs * self.iters_per_epoch))  # fed by rank 0
+        self.total_iterations = config.epochs * self.iters_per_epoch
+        self.stall = StallDetector(stall_window(self.total_iterations))  # fed by rank 0
         self.loader: DataLoader | None = None  # made at the first epoch; its worker processes serve every epoch
 
         model = build_model(config.arch, config.dim, config.pretrained)
@@ -282,8 +283,8 @@ class Trainer:
         labels = batch.labels.to(self.device, non_blocking=True)
         images = self.normalize(images.contiguous(memory_format=torch.channels_last))
         if isinstance(self.loss_fn, SCTLoss):
-            total = self.config.epochs * self.iters_per_epoch
-            self.loss_fn.sct_weight = warm_start_weight(self.iteration / total, self.config.sct_warmup)
+            self.loss_fn.sct_weight = warm_start_weight(self.iteration / self.total_iterations,
+                                                        self.config.sct_warmup)
         with autocast(self.device, self.amp_dtype):
             embeddings = self.train_model(images)
         if self.gather:

@@ -18,6 +18,11 @@ def processes_on_this_machine(environ: Mapping[str, str] = os.environ) -> int:
     return max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def cpu_share(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's share of the usable CPUs, at least 1."""
+    return max(1, usable_cpus() // processes_on_this_machine(environ))
+
+
 def default_workers(environ: Mapping[str, str] = os.environ, *, cap: int = MAX_DEFAULT_WORKERS) -> int:
     """min(cap, this process's share of the usable CPUs), at least 1."""
-    return max(1, min(cap, usable_cpus() // processes_on_this_machine(environ)))
+    return max(1, min(cap, cpu_share(environ)))
