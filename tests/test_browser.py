@@ -23,6 +23,17 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-b
                  "--disable-component-update", "--disable-sync"]  # fmt: skip
 LOADED = "image => image.complete && image.naturalWidth > 0"
 
+
+def wait_for_results(page, count: int) -> None:
+    """Wait until the page lists `count` results and every result image has loaded.
+
+    Waiting on the images alone would pass at once before the results render: every() of no images is true.
+    """
+    page.wait_for_function(f"() => {{ const images = [...document.querySelectorAll('#results img')];"
+                           f" return document.querySelectorAll('#results a.result').length === {count}"
+                           f" && images.length > 0 && images.every({LOADED}); }}")
+
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 if not CHROMIUM.is_file():
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set SCT_CHROMIUM)", allow_module_level=True)
@@ -61,12 +72,10 @@ def test_search_then_pair_view_then_evaluation(server, page, tmp_path):
     page.goto(server + "/")
     page.set_input_files("#image-input", str(query))
 
-    page.wait_for_selector("#results a.result")
+    wait_for_results(page, 6)
     results = page.locator("#results a.result")
-    assert results.count() == 6
     assert results.first.locator(".label").inner_text() == "blue"
     assert "results from colors" in page.locator("#status").inner_text()
-    page.wait_for_function(f"[...document.querySelectorAll('#results img')].every({LOADED})")
 
     results.first.click()
     page.wait_for_url("**/pair?**")
@@ -122,8 +131,8 @@ def test_the_pages_work_under_their_content_security_policy(server, page, tmp_pa
 
     page.goto(server + "/")
     page.set_input_files("#image-input", str(query))
-    page.wait_for_function(f"[...document.querySelectorAll('#results img')].every({LOADED})")
-    assert page.locator("#results a.result").count() == 6 and violations() == []
+    wait_for_results(page, 6)
+    assert violations() == []
 
     page.locator("#results a.result").first.click()
     page.wait_for_url("**/pair?**")
@@ -137,7 +146,8 @@ def test_the_pages_work_under_their_content_security_policy(server, page, tmp_pa
     page.go_back()
     page.go_back()  # the restored search shows its query from a data: URL
     page.wait_for_function(f"({LOADED})(document.querySelector('#preview'))")
-    assert page.locator("#results a.result").count() == 6 and violations() == []
+    wait_for_results(page, 6)
+    assert violations() == []
 
     ran = page.evaluate("""() => {
         const script = document.createElement("script");
