@@ -364,3 +364,37 @@ def test_torchrun_evaluation_is_shared_and_scores_rank_zeros_model(tmp_path: Pat
     sims = unit @ unit.T
     mean_similarity = (sims.sum() - np.trace(sims)) / (len(unit) * (len(unit) - 1))
     assert logged[0]["mean_similarity"] == pytest.approx(mean_similarity, abs=1e-6)
+
+
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")  # the names gloo gives its C++ threads (/proc/…/comm)
+LEFT_THREADS_SCRIPT = """
+import os, sys
+import yaml
+from training.config import TrainConfig
+from training.trainer import train
+
+train(TrainConfig(**yaml.safe_load(open(sys.argv[1]))), progress=False)
+names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+print("gloo threads left:", sorted(name for name in names if name.startswith(THREADS)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+def test_torchrun_training_leaves_no_gloo_threads_behind(tmp_path: Path) -> None:
+    """After train() returns under torchrun, the process group's gloo threads are gone. Were the Trainer kept alive
+    by a reference cycle, its DistributedDataParallel would hold them past destroy_process_group(), to be torn down
+    during interpreter finalisation, which can abort the process after the run was written."""
+    data = _images(tmp_path / "data", classes=8, per_class=4)
+    settings = dict(TRAIN_SETTINGS, dataset="folder", data_root=str(data), out=str(tmp_path / "ddp"), epochs=1)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    script = tmp_path / "train_then_list_threads.py"
+    script.write_text(LEFT_THREADS_SCRIPT.replace("THREADS", repr(GLOO_THREADS)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-addr",
+               "127.0.0.1", "--master-port", str(_free_port()), str(script), str(config_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=150)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [line for line in result.stdout.splitlines() if line.startswith("gloo threads left:")]
+    assert reports == ["gloo threads left: []"] * WORLD, result.stdout[-3000:]

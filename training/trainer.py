@@ -11,6 +11,7 @@ shows progress; the others wait for it at a barrier.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -162,8 +163,11 @@ class Trainer:
                                   sct_warm_loss=config.sct_warm_loss)
         self.tree: ClassTree | None = None  # --loss htl: the class tree the loss and the sampler use
         self.optimizer = build_optimizer(self.model, config)
+        # The schedule must not hold self: a Trainer in a reference cycle outlives train(), and its DDP wrapper keeps
+        # the gloo process group's threads alive past destroy_process_group(), to be killed at interpreter exit,
+        # which can abort the process after the run is written.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: lr_factor(it, config, self.iters_per_epoch))
+            self.optimizer, functools.partial(lr_factor, config=config, iters_per_epoch=self.iters_per_epoch))
         self.start_epoch, self.iteration, self.best_recall = 0, 0, -1.0
         self.skipped_images = 0
         if resume:
