@@ -15,7 +15,7 @@ again, so an interrupted study resumes where it stopped.
 
     python benchmarks/zero_shot_sets.py glyphs --per-class 60 --out data/glyphs
     python benchmarks/zero_shot_sets.py emoji --out data/emoji
-    python benchmarks/zero_shot_study.py --set glyphs=data/glyphs --set emoji=data/emoji --out runs/zero-shot
+    python -m benchmarks.zero_shot_study --set glyphs=data/glyphs --set emoji=data/emoji --out runs/zero-shot
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example:\n  python benchmarks/zero_shot_study.py --set glyphs=data/glyphs --set emoji=data/emoji "
+        epilog="Example:\n  python -m benchmarks.zero_shot_study --set glyphs=data/glyphs --set emoji=data/emoji "
                "--out runs/zero-shot")
     parser.add_argument("--set", action="append", required=True, metavar="NAME=DIR",
                         help="a set built by benchmarks/zero_shot_sets.py (repeat for several)")
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with args.results.open("a", encoding="utf-8") as file:
-        file.write(f"\n## {now_utc()} UTC: {this_command('benchmarks/zero_shot_study.py')}\n\n"
+        file.write(f"\n## {now_utc()} UTC: {this_command('-m', ['benchmarks.zero_shot_study', *sys.argv[1:]])}\n\n"
                    f"Machine: {machine()}.\n\n{text}")
     return 0
 
