@@ -129,6 +129,18 @@ def test_training_logs_recall_at_the_ks_of_sct_eval(dataset: str, monkeypatch) -
     assert _resolve(dataset).eval_ks == evaluated.value.args[0]
 
 
+@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--no-embedding-bn"], False),
+                                                 (["--pretrained", "imagenet"], False),
+                                                 (["--pretrained", "imagenet", "--embedding-bn"], True)])
+def test_the_embedding_batchnorm_flag_reaches_the_config(flags: list[str], expected: bool) -> None:
+    from sct.cli import build_parser
+    from training.cli import OVERRIDES
+
+    args = build_parser().parse_args(["train", "--dataset", "cub", "--data-root", "d", "--out", "o",
+                                      "--pretrained", "none", *flags])
+    assert _resolve("cub", **{name: getattr(args, name) for name in OVERRIDES}).embedding_bn is expected
+
+
 def test_the_users_ks_win_over_the_datasets(tmp_path) -> None:
     from sct.cli import build_parser
     from training.cli import OVERRIDES
@@ -235,18 +247,18 @@ def test_the_saved_config_yaml_loads_back_to_the_same_config(tmp_path) -> None:
 def test_from_scratch_every_preset_takes_the_from_scratch_recipe_over_its_pretrained_one(dataset: str) -> None:
     scratch = START_DEFAULTS["none"]
     config = _resolve(dataset, pretrained="none")
-    for name in ("optimizer", "lr", "weight_decay", "momentum", "schedule", "augment"):
+    for name in ("optimizer", "lr", "weight_decay", "momentum", "schedule", "augment", "embedding_bn"):
         assert getattr(config, name) == scratch[name], name
         assert config.provenance[name] == "start:none", name
     assert config.sct_warmup == scratch["losses"]["sct"]["sct_warmup"] > 0  # SCT gets its warm start
     assert (config.dim, config.batch_size, config.epochs) == tuple(DATASET_DEFAULTS[dataset][name]
                                                                   for name in ("dim", "batch_size", "epochs"))
-    for loss in ("hn", "shn", "ep", "htl"):
+    assert config.embedding_bn and not _resolve(dataset).embedding_bn  # on from scratch only
+    for loss in ("hn", "shn", "ep", "htl"):  # SCT's learning rate, times the loss's factor from scratch if any
         baseline = _resolve(dataset, pretrained="none", loss=loss)
-        factor = scratch["lr_factors"].get(loss, 1.0)
-        assert (baseline.lr, baseline.sct_warmup) == (pytest.approx(scratch["lr"] * factor), 0.0), loss
-        if loss in scratch["lr_factors"]:
-            assert baseline.provenance["lr"] == f"start:none * lr_factor:{loss}" and factor < 1
+        factor = scratch["lr_factors"].get(loss)
+        assert (baseline.lr, baseline.sct_warmup) == (pytest.approx(scratch["lr"] * (factor or 1)), 0.0), loss
+        assert baseline.provenance["lr"] == ("start:none" if factor is None else f"start:none * lr_factor:{loss}")
 
 
 @pytest.mark.parametrize("pretrained", ["imagenet", "/weights/resnet50-from-elsewhere.pth"])
@@ -276,6 +288,7 @@ def test_from_scratch_with_sgd_takes_the_from_scratch_sgd_settings_and_flags_sti
     assert _resolve("cub", pretrained="none", optimizer="sgd").provenance["momentum"] == "start:none:optimizer:sgd"
     assert _resolve("cub", pretrained="none", lr=0.2).lr == 0.2
     assert _resolve("cub", pretrained="none", sct_warmup=0.0).sct_warmup == 0.0  # the paper's SCT, from scratch
+    assert _resolve("cub", pretrained="none", embedding_bn=False).embedding_bn is False  # the paper's head
     config_file = tmp_path / "c.yaml"
     config_file.write_text("pretrained: none\nschedule: step\n")
     from_file = resolve_config("cub", "d", "o", config_file=str(config_file))

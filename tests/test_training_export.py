@@ -15,13 +15,20 @@ from training.export import ExportError, export_onnx, load_checkpoint_model
 from training.model import EmbeddingNet
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EmbeddingNet]:
+@pytest.fixture(scope="module", params=[False, True], ids=["linear-head", "embedding-bn"])
+def exported(tmp_path_factory: pytest.TempPathFactory, request) -> tuple[Path, EmbeddingNet]:
     directory = tmp_path_factory.mktemp("export")
     config = resolve_config("folder", "unused", str(directory), overrides=dict(
-        arch="resnet18", dim=16, image_size=64, pretrained="none", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]))
+        arch="resnet18", dim=16, image_size=64, pretrained="none", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3],
+        embedding_bn=request.param))
     torch.manual_seed(0)
-    model = EmbeddingNet("resnet18", 16)
+    model = EmbeddingNet("resnet18", 16, config.embedding_bn)
+    if model.embedding_bn is not None:  # statistics and an affine map far from the identity
+        with torch.no_grad():
+            model.embedding_bn.running_mean.uniform_(-1, 1)
+            model.embedding_bn.running_var.uniform_(0.2, 3)
+            model.embedding_bn.weight.uniform_(0.5, 2)
+            model.embedding_bn.bias.uniform_(-0.5, 0.5)
     torch.save({"model": model.state_dict(), "config": config.to_dict()}, directory / "best.pt")
     report = export_onnx(directory / "best.pt", directory / "model.onnx")
     assert report.max_abs_diff_embedding <= 1e-4

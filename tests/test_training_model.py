@@ -23,6 +23,34 @@ def test_head_maps_the_trunk_to_the_embedding_size(arch: str, features: int, dim
     assert torch.allclose(unit, torch.nn.functional.normalize(raw, dim=1), atol=1e-6)
 
 
+def test_embedding_bn_is_batchnorm_in_training_and_its_running_affine_map_in_the_heatmap() -> None:
+    """Training normalises each dimension over the batch; in eval mode the raw embedding is the running-statistics
+    affine map of fc's output (computed by hand here), and the projected map's mean is still that embedding."""
+    torch.manual_seed(0)
+    model = EmbeddingNet("resnet18", 8, embedding_bn=True)
+    images = torch.rand(6, 3, 64, 64)  # positive pixels: a random network's embeddings share one direction
+    plain = EmbeddingNet("resnet18", 8)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("embedding_bn.")})
+    with torch.no_grad():
+        trained = model(images)
+        assert torch.allclose(trained.mean(dim=0), torch.zeros(8), atol=1e-5)  # centred over the batch
+        assert torch.allclose(trained.var(dim=0, unbiased=False), torch.ones(8), atol=1e-2)
+        model.embedding_bn.weight.uniform_(0.5, 2)
+        model.embedding_bn.bias.uniform_(-0.5, 0.5)
+        model.eval()
+        fc = model.head(model.trunk(images).mean(dim=(2, 3)))
+        bn = model.embedding_bn
+        by_hand = (fc - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        raw = model(images)
+        unit, projected = model.embed_with_map(images)
+        cosine = torch.nn.functional.normalize(plain.eval()(images), dim=1)
+    assert torch.allclose(raw, by_hand, atol=1e-5)
+    assert torch.allclose(projected.mean(dim=1), raw, atol=1e-5)
+    assert torch.allclose(unit, torch.nn.functional.normalize(raw, dim=1), atol=1e-6)
+    assert (cosine @ cosine.T).min() > 0.5  # without it, every pair of random embeddings points one way
+    assert {k for k in model.state_dict() if k.startswith("embedding_bn.")} and "embedding_bn" not in str(plain)
+
+
 def _torchvision_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     return getattr(torchvision.models, arch)(weights=None).state_dict()

@@ -73,9 +73,10 @@ def test_sct_from_scratch_with_the_defaults_does_not_stall(many_classes: Path, t
 @pytest.mark.timeout(120)
 def test_the_papers_sct_with_the_pretrained_recipe_stalls_there(many_classes: Path, tmp_path: Path,
                                                                 monkeypatch) -> None:
-    """The same run with the folder preset's settings for a pretrained trunk (SGD, lr 0.009, no momentum) and no
-    warm start, as `sct train --pretrained none` gave before it had its own defaults: the stall is caught."""
+    """The same run with the folder preset's settings for a pretrained trunk (SGD, lr 0.009, no momentum), the
+    paper's linear head and no warm start, as `sct train --pretrained none` gave before it had its own defaults:
+    the stall is caught."""
     lines, printed = _train(many_classes, tmp_path / "paper", monkeypatch, optimizer="sgd", lr=0.009,
-                            momentum=0.0, weight_decay=0.0, sct_warmup=0.0)
+                            momentum=0.0, weight_decay=0.0, sct_warmup=0.0, embedding_bn=False)
     assert [line["type"] for line in lines if line.get("type", "").startswith("stall")][:1] == ["stall_start"]
     assert printed.count("warning: training has stalled") == 1

@@ -140,6 +140,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-ks", type=positive_int, nargs="+", metavar="K",
                         help="K of the logged Recall@K, the first choosing best.pt (default: the dataset's, as in "
                              "sct eval: 1 10 20 30 40 for inshop, 1 10 100 for hotels50k, else 1 2 4 8)")
+    parser.add_argument("--embedding-bn", action=argparse.BooleanOptionalAction, default=None,
+                        help="a BatchNorm on the embedding before L2 normalisation (default: on with --pretrained "
+                             "none, where it keeps a random network's embeddings from starting in one narrow cone; "
+                             "off with pretrained weights, as in the paper)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random crop from 1.1× and horizontal flip (the paper's; default on, off for the demo)")
     parser.add_argument("--workers", type=int, help="data-loading processes")
@@ -208,7 +212,7 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
 
 OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
              "temperature", "margin", "hard_threshold", "hard_floor", "sct_warmup", "sct_warm_loss",
-             "device", "precision", "compile", "seed", "pretrained",
+             "device", "precision", "compile", "seed", "pretrained", "embedding_bn",
              "eval_every", "eval_ks", "augment", "workers", "max_iters_per_epoch", "val_fraction", "val_by",
              "htl_levels", "htl_beta", "htl_neighbours", "htl_rebuild_every", "htl_tree_images_per_class",
              "gather_embeddings", "sync_batchnorm", "dist_backend")

@@ -58,7 +58,7 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[EmbeddingNet, TrainCo
         if key not in state:
             raise ValueError(f"{checkpoint} is not an sct checkpoint: it has no {key!r} entry")
     config = TrainConfig(**state["config"])
-    model = EmbeddingNet(config.arch, config.dim)
+    model = EmbeddingNet(config.arch, config.dim, config.embedding_bn)
     model.load_state_dict(state["model"])
     return model.eval(), config
 

@@ -28,9 +28,15 @@ class EmbeddingNet(nn.Module):
     ``embed_with_map`` returns the unit embedding and the projected map
     W·A_i + b at every location i, whose mean is the raw embedding
     (Stylianou et al., WACV 2019).
+
+    With ``embedding_bn`` a BatchNorm follows fc. Trained from scratch, a ResNet's pooled features are all
+    positive and nearly parallel, so every embedding starts in one narrow cone (cosine similarity 0.7–0.8) and
+    can collapse into it; centring each dimension over the batch spreads the embeddings over the sphere
+    (docs/hard-negatives/ZERO_SHOT.md). In eval mode it is a fixed affine map per dimension, so the projected map
+    takes it at every location and its mean is still the embedding.
     """
 
-    def __init__(self, arch: str = "resnet50", dim: int = 512) -> None:
+    def __init__(self, arch: str = "resnet50", dim: int = 512, embedding_bn: bool = False) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -39,13 +45,20 @@ class EmbeddingNet(nn.Module):
         self.arch, self.dim = arch, dim
         self.trunk = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in _TRUNK_LAYERS))
         self.head = nn.Linear(features, dim)
+        self.embedding_bn = nn.BatchNorm1d(dim) if embedding_bn else None
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.trunk(images).mean(dim=(2, 3)))
+        embedding = self.head(self.trunk(images).mean(dim=(2, 3)))
+        return embedding if self.embedding_bn is None else self.embedding_bn(embedding)
 
     def embed_with_map(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """For a model in eval mode: the embedding BatchNorm, if any, applies its running statistics."""
         feature_map = self.trunk(images).flatten(2).transpose(1, 2)  # [N, Z, C]
         projected = self.head(feature_map)  # [N, Z, d]
+        if self.embedding_bn is not None:
+            bn = self.embedding_bn
+            projected = F.batch_norm(projected.flatten(0, 1), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                     training=False, eps=bn.eps).view_as(projected)
         return F.normalize(projected.mean(dim=1), dim=1), projected
 
     def load_trunk_weights(self, state_dict: dict[str, Tensor]) -> None:
@@ -64,10 +77,10 @@ def imagenet_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
-def build_model(arch: str, dim: int, pretrained: str) -> EmbeddingNet:
+def build_model(arch: str, dim: int, pretrained: str, *, embedding_bn: bool = False) -> EmbeddingNet:
     """``pretrained`` is "imagenet" (torchvision's cache), "none" (from scratch) or a file: a torchvision ResNet
     state dict, or a checkpoint of `sct train` (last.pt, best.pt), whose trunk is taken and whose head is not."""
-    model = EmbeddingNet(arch, dim)
+    model = EmbeddingNet(arch, dim, embedding_bn)
     if pretrained == "none":
         return model
     if pretrained == "imagenet":

@@ -149,7 +149,7 @@ class Trainer:
         self.stall = StallDetector(stall_window(self.total_iterations))  # fed by rank 0
         self.loader: DataLoader | None = None  # made at the first epoch; its worker processes serve every epoch
 
-        model = build_model(config.arch, config.dim, config.pretrained)
+        model = build_model(config.arch, config.dim, config.pretrained, embedding_bn=config.embedding_bn)
         if config.sync_batchnorm and self.world > 1:
             model = distributed.convert_sync_batchnorm(model, self.device)
         # self.model is the bare model: evaluation, the HTL tree, checkpoints and the triplet re-measurement use
