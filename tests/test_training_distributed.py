@@ -253,11 +253,13 @@ def test_gathering_changes_the_gradient(two_process_results) -> None:
 # AdamW: Adam moves every weight by about lr whatever its gradient's size, so rounding-level differences in tiny
 # gradients flip whole steps. No warm start either: it is a share of the run, and this run is extended from one epoch
 # to two on resume (the blended loss is checked under DDP by test_ddp_gradients_equal_one_process, "sct-warm").
+# The paper's linear head: a BatchNorm over 8 images' 8-d embeddings divides rounding by their spread and takes it
+# past 1e-4 (a synchronised BatchNorm1d is checked by test_ddp_gradients_equal_one_process, batchnorm=True).
 TRAIN_SETTINGS = dict(arch="resnet18", pretrained="none", dim=8, image_size=16, batch_size=8, images_per_class=2,
                       lr=1e-5, workers=0, device="cpu", precision="fp32", augment=False, eval_every=1,
                       triplets_every=2, milestones=[], gather_embeddings=True, sync_batchnorm=True,
                       optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="step", warmup_iters=0,
-                      sct_warmup=0.0)
+                      sct_warmup=0.0, embedding_bn=False)
 
 
 def _torchrun(data: Path, run: Path, config_file: Path, port: int, *extra: str) -> subprocess.CompletedProcess:

@@ -178,14 +178,15 @@ def test_saved_triplets_carry_their_similarities_one_step_later(tmp_path: Path, 
 
     monkeypatch.setattr(Trainer, "_save_triplets", capture)
     data = _images(tmp_path / "data")
-    run = Trainer(_config(data, tmp_path / "run", epochs=1, triplets_every=1, precision="fp32"),
-                  progress=False).fit()
+    config = _config(data, tmp_path / "run", epochs=1, triplets_every=1, precision="fp32")
+    run = Trainer(config, progress=False).fit()
     assert len(captured) >= 2
     for iteration, (images, before, after) in captured.items():
         for key, value in before.items():
             assert torch.equal(value, after[key]), f"{key} changed by the measuring pass"
         saved = np.load(run / "triplets" / f"iter_{iteration:07d}.npz")
-        model = build_model("resnet18", 8, "none").to(memory_format=torch.channels_last)
+        model = build_model("resnet18", 8, "none", embedding_bn=config.embedding_bn)
+        model = model.to(memory_format=torch.channels_last)
         model.load_state_dict(before)
         model.train()
         with torch.no_grad():
@@ -283,8 +284,11 @@ def test_compiled_training_computes_the_same_gradients_and_saves_a_plain_checkpo
     model.train(), twin.train()
     loss_fn(compiled.train_model(images).float(), labels).backward()
     loss_fn(twin(images).float(), labels).backward()
-    for ours_, theirs in zip(model.parameters(), twin.parameters()):
-        assert torch.allclose(ours_.grad, theirs.grad, rtol=1e-3, atol=2e-3 * theirs.grad.abs().max().item())
+    # The tolerance scales with the largest gradient of the whole net: some gradients are zero but for rounding
+    # (fc's bias, before the embedding BatchNorm, which removes any shift of the batch)
+    scale = max(theirs.grad.abs().max().item() for theirs in twin.parameters())
+    for (name, ours_), theirs in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(ours_.grad, theirs.grad, rtol=1e-3, atol=2e-3 * scale), name
 
 
 def test_augmentations_do_not_depend_on_worker_processes_which_persist_across_epochs(tmp_path: Path,
