@@ -59,7 +59,7 @@ def main() -> int:
         config = resolve_config("folder", "unused", str(scratch), overrides=dict(
             arch=args.arch, dim=args.dim, image_size=args.image_size, pretrained="none"))
         torch.manual_seed(0)
-        model = EmbeddingNet(args.arch, args.dim).eval()
+        model = EmbeddingNet(args.arch, args.dim, config.embedding_bn).eval()
         torch.save({"model": model.state_dict(), "config": config.to_dict()}, scratch / "best.pt")
         export_onnx(scratch / "best.pt", scratch / "model.onnx")
         rng = np.random.default_rng(0)

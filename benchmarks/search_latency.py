@@ -74,7 +74,7 @@ def export_model(out: str, arch: str, dim: int, image_size: int) -> None:
     config = resolve_config("folder", "unused", str(scratch), overrides=dict(
         arch=arch, dim=dim, image_size=image_size, pretrained="none"))
     torch.manual_seed(0)
-    torch.save({"model": EmbeddingNet(arch, dim).eval().state_dict(), "config": config.to_dict()}, scratch / "best.pt")
+    torch.save({"model": EmbeddingNet(arch, dim, config.embedding_bn).eval().state_dict(), "config": config.to_dict()}, scratch / "best.pt")
     export_onnx(scratch / "best.pt", out)
 
 

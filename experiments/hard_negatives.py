@@ -122,7 +122,7 @@ def initial_state(args: argparse.Namespace) -> dict[str, float]:
         args, "sct", {"lr": 0.1}, seed=0, iters=1, validate=False))
     torch.manual_seed(0)
     device = pick_device(args.device)
-    model = build_model(config.arch, config.dim, config.pretrained).to(device)
+    model = build_model(config.arch, config.dim, config.pretrained, embedding_bn=config.embedding_bn).to(device)
     queries, _ = evaluation_splits(catalog.read_dataset(args.dataset, args.data_root))
     embeddings, labels, _ = embed_records(model, sample_by_class(queries, 2000), preprocessing_of(config), device)
     return {"recall@1": float(evaluate(embeddings, labels, ks=(1,))["recall@1"]),

@@ -40,7 +40,7 @@ def _save_checkpoint(path: Path, *, seed: int, **overrides) -> Path:
                     std=[0.2, 0.25, 0.3])
     config = resolve_config("folder", "unused", str(path.parent), overrides={**settings, **overrides})
     torch.manual_seed(seed)
-    model = EmbeddingNet(config.arch, config.dim)
+    model = EmbeddingNet(config.arch, config.dim, config.embedding_bn)
     torch.save({"model": model.state_dict(), "config": config.to_dict(), "epoch": 0}, path)
     return path
 
