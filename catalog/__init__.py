@@ -1,4 +1,5 @@
-"""Dataset readers (records of path, label, split, chain) and robust image loading.
+"""Dataset readers (records of path, label, split, chain), the registry of what each dataset is (catalog.registry:
+splits, Recall@K table, training preset) and robust image loading.
 
 Shared by training and indexing; nothing here imports torch.
 """
@@ -6,57 +7,43 @@ Shared by training and indexing; nothing here imports torch.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
-from catalog.cars import read_cars
-from catalog.cub import read_cub
-from catalog.fashion_mnist import read_fashion_mnist
-from catalog.folder import read_folder
-from catalog.hotels50k import read_hotels50k
 from catalog.images import ImageLoadError, decode_rgb, load_rgb
-from catalog.inshop import read_inshop
 from catalog.records import DatasetError, ImageRecord, select_split, summarize
-from catalog.sop import read_sop
+from catalog.registry import (CHAIN_LABELS, DEFAULT_KS, FALLBACK, REGISTRY, DatasetSpec, LabelSet, spec,
+                              spec_or_folder)
 from catalog.validation import VALIDATION_SPLIT, carve_validation
 
-#: dataset name -> reader(root) -> records; the names are also the keys of training.config.DATASET_DEFAULTS
-DATASETS: dict[str, Callable[[Path], list[ImageRecord]]] = {
-    "cub": read_cub,
-    "cars": read_cars,
-    "sop": read_sop,
-    "inshop": read_inshop,
-    "hotels50k": read_hotels50k,
-    "folder": read_folder,
-    "fashion-mnist": read_fashion_mnist,
-}
-
-#: The K of each dataset's published Recall@K table, used by `sct eval` and by the training log; DEFAULT_KS elsewhere.
-DATASET_KS: dict[str, tuple[int, ...]] = {"inshop": (1, 10, 20, 30, 40), "hotels50k": (1, 10, 100)}
-DEFAULT_KS = (1, 2, 4, 8)
+#: dataset name -> reader(root) -> records, as registered in catalog.registry
+DATASETS: Mapping[str, Callable[[Path], list[ImageRecord]]] = MappingProxyType(
+    {name: entry.reader for name, entry in REGISTRY.items()})
 
 
 def recall_ks(name: str) -> tuple[int, ...]:
-    """The Ks at which dataset ``name`` is reported; any other name (a folder of images) gets DEFAULT_KS."""
-    return DATASET_KS.get(name, DEFAULT_KS)
+    """The Ks of dataset ``name``'s published Recall@K table, used by `sct eval` and by the training log; any
+    other name (a folder of images) gets the folder's, DEFAULT_KS."""
+    return spec_or_folder(name).recall_ks
 
 
 def read_dataset(name: str, root: str | os.PathLike[str]) -> list[ImageRecord]:
-    """Read the dataset ``name`` stored under ``root``."""
-    try:
-        reader = DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}") from None
-    return reader(Path(root))
+    """Read the dataset ``name`` stored under ``root``; ValueError naming the valid names for an unknown one."""
+    return spec(name).reader(Path(root))
 
 
 __all__ = [
+    "CHAIN_LABELS",
     "DATASETS",
-    "DATASET_KS",
     "DEFAULT_KS",
+    "FALLBACK",
+    "REGISTRY",
     "DatasetError",
+    "DatasetSpec",
     "ImageLoadError",
     "ImageRecord",
+    "LabelSet",
     "VALIDATION_SPLIT",
     "carve_validation",
     "decode_rgb",
@@ -64,5 +51,7 @@ __all__ = [
     "read_dataset",
     "recall_ks",
     "select_split",
+    "spec",
+    "spec_or_folder",
     "summarize",
 ]

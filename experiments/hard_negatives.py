@@ -123,7 +123,7 @@ def initial_state(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
     device = pick_device(args.device)
     model = build_model(config.arch, config.dim, config.pretrained, embedding_bn=config.embedding_bn).to(device)
-    queries, _ = evaluation_splits(catalog.read_dataset(args.dataset, args.data_root))
+    queries, _ = evaluation_splits(catalog.read_dataset(args.dataset, args.data_root), args.dataset)
     embeddings, labels, _ = embed_records(model, sample_by_class(queries, 2000), preprocessing_of(config), device)
     return {"recall@1": float(evaluate(embeddings, labels, ks=(1,))["recall@1"]),
             "mean_similarity": mean_pairwise_similarity(embeddings), "chance_recall@1": chance_recall_at_1(labels)}

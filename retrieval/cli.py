@@ -20,12 +20,14 @@ from retrieval.image_folder import list_image_folder
 from retrieval.image_roots import check_indexable
 from retrieval.shards import ShardSpec, list_sha256, merge_shards, write_shard
 
-#: The split that is the gallery, per dataset; "test" for the others.
-GALLERY_SPLITS = {"hotels50k": "train", "inshop": "gallery"}
 #: ``dataset`` in the manifest of a gallery built with --images
 IMAGE_FOLDER = "image-folder"
 
-INDEX_EPILOG = """\
+#: INDEX_EPILOG's line on the default split, from catalog.registry: test, then each dataset whose gallery differs
+_GALLERY_SPLITS_LINE = "The default split is the dataset's gallery: test" + "".join(
+    f"; {entry.index_split} for {entry.name}" for entry in sorted(catalog.REGISTRY.values(), key=lambda e: e.name)
+    if entry.index_split != "test") + "."
+INDEX_EPILOG = f"""\
 Examples:
   sct index --model runs/cub/model.onnx --dataset cub --data-root data/CUB_200_2011 --out index_data/cub
   sct index --model runs/inshop/model.onnx --dataset inshop --data-root data/inshop --out index_data/inshop
@@ -41,7 +43,7 @@ Examples:
   sct index --merge shards/sop/shard-* --out index_data/sop
   sct index --merge shards/hotels --out index_data/hotels --index-type ivf-flat --storage ondisk
 
-  The default split is the dataset's gallery: test; train for hotels50k; gallery for inshop.
+  {_GALLERY_SPLITS_LINE}
   Unreadable images are skipped and listed. The folder is replaced atomically.
   --shard I/N writes slice I (from 0) of N to OUT/shard-IIIII-of-NNNNN; --merge takes all N
   (or their parent folder) and writes the gallery a single `sct index` would have written.
@@ -216,7 +218,7 @@ def index_sources(args: argparse.Namespace) -> tuple[list[tuple[str, str, str | 
     if args.dataset:
         if not args.data_root:
             raise ValueError("--dataset needs --data-root")
-        split = args.split or GALLERY_SPLITS.get(args.dataset, "test")
+        split = args.split or catalog.spec(args.dataset).index_split
         records = catalog.read_dataset(args.dataset, args.data_root)
         print(catalog.summarize(records), file=sys.stderr)
         sources = [(r.path, r.label, r.chain) for r in catalog.select_split(records, split)]

@@ -355,7 +355,7 @@ def test_torchrun_evaluation_is_shared_and_scores_rank_zeros_model(tmp_path: Pat
     logged = [m for m in _metrics(tmp_path / "ddp") if m.get("type") == "eval"]
     assert len(logged) == 1 and logged[0]["queries"] == 20  # 4 test classes × 5 images, each counted once
     model, config = load_checkpoint_model(tmp_path / "ddp" / "last.pt")
-    queries, _ = evaluation_splits(catalog.read_dataset("folder", str(data)))
+    queries, _ = evaluation_splits(catalog.read_dataset("folder", str(data)), "folder")
     embeddings, labels, _ = embed_records(model, queries, preprocessing_of(config), torch.device("cpu"))
     expected = evaluate(embeddings, labels, ks=tuple(config.eval_ks))
     # Rank 0's statistics or not changes the mean similarity by about 0.04; rounding (1 thread per process there,

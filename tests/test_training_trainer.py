@@ -128,16 +128,22 @@ def test_evaluation_splits_follow_each_benchmark_protocol() -> None:
     from catalog import ImageRecord
     from training.trainer import evaluation_splits
 
-    def records(*splits: str) -> list[ImageRecord]:
-        return [ImageRecord(f"{s}{i}.png", "x", s) for s in splits for i in range(2)]
+    def splits(dataset: str, *present: str) -> tuple[str | None, str | None]:
+        """The split of the queries and of the gallery (None: leave-one-out) that ``dataset`` evaluates."""
+        records = [ImageRecord(f"{s}{i}.png", "x", s) for s in present for i in range(2)]
+        queries, gallery = evaluation_splits(records, dataset)
+        (query_split,) = {r.split for r in queries} or {None}
+        (gallery_split,) = {r.split for r in gallery} if gallery is not None else {None}
+        return query_split, gallery_split
 
-    queries, gallery = evaluation_splits(records("train", "test"))
-    assert {r.split for r in queries} == {"test"} and gallery is None
-    queries, gallery = evaluation_splits(records("train", "query", "gallery"))  # In-shop
-    assert {r.split for r in queries} == {"query"} and {r.split for r in gallery} == {"gallery"}
-    queries, gallery = evaluation_splits(records("train", "query"))  # Hotels-50K: the gallery is the train set
-    assert {r.split for r in queries} == {"query"} and {r.split for r in gallery} == {"train"}
-    assert evaluation_splits(records("train")) == ([], None)
+    assert splits("cub", "train", "test") == ("test", None)
+    assert splits("inshop", "train", "query", "gallery") == ("query", "gallery")
+    assert splits("hotels50k", "train", "query") == ("query", "train")  # the gallery is the train set
+    assert splits("cub", "train") == (None, None)  # nothing to evaluate on
+    # A folder's split.csv may lay out In-shop's or Hotels-50K's protocol instead of a test split
+    assert splits("folder", "train", "test", "query", "gallery") == ("test", None)
+    assert splits("folder", "train", "query", "gallery") == ("query", "gallery")
+    assert splits("folder", "train", "query") == ("query", "train")
 
 
 def test_corrupt_images_and_one_image_classes_are_reported_not_fatal(tmp_path: Path, capsys) -> None:

@@ -1,4 +1,4 @@
-"""Training settings: the paper's per-dataset defaults, overridden by a YAML file, then by flags."""
+"""Training settings: the paper's per-dataset defaults (catalog.registry), overridden by a YAML file, then by flags."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -102,29 +103,10 @@ LOSS_DEFAULTS: dict[str, dict[str, Any]] = {"htl": dict(images_per_class=4)}
 # ("lr_factors"), as Fashion-MNIST's does from its own tuning (docs/hard-negatives/README.md).
 SGD_LR_FACTORS: dict[str, float] = {"hn": 0.25, "shn": 0.25}
 
-# The paper's settings (and its official code's); "cpu" entries replace them where no GPU is present, and an
-# "sgd" or "adamw" entry replaces them when that optimiser is chosen instead of the dataset's own.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cub": dict(dim=64, batch_size=128, lr=0.009, lam=1.0, epochs=80, milestones=[0.5],
-                mean=[0.4707, 0.4601, 0.4549], std=[0.2767, 0.2760, 0.2850]),
-    "cars": dict(dim=64, batch_size=128, lr=0.02, lam=1.0, epochs=80, milestones=[0.5]),
-    "sop": dict(dim=512, batch_size=512, lr=0.03, lam=0.1, epochs=200, milestones=[0.5, 0.75]),
-    "inshop": dict(dim=512, batch_size=512, lr=0.1, lam=0.1, epochs=200, milestones=[0.5, 0.75]),
-    "hotels50k": dict(dim=256, batch_size=512, lr=0.1, lam=0.1, epochs=200, milestones=[0.5, 0.75]),
-    "folder": dict(dim=64, batch_size=128, lr=0.009, lam=1.0, epochs=80, milestones=[0.5]),
-    # The demo: a small ResNet from scratch at 32 px. Tuned on CPU for a 5-minute budget (benchmarks/results/demo.md):
-    # AdamW, no crop/flip augmentation, and all 10 classes in every batch (P = 10, K = 12) learn fastest.
-    "fashion-mnist": dict(
-        arch="resnet18", pretrained="none", dim=128, image_size=32, epochs=12, batch_size=120,
-        images_per_class=12, optimizer="adamw", lr=0.001, weight_decay=1e-4, schedule="cosine", warmup_iters=100,
-        augment=False, lam=1.0, mean=[0.2860] * 3, std=[0.3530] * 3, workers=2, eval_every=0, triplets_every=50,
-        losses=dict(htl=dict(images_per_class=12, htl_neighbours=5)),  # 120 = l′ 2 groups × m 5 classes × t 12
-        # --optimizer sgd: the paper's SGD (momentum 0), tuned on a validation split for HN, SHN and SCT alike
-        # (docs/hard-negatives/README.md): all three peaked at lr 0.3, so no per-loss factor here.
-        sgd=dict(lr=0.3, momentum=0.0, weight_decay=0.0, lam=1.0, lr_factors=dict(hn=1.0, shn=1.0)),
-        cpu=dict(epochs=3, max_iters_per_epoch=450, workers=0, cache_images=True),  # about 5 minutes on 2 cores
-    ),
-}
+#: Each dataset's training preset, by name: the paper's settings (and its official code's), held with the rest of
+#: what is known of the dataset in catalog.registry; a read-only view of ``catalog.spec(name).training_preset``.
+DATASET_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {name: entry.training_preset for name, entry in catalog.REGISTRY.items()})
 
 
 # Per start (how the network's weights begin: ``pretrained``), over the dataset's settings. The dataset presets are
@@ -158,7 +140,8 @@ NOT_FROM_FILE = ("dataset", "data_root", "out", "provenance")
 
 def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None, cuda_available: bool = False) -> TrainConfig:
-    """Dataset defaults ← device defaults ← start defaults (``START_DEFAULTS``, when ``pretrained`` differs from the
+    """Dataset defaults (``catalog.spec_or_folder(dataset).training_preset``; an unregistered name gets the
+    folder's) ← device defaults ← start defaults (``START_DEFAULTS``, when ``pretrained`` differs from the
     dataset's own) ← optimiser defaults ← per-loss defaults (``LOSS_DEFAULTS``, then the dataset's or the start's
     "losses" entry) ← per-loss learning rate ← YAML ``config_file`` ← ``overrides`` (None ignored).
 
@@ -167,7 +150,7 @@ def resolve_config(dataset: str, data_root: str, out: str, *, config_file: str |
     a preset or its optimiser entry may give its own "lr_factors"). ``config.provenance`` names the layer that
     set each setting.
     """
-    preset: dict[str, Any] = dict(DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["folder"]))
+    preset: dict[str, Any] = dict(catalog.spec_or_folder(dataset).training_preset)
     cpu_settings = preset.pop("cpu", {})
     per_optimizer = {name: preset.pop(name, {}) for name in OPTIMIZERS}
     per_loss = preset.pop("losses", {})

@@ -127,7 +127,7 @@ class Trainer:
             self._say(f"dropped {len(dropped)} class(es) with fewer than 2 training images: {', '.join(dropped[:10])}")
         if not self.train_records:
             raise ValueError(f"dataset {config.dataset} at {config.data_root} has no usable training images")
-        self.queries, self.gallery = evaluation_splits(records)
+        self.queries, self.gallery = evaluation_splits(records, config.dataset)
         self.evaluated_split = "test"
         if config.val_fraction:
             self.queries, self.gallery = catalog.select_split(records, catalog.VALIDATION_SPLIT), None
@@ -491,21 +491,14 @@ def training_loader(dataset: RecordImages, sampler: Sampler, config: TrainConfig
                       prefetch_factor=4 if workers else None)
 
 
-def evaluation_splits(records: list[catalog.ImageRecord]) -> tuple[list, list | None]:
+def evaluation_splits(records: list[catalog.ImageRecord], dataset: str) -> tuple[list, list | None]:
     """(queries, gallery) for evaluation during training; gallery None means leave-one-out over the queries.
 
-    CUB, CARS, SOP and folders: leave-one-out over "test". In-shop: "query" →
-    "gallery". Hotels-50K: "query" → "train" (its gallery is the training set).
-    No such split: nothing to evaluate on.
+    The dataset's protocol in catalog.registry, the one `sct index` and `sct eval` follow: leave-one-out over
+    "test" for CUB, Cars, SOP, Fashion-MNIST and folders; "query" → "gallery" for In-shop; "query" → "train"
+    for Hotels-50K. No such split: nothing to evaluate on, ([], None).
     """
-    by_split: dict[str, list] = {}
-    for record in records:
-        by_split.setdefault(record.split, []).append(record)
-    if "test" in by_split:
-        return by_split["test"], None
-    if "query" in by_split:
-        return by_split["query"], by_split.get("gallery") or by_split.get("train")
-    return [], None
+    return catalog.spec(dataset).evaluation_splits(records)
 
 
 def _tree_state(tree: ClassTree) -> dict[str, Any]:

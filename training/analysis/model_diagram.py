@@ -100,7 +100,7 @@ def analyse_checkpoint(checkpoint: Path, *, data_root: str | None = None, max_im
     root = data_root or config.data_root
     records = catalog.read_dataset(config.dataset, root)
     train = catalog.select_split(records, "train")
-    unseen, _ = evaluation_splits(records)
+    unseen, _ = evaluation_splits(records, config.dataset)
     shared = bool({r.label for r in train} & {r.label for r in unseen})
     target = pick_device(device)
     model = model.to(target).to(memory_format=torch.channels_last)
