@@ -25,5 +25,5 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,powe
 python3 -m pytest -q -p no:cacheprovider tests/test_training_knn.py tests/test_training_transforms.py \
     tests/test_training_embed_gallery.py 2>&1 | tee "$OUT/tests.log" | tail -5
 # 2. every speed figure against its same-run baseline
-python3 benchmarks/gpu_speed.py --results "$OUT/gpu_speed.md" --json "$OUT/gpu.json" --profile "$OUT/profile" \
+python3 -m benchmarks.gpu_speed --results "$OUT/gpu_speed.md" --json "$OUT/gpu.json" --profile "$OUT/profile" \
     2>&1 | tee "$OUT/gpu_speed.log" | tail -12

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from sct.cli import main
-from test_training_learns import CLASSES, PER_CLASS, _dataset
-from test_training_sampler import assert_deterministic_under_seed_and_epoch
-from test_training_trainer import _config, _images, _metrics, kill_after_first_checkpoint_then_resume
+from tests.test_training_learns import CLASSES, PER_CLASS, _dataset
+from tests.test_training_sampler import assert_deterministic_under_seed_and_epoch
+from tests.test_training_trainer import _config, _images, _metrics, kill_after_first_checkpoint_then_resume
 from training.config import resolve_config
 from training.htl import ClassTree, build_tree, class_distances, class_means, margins, merge_level
 from training.losses import HTLLoss, build_loss

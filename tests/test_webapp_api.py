@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from catalog import decode_rgb, load_rgb
 from retrieval.embedder import OnnxEmbedder, file_sha256
 from retrieval.gallery import GalleryItem, build_gallery
-from tests.onnx_fixture import make_color_images, make_tiny_model
 from webapp import create_app
 
 MAX_UPLOAD = 100_000

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from retrieval.embedder import OnnxEmbedder
-from tests.onnx_fixture import make_color_images, make_tiny_model
 from tests.test_webapp_api import build_gallery_of, png_bytes, post_search
 from webapp import create_app
 from webapp.cache import LruCache
