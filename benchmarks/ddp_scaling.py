@@ -9,8 +9,8 @@ threads, as each would get one GPU. Rank 0 times the steps after a warm-up; the
 median step time gives global images/s. One row is appended to
 benchmarks/results/ddp_scaling.md.
 
-    python benchmarks/ddp_scaling.py                                   # resnet18, 32 px, global batch 64
-    python benchmarks/ddp_scaling.py --arch resnet50 --image-size 64 --steps 5
+    python -m benchmarks.ddp_scaling                                   # resnet18, 32 px, global batch 64
+    python -m benchmarks.ddp_scaling --arch resnet50 --image-size 64 --steps 5
 """
 from __future__ import annotations
 
@@ -28,13 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from training import distributed  # noqa: E402
-from training.losses import SCTLoss  # noqa: E402
-from training.model import EmbeddingNet  # noqa: E402
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from training import distributed
+from training.losses import SCTLoss
+from training.model import EmbeddingNet
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ddp_scaling.md"
 HEADER = """\
 # Distributed training throughput: one process vs two (gloo, CPU)
@@ -101,7 +100,8 @@ def images_per_second(world: int, gather: bool, args: argparse.Namespace) -> flo
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ddp_scaling",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch (P × K with K = 2)")
@@ -117,7 +117,7 @@ def main() -> int:
     for name, world, gather in (("single", 1, False), ("local", 2, False), ("gather", 2, True)):
         rates[name] = images_per_second(world, gather, args)
         print(f"{name}: {rates[name]:,.1f} img/s (median of {args.steps} steps)", file=sys.stderr)
-    row = [now_utc(), this_command("benchmarks/ddp_scaling.py"), machine(f"torch {torch.__version__}"), args.arch,
+    row = [now_utc(), this_command("benchmarks.ddp_scaling"), machine(f"torch {torch.__version__}"), args.arch,
            str(args.image_size), str(args.batch_size), str(args.threads_per_process), f"{rates['single']:,.1f}",
            f"{rates['local']:,.1f}", f"{rates['gather']:,.1f}", f"{rates['local'] / rates['single']:.2f}",
            f"{rates['gather'] / rates['single']:.2f}"]

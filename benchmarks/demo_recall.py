@@ -4,8 +4,8 @@ Runs `sct demo --no-serve` as a user would (a subprocess, wall-clock timed),
 then recomputes the raw-pixel baseline here, independently of the demo, and
 appends one row to benchmarks/results/demo.md.
 
-    python benchmarks/demo_recall.py                 # the default demo (about 5 minutes on 2 CPU cores)
-    python benchmarks/demo_recall.py --epochs 12     # a longer run
+    python -m benchmarks.demo_recall                 # the default demo (about 5 minutes on 2 CPU cores)
+    python -m benchmarks.demo_recall --epochs 12     # a longer run
 """
 from __future__ import annotations
 
@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from catalog.fashion_mnist import load_arrays  # noqa: E402
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from catalog.fashion_mnist import load_arrays
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "demo.md"
 HEADER = """\
 # Demo: Fashion-MNIST, 60,000 training images, 10,000-image gallery, leave-one-out
@@ -49,7 +48,8 @@ def raw_pixel_recall_at_1(images: np.ndarray, labels: np.ndarray) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_recall",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, help="passed to sct demo (default: the demo's own)")
     parser.add_argument("--augment", action="store_true", help="passed to sct demo")
     parser.add_argument("--data-root", default=str(ROOT / "data" / "fashion-mnist"))
@@ -70,7 +70,7 @@ def main() -> int:
         epochs = yaml.safe_load((run / "config.yaml").read_text())["epochs"]
     images, labels = load_arrays(args.data_root)["test"]
     raw = raw_pixel_recall_at_1(images, labels)
-    row = [now_utc(), this_command("benchmarks/demo_recall.py"), machine(), str(epochs),
+    row = [now_utc(), this_command("benchmarks.demo_recall"), machine(), str(epochs),
            f"{summary['seconds']['train']:.0f}", f"{total:.0f}", f"{summary['recall@1']:.4f}", f"{raw:.4f}"]
     print(append_row(RESULTS, HEADER, row) if not args.no_record else row)
     return 0

@@ -11,8 +11,8 @@ own buffers are not traced, and the tracing costs both sides the same few
 calls); the process's peak RSS is reported too. One line is appended to
 benchmarks/results/eval_vs_faiss.md.
 
-    python benchmarks/eval_vs_faiss.py                    # the full size; a few minutes on 2 cores
-    python benchmarks/eval_vs_faiss.py --n 5000 --no-record   # a quick smoke run
+    python -m benchmarks.eval_vs_faiss                    # the full size; a few minutes on 2 cores
+    python -m benchmarks.eval_vs_faiss --n 5000 --no-record   # a quick smoke run
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from retrieval.metrics import evaluate  # noqa: E402
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from retrieval.metrics import evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_vs_faiss.md"
 KS = (1, 2, 4, 8)
@@ -47,7 +46,8 @@ Times are medians; "traced" is tracemalloc's peak of numpy allocations during a 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.eval_vs_faiss",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=60_000, help="gallery size (default: %(default)s)")
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension (default: %(default)s)")
     parser.add_argument("--per-class", type=int, default=5, help="images per class (default: %(default)s)")
@@ -76,7 +76,7 @@ def main() -> int:
 
     row = [
         now_utc(),
-        this_command("benchmarks/eval_vs_faiss.py"),
+        this_command("benchmarks.eval_vs_faiss"),
         machine(f"FAISS {faiss.omp_get_max_threads()} threads"),
         f"{args.n:,} × {args.dim}",
         str(depth),

@@ -2,17 +2,17 @@
 
 The long variant of tests/test_reliability_uploads.py. ``python -m sct serve`` (gunicorn) serves a small
 generated gallery on 127.0.0.1 and a free port; client threads send hostile requests drawn from
-tests/hostile_inputs.py (every image format Pillow writes, and photos of 0.1 to 15 MB, damaged; random bytes;
-broken forms, many files and parts, oversized bodies and fields, hostile filenames and fields) until the time
-is up; the server has its default 16 MiB upload limit. Every answer
+benchmarks/fixtures/hostile_inputs.py (every image format Pillow writes, and photos of 0.1 to 15 MB, damaged;
+random bytes; broken forms, many files and parts, oversized bodies and fields, hostile filenames and fields)
+until the time is up; the server has its default 16 MiB upload limit. Every answer
 must be a 4xx JSON error with a reason, or a 200 whose ranking equals a brute-force search of the gallery
 embeddings; a 5xx, a non-JSON answer or a wrong ranking is a failure. A body over the upload limit may
 instead end with the server closing the connection after its 413 (counted as "closed"). The server's RSS is sampled
 throughout, and it must still answer a good search at the end. One row is appended to
 benchmarks/results/fuzz.md.
 
-    python benchmarks/fuzz_search.py                          # 10 minutes, 2 client threads
-    python benchmarks/fuzz_search.py --duration 60 --seed 3 --no-record
+    python -m benchmarks.fuzz_search                          # 10 minutes, 2 client threads
+    python -m benchmarks.fuzz_search --duration 60 --seed 3 --no-record
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import http.client
 import json
 import os
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -32,28 +31,27 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.load_test import Client, build_color_gallery, running_server  # noqa: E402
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from catalog import ImageLoadError, decode_rgb  # noqa: E402
-from retrieval.embedder import OnnxEmbedder  # noqa: E402
-from tests.hostile_inputs import check_answer, hostile_request, image_corpus, search_form  # noqa: E402
+from benchmarks.fixtures.hostile_inputs import check_answer, hostile_request, image_corpus, search_form
+from benchmarks.load_test import Client, build_color_gallery, running_server
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from catalog import ImageLoadError, decode_rgb
+from retrieval.embedder import OnnxEmbedder
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fuzz.md"
 DEFAULT_K = 10  # sct serve's
 HEADER = """\
 # Fuzz: hostile requests to POST /api/search of `sct serve` (gunicorn) over HTTP
 
-Requests from tests/hostile_inputs.py: corpus images of every format Pillow writes and photos of 0.1 to 15 MB
-(plain or damaged: truncated, bit-flipped, overwritten, inserted, duplicated bytes), random bytes, and broken
-forms (missing or
-repeated fields, wrong content types, broken multipart, many parts, oversized bodies and text fields, hostile
-filenames, k and index values). A failure is a 5xx, an answer that is not JSON, a 4xx without a reason, a
-200 whose ranking differs from brute force, or a dropped connection other than on a body over the limit.
-"closed": the server closed the connection on a body over the upload limit while it was being sent. Server RSS is
-master + workers, sampled every 0.2 s; flat after the first quarter means no per-request leak (the first
-quarter warms up the allocator's arenas and the per-worker caches).
+Requests from benchmarks/fixtures/hostile_inputs.py: corpus images of every format Pillow writes and photos of
+0.1 to 15 MB (plain or damaged: truncated, bit-flipped, overwritten, inserted, duplicated bytes), random
+bytes, and broken forms (missing or repeated fields, wrong content types, broken multipart, many parts,
+oversized bodies and text fields, hostile filenames, k and index values). A failure is a 5xx, an answer that
+is not JSON, a 4xx without a reason, a 200 whose ranking differs from brute force, or a dropped connection
+other than on a body over the limit. "closed": the server closed the connection on a body over the upload
+limit while it was being sent. Server RSS is master + workers, sampled every 0.2 s; flat after the first
+quarter means no per-request leak (the first quarter warms up the allocator's arenas and the per-worker
+caches).
 
 | date (UTC) | command | machine | duration | inputs tried | by kind | HTTP statuses | failures | server RSS at start, ¼, ½, ¾, end of the run (max), MiB |
 |---|---|---|---|---|---|---|---|---|
@@ -112,7 +110,10 @@ class Fuzzer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz_search", description=__doc__.split("\n\n")[0],
+                                     epilog="Examples:\n  python -m benchmarks.fuzz_search\n"
+                                            "  python -m benchmarks.fuzz_search --duration 60 --seed 3 --no-record",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=600, help="seconds of fuzzing (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="client threads (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request generator (default: %(default)s)")
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("  " + failure)
     if not args.no_record:
         load = os.getloadavg()[0]
-        row = [now_utc(), this_command("benchmarks/fuzz_search.py"), machine(f"1-min load average {load:.1f} after"),
+        row = [now_utc(), this_command("benchmarks.fuzz_search"), machine(f"1-min load average {load:.1f} after"),
                f"{args.duration:g} s, {args.threads} threads", f"{tried:,}", kinds, statuses,
                str(len(fuzzer.failures)), f"{quarters} ({peak:.0f})"]
         print(append_row(RESULTS, HEADER, row))

@@ -27,8 +27,8 @@ unlike page cache cannot be dropped under pressure). Items are synthetic
 model is the tests' tiny 64-d ONNX model, used only for its identity. One row
 is appended to benchmarks/results/gallery_scale.md.
 
-    python benchmarks/gallery_scale.py                                    # 2,000,000 × 64-d, 4 shards
-    python benchmarks/gallery_scale.py --vectors 100000 --no-record       # a smoke run
+    python -m benchmarks.gallery_scale                                    # 2,000,000 × 64-d, 4 shards
+    python -m benchmarks.gallery_scale --vectors 100000 --no-record       # a smoke run
 """
 
 from __future__ import annotations
@@ -49,21 +49,20 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from faiss.contrib.exhaustive_search import knn_ground_truth
+
+from benchmarks.fixtures.tiny_onnx import make_tiny_model
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from retrieval.gallery import Gallery, GalleryItem
+from retrieval.index_files import row_chunks
+from retrieval.shards import ShardSpec, merge_shards, read_shard, shard_folders, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from faiss.contrib.exhaustive_search import knn_ground_truth  # noqa: E402
-from retrieval.gallery import Gallery, GalleryItem  # noqa: E402
-from retrieval.index_files import row_chunks  # noqa: E402
-from retrieval.shards import ShardSpec, merge_shards, read_shard, shard_folders, write_shard  # noqa: E402
-from tests.onnx_fixture import make_tiny_model  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results" / "gallery_scale.md"
 HEADER = """\
 # Galleries bigger than RAM: sharded build of an on-disk IVF gallery, on CPU
 
-`python benchmarks/gallery_scale.py`: synthetic unit vectors (a mixture around random cluster centres)
+`python -m benchmarks.gallery_scale`: synthetic unit vectors (a mixture around random cluster centres)
 generated shard by shard in separate processes, merged by `merge_shards(..., index_type="ivf-flat",
 storage="ondisk")` (what `sct index --merge ... --index-type ivf-flat --storage ondisk` runs), then loaded
 memory-mapped by `Gallery.load` in a fresh process. Seconds; MB = 2^20 bytes.
@@ -244,7 +243,8 @@ def folder_mb(folder: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gallery_scale",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vectors", type=int, default=2_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--shards", type=int, default=4)
@@ -286,8 +286,8 @@ def main() -> int:
     recall = ", ".join(f"{served['recall'][n]:.3f} ({n})" for n in sorted(served["recall"]))
     add = "+".join(f"{s:.1f}" for s in merged["add"])
     row = [
-        now_utc(), this_command("benchmarks/gallery_scale.py"), machine(f"FAISS {faiss.__version__}, "
-                                                                        f"{args.threads} OpenMP threads"),
+        now_utc(), this_command("benchmarks.gallery_scale"), machine(f"FAISS {faiss.__version__}, "
+                                                                     f"{args.threads} OpenMP threads"),
         f"{args.vectors:,} × {args.dim}", str(args.shards), f"{served['nlist']} / {served['nprobe']}",
         f"{merged['train']:.1f} / {add} / {merged['merge']:.1f}", f"{merged['seconds']:.1f}",
         f"{shard_anon:.0f} / {shard_hwm:.0f}", f"{merged['anon_mb']:.0f} / {merged['hwm_mb']:.0f}",

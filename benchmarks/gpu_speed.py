@@ -22,9 +22,9 @@ Timing follows the device method: warm-up, the device synchronised around each t
 median. Rows go to benchmarks/results/gpu_speed.md (date, command, machine, device), all numbers to
 --json. Exit status 1 if a correctness check fails.
 
-    python benchmarks/gpu_speed.py                                   # on the GPU machine: everything
-    python benchmarks/gpu_speed.py --sections knn embed --json out.json
-    python benchmarks/gpu_speed.py --smoke --no-record               # seconds on a CPU: checks the script
+    python -m benchmarks.gpu_speed                                   # on the GPU machine: everything
+    python -m benchmarks.gpu_speed --sections knn embed --json out.json
+    python -m benchmarks.gpu_speed --smoke --no-record               # seconds on a CPU: checks the script
 """
 from __future__ import annotations
 
@@ -42,26 +42,25 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from catalog import ImageRecord, decode_rgb  # noqa: E402
-from retrieval.embedder import usable_cpus  # noqa: E402
-from retrieval.metrics import evaluate, knn_exclude_self  # noqa: E402
-from training.config import resolve_config  # noqa: E402
-from training.data import RecordImages, class_index_of, embed_records_kept  # noqa: E402
-from training.knn import TorchKnn  # noqa: E402
-from training.losses import SCTLoss  # noqa: E402
-from training.model import EmbeddingNet  # noqa: E402
-from training.precision import autocast  # noqa: E402
-from training.trainer import build_sampler, preprocessing_of, training_loader  # noqa: E402
-from training.transforms import Normalizer, train_pixels  # noqa: E402
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from catalog import ImageRecord, decode_rgb
+from retrieval.embedder import usable_cpus
+from retrieval.metrics import evaluate, knn_exclude_self
+from training.config import resolve_config
+from training.data import RecordImages, class_index_of, embed_records_kept
+from training.knn import TorchKnn
+from training.losses import SCTLoss
+from training.model import EmbeddingNet
+from training.precision import autocast
+from training.trainer import build_sampler, preprocessing_of, training_loader
+from training.transforms import Normalizer, train_pixels
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_speed.md"
 HEADER = """\
 # GPU speed: training, the JPEG pipeline, embedding, exact kNN (one run each row group)
 
-`python benchmarks/gpu_speed.py`; every ratio is against a baseline measured in the same run.
+`python -m benchmarks.gpu_speed`; every ratio is against a baseline measured in the same run.
 Median of the timed steps after warm-up, the device synchronised around each one.
 
 | date (UTC) | command | machine | device | measurement | value | baseline | ratio | target |
@@ -340,7 +339,8 @@ def bench_decode(args, device, out, records: list[ImageRecord]) -> None:
 
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_speed",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", default="resnet50")
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             elif section == "decode":
                 bench_decode(args, device, out, records)
             print(f"{section}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    stamp = [now_utc(), this_command("benchmarks/gpu_speed.py", argv), machine(), out["device"]]
+    stamp = [now_utc(), this_command("benchmarks.gpu_speed", argv), machine(), out["device"]]
     if not args.no_record:
         for row in out.get("rows", []):
             append_row(args.results, HEADER, stamp + row)

@@ -7,8 +7,8 @@ the condensed class-distance matrix, average linkage, the level cuts and the
 FAISS nearest-class search. One row per size is appended to
 benchmarks/results/htl_tree.md.
 
-    python benchmarks/htl_tree.py                              # 1,000 and 10,000 classes × 5 images, 512-d
-    python benchmarks/htl_tree.py --classes 11318 --images-per-class 5   # the SOP training split
+    python -m benchmarks.htl_tree                              # 1,000 and 10,000 classes × 5 images, 512-d
+    python -m benchmarks.htl_tree --classes 11318 --images-per-class 5   # the SOP training split
 """
 from __future__ import annotations
 
@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from training.htl import build_tree  # noqa: E402
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from training.htl import build_tree
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "htl_tree.md"
 HEADER = """\
 # HTL class tree: build_tree on random unit embeddings (median of 3 after one warm-up)
@@ -53,7 +52,8 @@ def time_build(classes: int, per_class: int, dim: int, levels: int, neighbours: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.htl_tree",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, nargs="+", default=[1_000, 10_000])
     parser.add_argument("--images-per-class", type=int, default=5)
     parser.add_argument("--dim", type=int, default=512)
@@ -69,7 +69,7 @@ def main() -> int:
         seconds = time_build(classes, args.images_per_class, args.dim, args.levels, args.neighbours, args.repeats)
         print(f"{classes} classes × {args.images_per_class} images, {args.dim}-d: median "
               f"{statistics.median(seconds):.2f} s over {args.repeats}", file=sys.stderr)
-        row = [now_utc(), this_command("benchmarks/htl_tree.py"), where, str(classes),
+        row = [now_utc(), this_command("benchmarks.htl_tree"), where, str(classes),
                str(classes * args.images_per_class), str(args.dim), f"{statistics.median(seconds):.2f}",
                f"{min(seconds):.2f}"]
         print(append_row(RESULTS, HEADER, row) if not args.no_record else row)

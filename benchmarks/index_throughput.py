@@ -7,8 +7,8 @@ fp32 inference on the same preprocessed batches, in the same run. Also the
 batch-1 latency of ONNX Runtime (target: about 33 ms for ResNet-50 on 2
 cores). One row is appended to benchmarks/results/index_throughput.md.
 
-    python benchmarks/index_throughput.py                  # ResNet-50, 256 px, 256 images
-    python benchmarks/index_throughput.py --arch resnet18 --images 128
+    python -m benchmarks.index_throughput                  # ResNet-50, 256 px, 256 images
+    python -m benchmarks.index_throughput --arch resnet18 --images 128
 """
 from __future__ import annotations
 
@@ -23,16 +23,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from catalog import load_rgb  # noqa: E402
-from retrieval.embedder import OnnxEmbedder  # noqa: E402
-from retrieval.preprocessing import preprocess_batch  # noqa: E402
-from training.config import resolve_config  # noqa: E402
-from training.export import export_onnx  # noqa: E402
-from training.model import EmbeddingNet  # noqa: E402
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from catalog import load_rgb
+from retrieval.embedder import OnnxEmbedder
+from retrieval.preprocessing import preprocess_batch
+from training.config import resolve_config
+from training.export import export_onnx
+from training.model import EmbeddingNet
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "index_throughput.md"
 HEADER = """\
 # Indexing throughput on CPU: ONNX Runtime embedder vs torch, same images, same run
@@ -46,7 +45,8 @@ HEADER = """\
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.index_throughput",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--dim", type=int, default=512)
@@ -93,7 +93,7 @@ def main() -> int:
         batch1_ms = 1000 * statistics.median(latencies[5:])
     print(f"embedder {embedder_rate:.1f} img/s, torch {torch_rate:.1f} img/s, ORT batch-1 {batch1_ms:.1f} ms",
           file=sys.stderr)
-    row = [now_utc(), this_command("benchmarks/index_throughput.py"), machine(), args.arch, str(args.image_size),
+    row = [now_utc(), this_command("benchmarks.index_throughput"), machine(), args.arch, str(args.image_size),
            str(args.batch_size), str(args.images), f"{embedder_rate:.1f}", f"{torch_rate:.1f}",
            f"{embedder_rate / torch_rate:.2f}", f"{batch1_ms:.1f}"]
     print(append_row(RESULTS, HEADER, row) if not args.no_record else row)

@@ -7,26 +7,24 @@ ItemTable every server worker holds) and of the same rows as a list of
 to fetch the 10 results of a query. One row is appended to
 benchmarks/results/item_table.md.
 
-    python benchmarks/item_table.py                 # 1,000,000 rows
-    python benchmarks/item_table.py --rows 2000000
+    python -m benchmarks.item_table                 # 1,000,000 rows
+    python -m benchmarks.item_table --rows 2000000
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from retrieval.items import read_items  # noqa: E402
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from retrieval.items import read_items
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "item_table.md"
 HEADER = """\
 # A gallery's items in memory: ItemTable vs a list of GalleryItem (same process, same file)
@@ -53,7 +51,8 @@ def write_csv(path: Path, rows: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.item_table",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -80,7 +79,7 @@ def main() -> int:
         assert as_list[-1] == table[-1]
         file_mib = path.stat().st_size / 2**20
     mib = 2**20
-    row = [now_utc(), this_command("benchmarks/item_table.py"), machine(), f"{args.rows:,}", f"{file_mib:.0f}",
+    row = [now_utc(), this_command("benchmarks.item_table"), machine(), f"{args.rows:,}", f"{file_mib:.0f}",
            f"{table_bytes / mib:.0f}", f"{list_bytes / mib:.0f}", f"{list_bytes / table_bytes:.1f}",
            f"{load_seconds:.1f}", f"{1e6 * statistics.median(fetches):.0f}"]
     print(append_row(RESULTS, HEADER, row) if not args.no_record else row)

@@ -2,15 +2,15 @@
 
 The real server (``python -m sct serve``: gunicorn, gevent workers) serves a small generated gallery on
 127.0.0.1 and a free port. The gallery is built by ``build_gallery`` from coloured images embedded with the
-tiny ONNX model of tests/onnx_fixture.py, so the run measures the serving path (HTTP, multipart, decode,
-ONNX Runtime, FAISS, JSON), not a large model. Client threads POST /api/search over keep-alive connections
+tiny ONNX model of benchmarks/fixtures/tiny_onnx.py, so the run measures the serving path (HTTP, multipart,
+decode, ONNX Runtime, FAISS, JSON), not a large model. Client threads POST /api/search over keep-alive connections
 (http.client) for a fixed time, up to a maximum request count. Every response must be a 200 whose ranking
 equals a brute-force search of the gallery embeddings. The server's RSS (master + workers) is sampled
 throughout: if the mean of the last third is no higher than that of the first, requests leak nothing.
 One row is appended to benchmarks/results/load.md.
 
-    python benchmarks/load_test.py                           # 60 s, 4 client threads, 1 worker × 4 threads
-    python benchmarks/load_test.py --duration 30 --max-requests 5000 --no-record
+    python -m benchmarks.load_test                           # 60 s, 4 client threads, 1 worker × 4 threads
+    python -m benchmarks.load_test --duration 30 --max-requests 5000 --no-record
 
 Also the helpers of tests/test_reliability_load.py and benchmarks/fuzz_search.py: ``build_color_gallery``,
 ``running_server``, ``post`` and ``run_load``.
@@ -40,21 +40,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from catalog import decode_rgb  # noqa: E402  (the server's decoder: the brute force sees the same pixels)
-from retrieval.embedder import OnnxEmbedder  # noqa: E402
-from retrieval.gallery import GalleryItem, build_gallery  # noqa: E402
-from retrieval.image_folder import list_image_folder  # noqa: E402
-from tests.hostile_inputs import search_form  # noqa: E402
-from tests.onnx_fixture import COLORS, make_color_images, make_tiny_model  # noqa: E402
+from benchmarks.fixtures.hostile_inputs import search_form
+from benchmarks.fixtures.tiny_onnx import COLORS, make_color_images, make_tiny_model
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from catalog import decode_rgb  # the server's decoder: the brute force sees the same pixels
+from retrieval.embedder import OnnxEmbedder
+from retrieval.gallery import GalleryItem, build_gallery
+from retrieval.image_folder import list_image_folder
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "load.md"
 HEADER = """\
 # Load: POST /api/search against `sct serve` (gunicorn) on 127.0.0.1
 
-A small generated gallery (coloured images, the tiny ONNX model of tests/onnx_fixture.py) served by
+A small generated gallery (coloured images, the tiny ONNX model of benchmarks/fixtures/tiny_onnx.py) served by
 `python -m sct serve`; client threads POST /api/search over keep-alive HTTP connections for a fixed time, up
 to a maximum request count. An error is any response that is not a 200 whose ranking equals a brute-force
 search of the gallery embeddings, or a failed connection. Latency is the client's, per request, in ms.
@@ -344,7 +343,11 @@ def expected_ranking(query: Query, answer: dict) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.load_test", description=__doc__.split("\n\n")[0],
+                                     epilog="Examples:\n  python -m benchmarks.load_test\n"
+                                            "  python -m benchmarks.load_test --duration 30 --max-requests 5000 "
+                                            "--no-record",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60, help="seconds of load (default: %(default)s)")
     parser.add_argument("--max-requests", type=int, default=100_000, help="stop after this many (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=4, help="client threads (default: %(default)s)")
@@ -372,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for error in result.errors[:10]:
         print("  " + error)
     if not args.no_record:
-        row = [now_utc(), this_command("benchmarks/load_test.py"), machine(f"1-min load average {load:.1f} before"),
+        row = [now_utc(), this_command("benchmarks.load_test"), machine(f"1-min load average {load:.1f} before"),
                f"sct serve, {args.server_workers} worker × {args.server_threads} threads; gallery "
                f"{len(labels):,} × 16-d (tiny model, 32 px)", str(args.threads), f"{result.requests:,}",
                str(len(result.errors)), f"{result.percentile_ms(50):.1f}", f"{result.percentile_ms(99):.1f}",

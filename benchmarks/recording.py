@@ -5,6 +5,7 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,9 +27,10 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
-def this_command(script: str, args: list[str] | None = None) -> str:
-    """The command line that ran ``script`` (with ``args``, default this process's), quoted for a Markdown cell."""
-    return "`" + shlex.join(["python", script, *(sys.argv[1:] if args is None else args)]) + "`"
+def this_command(module: str, args: Sequence[str] | None = None) -> str:
+    """``python -m module`` with ``args`` (default this process's), the command line that ran a benchmark, quoted
+    for a Markdown cell."""
+    return "`" + shlex.join(["python", "-m", module, *(sys.argv[1:] if args is None else args)]) + "`"
 
 
 def append_row(path: Path, header: str, row: list[str]) -> str:

@@ -16,9 +16,9 @@ building the results). Then a bare FAISS search right after an embedding is
 timed with all OpenMP threads and with one. One row is appended to
 benchmarks/results/search_latency.md.
 
-    python benchmarks/search_latency.py                                # ResNet-50, 512-d, 100,000 items, flat
-    python benchmarks/search_latency.py --index-type ivf-flat --nlist 256
-    python benchmarks/search_latency.py --arch resnet18 --items 10000 --requests 50 --no-record   # a smoke run
+    python -m benchmarks.search_latency                                # ResNet-50, 512-d, 100,000 items, flat
+    python -m benchmarks.search_latency --index-type ivf-flat --nlist 256
+    python -m benchmarks.search_latency --arch resnet18 --items 10000 --requests 50 --no-record   # a smoke run
 """
 
 from __future__ import annotations
@@ -38,13 +38,12 @@ import numpy as np
 from flask.testing import FlaskClient
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-import catalog  # noqa: E402
-from retrieval.gallery import INDEX_TYPES, Gallery, GalleryItem, build_gallery  # noqa: E402
-from webapp import create_app  # noqa: E402
+import catalog
+from benchmarks.recording import append_row, machine, now_utc, this_command
+from retrieval.gallery import INDEX_TYPES, Gallery, GalleryItem, build_gallery
+from webapp import create_app
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "search_latency.md"
 STAGES = ("decode", "embed", "search", "render")
 HEADER = """\
@@ -139,7 +138,8 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.search_latency",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--dim", type=int, default=512)
@@ -186,7 +186,7 @@ def main() -> int:
     print(f"(decode + search + render) / embed: p50 {ratio50:.3f}, p99 {ratio99:.3f} (target ≤ 0.2)", file=sys.stderr)
     print(f"FAISS alone after an embedding, p50: {openmp[0]:.2f} ms with {faiss.omp_get_max_threads()} OpenMP "
           f"threads, {openmp[1]:.2f} ms with 1", file=sys.stderr)
-    row = [now_utc(), this_command("benchmarks/search_latency.py"),
+    row = [now_utc(), this_command("benchmarks.search_latency"),
            machine(f"1-min load average {load:.1f} before the run"),
            f"{args.arch} {args.image_size} px, {args.dim}-d", f"{args.items:,} × {args.dim}, {factory}",
            str(args.requests), *(f"{p50[s]:.2f} / {p99[s]:.2f}" for s in (*STAGES, "request")),

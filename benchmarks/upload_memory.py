@@ -7,8 +7,8 @@ reports its peak resident memory above what it held before (VmHWM − VmRSS) and
 case is a 16-bit PNG of 6300² pixels, just under the 40-megapixel limit, which compresses to a few hundred KB.
 One row per image is appended to benchmarks/results/upload_memory.md.
 
-    python benchmarks/upload_memory.py
-    python benchmarks/upload_memory.py --repeats 1 --no-record
+    python -m benchmarks.upload_memory
+    python -m benchmarks.upload_memory --repeats 1 --no-record
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.recording import append_row, machine, now_utc, this_command  # noqa: E402
-from tests.photos import amplifier_png, photo_corpus  # noqa: E402
+from benchmarks.fixtures.photos import amplifier_png, photo_corpus
+from benchmarks.recording import append_row, machine, now_utc, this_command
 
 RESULTS = Path(__file__).parent / "results" / "upload_memory.md"
 HEADER = """# Decoding one upload: peak memory and time, bounded vs full decode
@@ -74,9 +73,9 @@ def measure(path: Path, mode: str, repeats: int) -> tuple[float, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Examples:\n  python benchmarks/upload_memory.py\n"
-                                            "  python benchmarks/upload_memory.py --repeats 1 --no-record",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.upload_memory", description=__doc__.split("\n\n")[0],
+                                     epilog="Examples:\n  python -m benchmarks.upload_memory\n"
+                                            "  python -m benchmarks.upload_memory --repeats 1 --no-record",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per image and path (default 3)")
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS}")
@@ -89,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path.write_bytes(data)
             full_mib, full_ms = measure(path, "full", args.repeats)
             bounded_mib, bounded_ms = measure(path, "bounded", args.repeats)
-            row = [now_utc(), this_command("benchmarks/upload_memory.py", argv), machine(), name,
+            row = [now_utc(), this_command("benchmarks.upload_memory", argv), machine(), name,
                    f"{len(data):,}", f"{full_mib:.0f}", f"{bounded_mib:.0f}", f"{full_mib / bounded_mib:.1f}",
                    f"{full_ms:.0f}", f"{bounded_ms:.0f}", f"{full_ms / bounded_ms:.1f}"]
             print(" | ".join(row[3:]), flush=True)

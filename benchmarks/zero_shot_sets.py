@@ -20,9 +20,9 @@ Each set is a `--dataset folder` root: one folder per class plus split.csv (path
 `sct train --dataset folder --data-root DIR` trains on its train classes and `sct index --dataset folder
 --data-root DIR --split test` indexes the unseen ones. The same seed gives the same bytes.
 
-    python benchmarks/zero_shot_sets.py glyphs --out data/glyphs
-    python benchmarks/zero_shot_sets.py emoji --out data/emoji
-    python benchmarks/zero_shot_sets.py fashion-5-5 --out data/fashion-5-5
+    python -m benchmarks.zero_shot_sets glyphs --out data/glyphs
+    python -m benchmarks.zero_shot_sets emoji --out data/emoji
+    python -m benchmarks.zero_shot_sets fashion-5-5 --out data/fashion-5-5
 """
 
 from __future__ import annotations
@@ -275,13 +275,14 @@ def _write_split(out: Path, rows: list[tuple[str, str, str]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Examples:\n  python benchmarks/zero_shot_sets.py glyphs --out data/glyphs\n"
-                                            "  python benchmarks/zero_shot_sets.py emoji --out data/emoji\n"
-                                            "  python benchmarks/zero_shot_sets.py emoji --classes 50 --per-class 20 "
-                                            "--seed 1 --out data/emoji-50\n"
-                                            "  python benchmarks/zero_shot_sets.py fashion-5-5 --out data/fashion-5-5",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.zero_shot_sets", description=__doc__.split("\n\n")[0],
+        epilog="Examples:\n  python -m benchmarks.zero_shot_sets glyphs --out data/glyphs\n"
+               "  python -m benchmarks.zero_shot_sets emoji --out data/emoji\n"
+               "  python -m benchmarks.zero_shot_sets emoji --classes 50 --per-class 20 --seed 1 "
+               "--out data/emoji-50\n"
+               "  python -m benchmarks.zero_shot_sets fashion-5-5 --out data/fashion-5-5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("set", choices=("glyphs", "emoji", "fashion-5-5"))
     parser.add_argument("--out", type=Path, required=True, help="the folder to write (a --dataset folder root)")
     parser.add_argument("--seed", type=int, default=0,

@@ -13,8 +13,8 @@ their stall events are collected into a JSON file and a Markdown table of mean Â
 Runs go `--jobs` at a time, each on one CPU thread; a run whose folder already holds a final evaluation is not run
 again, so an interrupted study resumes where it stopped.
 
-    python benchmarks/zero_shot_sets.py glyphs --per-class 60 --out data/glyphs
-    python benchmarks/zero_shot_sets.py emoji --out data/emoji
+    python -m benchmarks.zero_shot_sets glyphs --per-class 60 --out data/glyphs
+    python -m benchmarks.zero_shot_sets emoji --out data/emoji
     python -m benchmarks.zero_shot_study --set glyphs=data/glyphs --set emoji=data/emoji --out runs/zero-shot
 """
 from __future__ import annotations
@@ -103,6 +103,7 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.zero_shot_study",
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example:\n  python -m benchmarks.zero_shot_study --set glyphs=data/glyphs --set emoji=data/emoji "
                "--out runs/zero-shot")
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with args.results.open("a", encoding="utf-8") as file:
-        file.write(f"\n## {now_utc()} UTC: {this_command('-m', ['benchmarks.zero_shot_study', *sys.argv[1:]])}\n\n"
+        file.write(f"\n## {now_utc()} UTC: {this_command('benchmarks.zero_shot_study')}\n\n"
                    f"Machine: {machine()}.\n\n{text}")
     return 0
 

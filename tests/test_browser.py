@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from retrieval.embedder import OnnxEmbedder
 from retrieval.evaluation import evaluate_gallery, save_eval
 from retrieval.gallery import EVAL_FILE, Gallery
-from tests.onnx_fixture import make_color_images, make_tiny_model
 from tests.test_webapp_api import build_gallery_of, png_bytes
 from webapp import create_app
 

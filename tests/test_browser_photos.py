@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.fixtures.photos import photo_corpus
 from benchmarks.load_test import build_color_gallery, running_server
-from tests.photos import photo_corpus
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, sync_api
 
 #: A 15 MB camera JPEG, an EXIF-rotated phone JPEG, a 7 MB PNG with transparency and a 16-bit PNG scan.

@@ -17,13 +17,13 @@ import faiss
 import numpy as np
 import pytest
 
+from benchmarks.fixtures.hostile_inputs import search_form
+from benchmarks.fixtures.tiny_onnx import make_color_images
 from benchmarks.load_test import build_color_gallery
 from retrieval import atomic
 from retrieval import gallery as gallery_module
 from retrieval.gallery import Gallery, _write_index
 from sct.cli import main as sct_main
-from tests.hostile_inputs import search_form
-from tests.onnx_fixture import make_color_images
 from webapp import create_app
 
 ROOT = Path(__file__).resolve().parents[1]

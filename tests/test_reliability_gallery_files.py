@@ -21,10 +21,10 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 import webapp.item_files
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from retrieval.cli import register
 from retrieval.embedder import file_sha256
 from retrieval.gallery import Gallery, GalleryItem, GalleryMismatchError, build_gallery
-from tests.onnx_fixture import make_color_images, make_tiny_model
 from tests.test_webapp_api import png_bytes, post_search
 from webapp import create_app
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.fixtures.hostile_inputs import search_form
+from benchmarks.fixtures.tiny_onnx import make_color_images
 from benchmarks.load_test import Client, build_color_gallery, queries_for, run_load, running_server
 from catalog import decode_rgb
 from retrieval.embedder import OnnxEmbedder
 from retrieval.image_folder import list_image_folder
-from tests.hostile_inputs import search_form
-from tests.onnx_fixture import make_color_images
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 5

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.fixtures.hostile_inputs import multipart, search_form
+from benchmarks.fixtures.photos import amplifier_png, boundary_at_every_read, photo_corpus, rotated_jpeg, scene
 from benchmarks.load_test import build_color_gallery, running_server
 from catalog import decode_rgb
 from retrieval.embedder import OnnxEmbedder
 from retrieval.preprocessing import preprocess
-from tests.hostile_inputs import multipart, search_form
-from tests.photos import amplifier_png, boundary_at_every_read, photo_corpus, rotated_jpeg, scene
 from tests.test_webapp_api import png_bytes
 from webapp import MiB, create_app
 

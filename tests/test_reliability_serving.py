@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.fixtures.hostile_inputs import search_form
 from benchmarks.load_test import build_color_gallery, running_server
-from tests.hostile_inputs import search_form
 from tests.test_webapp_api import png_bytes
 
 THREADS = 2

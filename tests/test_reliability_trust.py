@@ -17,11 +17,11 @@ import pytest
 from onnx import TensorProto, helper
 
 import webapp.item_files
+from benchmarks.fixtures.hostile_inputs import search_form
+from benchmarks.fixtures.tiny_onnx import make_tiny_model
 from benchmarks.load_test import build_color_gallery
 from retrieval.embedder import file_sha256
 from retrieval.gallery import Gallery, GalleryMismatchError
-from tests.hostile_inputs import search_form
-from tests.onnx_fixture import make_tiny_model
 from webapp import cli, create_app
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,8 @@
 """Hostile uploads to ``POST /api/search`` (issue 9): never a 5xx, always a JSON result or a JSON error that
 names the problem, the app keeps answering, and memory stays bounded.
 
-The corpus and the request generator live in tests/hostile_inputs.py; benchmarks/fuzz_search.py runs the
-same generator for minutes against gunicorn over HTTP. Here it runs through Flask's test client with a
+The corpus and the request generator live in benchmarks/fixtures/hostile_inputs.py; benchmarks/fuzz_search.py
+runs the same generator for minutes against gunicorn over HTTP. Here it runs through Flask's test client with a
 fixed seed: every corpus image once as it is, then a few hundred damaged images and broken requests drawn
 by hypothesis. Every 200 is checked against a brute-force search of the gallery embeddings.
 """
@@ -22,10 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import catalog
-from retrieval import preprocessing
-from retrieval.embedder import OnnxEmbedder
-from retrieval.preprocessing import Preprocessing, preprocess
-from tests.hostile_inputs import (
+from benchmarks.fixtures.hostile_inputs import (
     STRUCTURE_CASES,
     WEIRD_FIELD_VALUES,
     WEIRD_FILENAMES,
@@ -35,7 +32,10 @@ from tests.hostile_inputs import (
     image_corpus,
     search_form,
 )
-from tests.onnx_fixture import make_color_images, make_tiny_model
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
+from retrieval import preprocessing
+from retrieval.embedder import OnnxEmbedder
+from retrieval.preprocessing import Preprocessing, preprocess
 from tests.test_webapp_api import build_gallery_of, png_bytes
 from webapp import create_app
 

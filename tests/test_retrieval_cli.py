@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from catalog import load_rgb
 from retrieval.cli import register
 from retrieval.gallery import Gallery
-from tests.onnx_fixture import make_color_images, make_tiny_model
 
 
 def sct(argv: list[str]) -> int:

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
+from benchmarks.fixtures.tiny_onnx import GRID, MEAN, STD, make_color_images, make_tiny_model, tiny_model_weights
 from catalog import load_rgb
 from retrieval.embedder import OnnxEmbedder, file_sha256
 from retrieval.preprocessing import Preprocessing, preprocess
-from tests.onnx_fixture import GRID, MEAN, STD, make_color_images, make_tiny_model, tiny_model_weights
 
 
 @pytest.fixture(scope="module")

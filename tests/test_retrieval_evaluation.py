@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from catalog import load_rgb
 from retrieval.embedder import OnnxEmbedder
 from retrieval.evaluation import evaluate_gallery, format_table, save_eval
 from retrieval.gallery import Gallery, GalleryItem, GalleryMismatchError, build_gallery
-from tests.onnx_fixture import make_color_images, make_tiny_model
 
 CHAINS = {"red": "warm", "green": "cool", "blue": "cool"}
 

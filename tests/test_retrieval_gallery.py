@@ -6,14 +6,13 @@ import csv
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
+from benchmarks.fixtures.tiny_onnx import make_tiny_model
 from retrieval.atomic import atomic_directory, atomic_file, atomic_write_text
 from retrieval.embedder import file_sha256
 from retrieval.gallery import Gallery, GalleryItem, GalleryMismatchError, build_gallery
-from tests.onnx_fixture import make_tiny_model
 
 DIM = 8
 
@@ -186,15 +185,6 @@ def test_atomic_write_text_replaces_or_leaves_untouched(tmp_path):
             temporary.write_text("half of thr")
             raise RuntimeError("midway")
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
-
-
-@pytest.fixture
-def single_thread_faiss():
-    """k-means on a tiny sample is dominated by OpenMP start-up and spinning on a busy 2-core machine."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
 
 
 @pytest.mark.usefixtures("single_thread_faiss")

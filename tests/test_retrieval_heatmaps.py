@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.fixtures.tiny_onnx import GRID, make_tiny_model
 from retrieval.embedder import OnnxEmbedder
 from retrieval.heatmaps import (
     BAR_PANEL,
@@ -18,7 +19,6 @@ from retrieval.heatmaps import (
     symmetric_limit,
 )
 from retrieval.preprocessing import Preprocessing
-from tests.onnx_fixture import GRID, make_tiny_model
 
 
 @pytest.fixture(scope="module")

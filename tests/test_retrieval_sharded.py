@@ -17,17 +17,15 @@ import faiss
 import numpy as np
 import pytest
 
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from catalog import load_rgb
 from retrieval import index_files
 from retrieval.cli import INDEX_EPILOG
 from retrieval.embedder import file_sha256
 from retrieval.gallery import Gallery, GalleryItem, GalleryMismatchError, build_gallery
 from retrieval.shards import ShardSpec, merge_shards, write_shard
-from tests.onnx_fixture import make_color_images, make_tiny_model
-from webapp import create_app
-
 from tests.test_retrieval_cli import sct
-from tests.test_retrieval_gallery import single_thread_faiss  # noqa: F401 (a fixture)
+from webapp import create_app
 
 DIM = 8
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from test_training_trainer import _config, _images, _metrics
+from tests.test_training_trainer import _config, _images, _metrics
 from training import distributed
 from training.htl import build_tree
 from training.losses import LOSSES, build_loss

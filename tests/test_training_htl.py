@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from sct.cli import main
-from test_training_learns import CLASSES, PER_CLASS, _dataset
-from test_training_sampler import assert_deterministic_under_seed_and_epoch
-from test_training_trainer import _config, _images, _metrics, kill_after_first_checkpoint_then_resume
+from tests.test_training_learns import CLASSES, PER_CLASS, _dataset
+from tests.test_training_sampler import assert_deterministic_under_seed_and_epoch
+from tests.test_training_trainer import _config, _images, _metrics, kill_after_first_checkpoint_then_resume
 from training.config import resolve_config
 from training.htl import ClassTree, build_tree, class_distances, class_means, margins, merge_level
 from training.losses import HTLLoss, build_loss
@@ -191,8 +191,14 @@ def test_loss_and_gradient_match_explicit_loop_over_all_triplets(with_tree: bool
     expected.backward()
     assert math.isclose(ours.item(), expected.item(), rel_tol=1e-4, abs_tol=1e-5)
     assert torch.allclose(ours_input.grad.float(), reference_input.grad.float(), atol=1e-4, rtol=1e-3)
-    stats = loss_fn.stats  # logged like every other loss: measured on each anchor's hardest negative
-    assert stats.valid_anchors == len(labels) and 0 <= stats.hard_fraction <= 1 and stats.pairs.shape == (9, 2)
+    stats = loss_fn.stats  # logged like every other loss: each anchor's easiest positive and hardest negative
+    unit = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    sims = unit @ unit.T
+    pairs = [(max(float(sims[a, p]) for p in range(len(labels)) if p != a and labels[p] == labels[a]),
+              max(float(sims[a, n]) for n in range(len(labels)) if labels[n] != labels[a]))
+             for a in range(len(labels))]
+    assert stats.valid_anchors == len(labels) and torch.allclose(stats.pairs, torch.tensor(pairs), atol=1e-6)
+    assert stats.hard_fraction == pytest.approx(sum(s_an > s_ap for s_ap, s_an in pairs) / len(pairs))
 
 
 def test_tree_changes_the_loss_and_build_loss_knows_htl() -> None:

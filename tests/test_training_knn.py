@@ -92,6 +92,7 @@ def test_cpu_training_keeps_faiss():
     assert isinstance(knn_for(torch.device("cuda")), TorchKnn)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_search_matches_faiss_on_a_realistic_size():
     rng = np.random.default_rng(8)

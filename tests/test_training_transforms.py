@@ -51,6 +51,7 @@ def test_train_pixels_crop_and_flip_follow_the_seed():
     assert len(draws) > 1  # random crops and flips
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_normalising_on_the_gpu_matches_the_cpu():
     pixels = torch.stack([eval_pixels(SPEC)(_image(seed)) for seed in range(3)])

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from tests.onnx_fixture import make_color_images, make_tiny_model
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from webapp import cli
 
 

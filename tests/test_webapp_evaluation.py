@@ -8,10 +8,10 @@ import json
 import pytest
 from PIL import Image
 
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from retrieval.embedder import OnnxEmbedder, file_sha256
 from retrieval.evaluation import evaluate_gallery, save_eval
 from retrieval.gallery import EVAL_FILE, Gallery
-from tests.onnx_fixture import make_color_images, make_tiny_model
 from tests.test_webapp_api import build_gallery_of
 from webapp import create_app
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from retrieval.embedder import OnnxEmbedder
 from retrieval.heatmaps import BAR_PANEL
-from tests.onnx_fixture import make_color_images, make_tiny_model
 from tests.test_webapp_api import build_gallery_of, png_bytes, post_search
 from webapp import create_app
 

@@ -11,10 +11,10 @@ from html.parser import HTMLParser
 
 import pytest
 
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from retrieval.embedder import OnnxEmbedder
 from retrieval.evaluation import evaluate_gallery, save_eval
 from retrieval.gallery import EVAL_FILE, Gallery
-from tests.onnx_fixture import make_color_images, make_tiny_model
 from tests.test_webapp_api import build_gallery_of, png_bytes, post_search
 from webapp import cli, create_app, evaluation
 from webapp.security import TrustedHosts
