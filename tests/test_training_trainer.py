@@ -287,3 +287,24 @@ def test_augmentations_do_not_depend_on_worker_processes_which_persist_across_ep
     different = Trainer(_config(data, tmp_path / "seed1", workers=0, seed=1, **settings), progress=False)
     different.fit()
     assert [m.get("loss") for m in _metrics(tmp_path / "seed1")] != [m.get("loss") for m in in_main]
+
+
+@pytest.mark.parametrize("loss", ["sct", "htl"])
+def test_a_finished_trainer_is_freed_without_the_cycle_collector(tmp_path: Path, loss: str) -> None:
+    """No part (scheduler, run folder, evaluator, HTL schedule, stall watch) holds the Trainer: a Trainer in a
+    reference cycle outlives train(), and under torchrun its DDP wrapper keeps gloo's threads alive past
+    destroy_process_group() (test_training_distributed.py checks that under torchrun, slowly)."""
+    import gc
+    import weakref
+
+    data = _images(tmp_path / "data")
+    trainer = Trainer(_config(data, tmp_path / "run", epochs=1, loss=loss, htl_neighbours=2), progress=False)
+    gc.collect()
+    gc.disable()
+    try:
+        trainer.fit()
+        freed = weakref.ref(trainer)
+        del trainer
+        assert freed() is None
+    finally:
+        gc.enable()
