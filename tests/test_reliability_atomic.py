@@ -175,9 +175,10 @@ def kill_halfway(code: str, *args: str) -> None:
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
-    """training.trainer writes last.pt and best.pt with atomic_write_bytes, i.e. through atomic_file."""
-    trainer_source = (ROOT / "training" / "trainer.py").read_text()
-    assert 'atomic_write_bytes(self.run_dir / "last.pt"' in trainer_source
+    """training.run_folder writes last.pt and best.pt with atomic_write_bytes, i.e. through atomic_file."""
+    run_folder_source = (ROOT / "training" / "run_folder.py").read_text()
+    assert "atomic_write_bytes(self.path / LAST," in run_folder_source
+    assert "atomic_write_bytes(self.path / BEST," in run_folder_source
     target = tmp_path / "last.pt"
     target.write_bytes(b"the checkpoint of epoch 3")
     kill_halfway(CHILD_WRITES_A_CHECKPOINT, str(target))

@@ -215,24 +215,16 @@ def test_sct_train_shows_where_the_key_settings_come_from(tmp_path, monkeypatch,
 
 
 def test_the_saved_config_yaml_loads_back_to_the_same_config(tmp_path) -> None:
-    """The trainer writes config.yaml with the provenance; read back, or given back as --config, it is the
+    """The run folder writes config.yaml with the provenance; read back, or given back as --config, it is the
     same config (given back, the file set everything)."""
-    import numpy as np
-    from PIL import Image
+    from training.run_folder import RunFolder
 
-    from training.trainer import Trainer
-
-    for c in range(4):
-        folder = tmp_path / "data" / f"class_{c}"
-        folder.mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(np.full((8, 8, 3), 60 * c + i, np.uint8)).save(folder / f"{i}.png")
     config_file = tmp_path / "c.yaml"
     config_file.write_text("lr: 1e-3\nepochs: 1\n")
     config = resolve_config("folder", str(tmp_path / "data"), str(tmp_path / "run"), config_file=str(config_file),
                             overrides=dict(arch="resnet18", pretrained="none", dim=8, image_size=8, batch_size=4,
                                            device="cpu", workers=0))
-    Trainer(config, progress=False)
+    RunFolder(config.out).create(config)
     saved = tmp_path / "run" / "config.yaml"
     loaded = load_config_file(saved)
     assert loaded == config and loaded.provenance == config.provenance == {**loaded.provenance, "lr": "config-file"}

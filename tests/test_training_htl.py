@@ -363,8 +363,7 @@ def test_htl_recall_on_unseen_classes_rises_and_trees_are_logged(tmp_path: Path)
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("rebuild_every,images_per_class", [(0, None), (1, 3)])
-def test_htl_resume_matches_an_unbroken_run(tmp_path: Path, monkeypatch, rebuild_every: int,
-                                            images_per_class: int | None) -> None:
+def test_htl_resume_matches_an_unbroken_run(tmp_path: Path, rebuild_every: int, images_per_class: int | None) -> None:
     """Rebuilt every epoch, the resumed run rebuilds from the checkpoint's model; built once, it goes on with
     the tree saved in the checkpoint. Either way its log matches the unbroken run's."""
     data = _images(tmp_path / "data")  # 3 training classes × 4 images
@@ -372,7 +371,7 @@ def test_htl_resume_matches_an_unbroken_run(tmp_path: Path, monkeypatch, rebuild
                     htl_tree_images_per_class=images_per_class, epochs=3, eval_every=0, triplets_every=0)
     Trainer(_config(data, tmp_path / "whole", **settings), progress=False).fit()
 
-    kill_after_first_checkpoint_then_resume(_config(data, tmp_path / "broken", **settings), monkeypatch)
+    kill_after_first_checkpoint_then_resume(_config(data, tmp_path / "broken", **settings))
 
     whole, resumed = _metrics(tmp_path / "whole"), _metrics(tmp_path / "broken")
     assert [(m.get("type"), m["iter"]) for m in whole] == [(m.get("type"), m["iter"]) for m in resumed]

@@ -44,7 +44,10 @@ def test_sct_recall_on_unseen_classes_rises(tmp_path: Path) -> None:
     config = resolve_config("folder", str(data), str(tmp_path / "run"), overrides=dict(
         arch="resnet18", pretrained="none", dim=32, image_size=32, epochs=6, batch_size=32, images_per_class=4,
         optimizer="adamw", lr=0.002, weight_decay=1e-4, schedule="cosine", warmup_iters=5, augment=False,
-        workers=0, device="cpu", precision="fp32", eval_every=0, triplets_every=0, seed=0))
+        workers=0, device="cpu", precision="fp32", eval_every=0, triplets_every=0, seed=0,
+        # the linear head: on these 8 training classes, in 36 steps, the embedding BatchNorm of the from-scratch
+        # defaults reached Recall@1 0.76 against 0.86 (docs/hard-negatives/ZERO_SHOT.md, Limits)
+        embedding_bn=False))
     trainer = Trainer(config, progress=False)
     trainer.evaluate(-1)  # at initialisation
     trainer.fit()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import training.trainer as trainer_module
 from training.config import resolve_config
+from training.stall import StallDetector
 from training.trainer import Trainer
 
 # 64 classes, each a random 4×4 binary pattern under a random tint, background, shift and noise: nuisances that
@@ -41,16 +41,17 @@ def many_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _train(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch, **settings) -> tuple[list[dict], str]:
+def _train(data: Path, out: Path, **settings) -> tuple[list[dict], str]:
     """A run of SCT from scratch with the folder dataset's defaults and ``settings``; its iterations and output.
     The stall rule's window is cut from 20 iterations to 10 to keep the run short."""
-    monkeypatch.setattr(trainer_module, "stall_window", lambda iterations: WINDOW)
     config = resolve_config("folder", str(data), str(out), overrides=dict(
         loss="sct", pretrained="none", arch="resnet18", dim=16, image_size=SIZE, epochs=EPOCHS, batch_size=32,
         workers=0, device="cpu", precision="fp32", eval_every=0, triplets_every=0, seed=0, **settings))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        Trainer(config, progress=False).fit()
+        trainer = Trainer(config, progress=False)
+        trainer.stall.detector = StallDetector(WINDOW)
+        trainer.fit()
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], printed.getvalue()
 
 
@@ -59,8 +60,8 @@ def _windows(steps: list[dict], key: str) -> list[float]:
 
 
 @pytest.mark.timeout(120)
-def test_sct_from_scratch_with_the_defaults_does_not_stall(many_classes: Path, tmp_path: Path, monkeypatch) -> None:
-    lines, printed = _train(many_classes, tmp_path / "default", monkeypatch)
+def test_sct_from_scratch_with_the_defaults_does_not_stall(many_classes: Path, tmp_path: Path) -> None:
+    lines, printed = _train(many_classes, tmp_path / "default")
     steps = [line for line in lines if line.get("type") is None]
     assert len(steps) == EPOCHS * (CLASSES // 2 * PER_CLASS // 32)
     assert not [line for line in lines if line.get("type", "").startswith("stall")], printed
@@ -71,12 +72,11 @@ def test_sct_from_scratch_with_the_defaults_does_not_stall(many_classes: Path, t
 
 
 @pytest.mark.timeout(120)
-def test_the_papers_sct_with_the_pretrained_recipe_stalls_there(many_classes: Path, tmp_path: Path,
-                                                                monkeypatch) -> None:
+def test_the_papers_sct_with_the_pretrained_recipe_stalls_there(many_classes: Path, tmp_path: Path) -> None:
     """The same run with the folder preset's settings for a pretrained trunk (SGD, lr 0.009, no momentum), the
     paper's linear head and no warm start, as `sct train --pretrained none` gave before it had its own defaults:
     the stall is caught."""
-    lines, printed = _train(many_classes, tmp_path / "paper", monkeypatch, optimizer="sgd", lr=0.009,
+    lines, printed = _train(many_classes, tmp_path / "paper", optimizer="sgd", lr=0.009,
                             momentum=0.0, weight_decay=0.0, sct_warmup=0.0, embedding_bn=False)
     assert [line["type"] for line in lines if line.get("type", "").startswith("stall")][:1] == ["stall_start"]
     assert printed.count("warning: training has stalled") == 1

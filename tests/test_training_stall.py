@@ -11,8 +11,7 @@ from PIL import Image
 
 from training.analysis.runs import Stall, load_run
 from training.config import resolve_config
-from training.stall import StallDetector, stall_window
-import training.trainer as trainer_module
+from training.stall import StallDetector, StallWatch, stall_window
 from training.trainer import Trainer
 
 from tests.test_training_trainer import _metrics, kill_after_first_checkpoint_then_resume
@@ -115,15 +114,36 @@ def test_the_collapse_variant_is_its_own_kind() -> None:
         "s_ap_rise": pytest.approx(0.0, abs=1e-9)}
 
 
-def test_only_rank_zero_logs_and_prints_a_stall(tmp_path: Path, capsys) -> None:
-    for rank in (1, 0):  # the trainer's hook alone, on a bare Trainer: rank 1 first, then rank 0
-        trainer = object.__new__(Trainer)
-        trainer.is_main, trainer.run_dir, trainer.stall = rank == 0, tmp_path, StallDetector(20)
+def test_only_rank_zero_logs_and_prints_a_stall(capsys) -> None:
+    logged = {0: [], 1: []}
+    for rank in (1, 0):  # rank 1 first, then rank 0
+        watch = StallWatch(StallDetector(20), logged[rank].append, active=rank == 0)
         for i in range(40):  # the grace period, then the window
-            trainer._watch_for_stall({"iter": i, "epoch": 0, "hard_fraction": 1.0, "mean_s_ap": 0.0,
-                                      "mean_s_an": 0.3})
-    assert [line["type"] for line in _metrics(tmp_path)] == ["stall_start"]
+            watch.step({"iter": i, "epoch": 0, "hard_fraction": 1.0, "mean_s_ap": 0.0, "mean_s_an": 0.3})
+    assert logged[1] == [] and [line["type"] for line in logged[0]] == ["stall_start"]
+    assert logged[0][0] == {"type": "stall_start", "iter": 39, "epoch": 0, "kind": "stall", "start_iter": 20,
+                            "window": 20, "hard_fraction": 1.0, "s_ap": 0.0, "s_an": pytest.approx(0.3),
+                            "s_ap_rise": 0.0}
     assert capsys.readouterr().out.count("warning: training has stalled") == 1
+
+
+def test_replaying_a_log_restores_the_watch_silently(capsys) -> None:
+    """--resume replays the kept step lines (not the others) into a fresh watch: it reports nothing for them,
+    and the next step is judged as in the unbroken run."""
+    steps = [{"iter": i, "epoch": 0, "hard_fraction": 1.0, "mean_s_ap": 0.0, "mean_s_an": 0.3} for i in range(40)]
+    unbroken, logged = [], []
+    watch = StallWatch(StallDetector(20), unbroken.append)
+    for step in steps:
+        watch.step(step)
+    capsys.readouterr()
+    resumed = StallWatch(StallDetector(20), logged.append)
+    resumed.replay(steps[:39] + [{"type": "eval", "iter": 39, "recall@1": 0.5}])
+    assert logged == [] and capsys.readouterr().out == ""
+    resumed.step(steps[39])
+    assert logged == unbroken and capsys.readouterr().out.count("warning: training has stalled") == 1
+    inactive = StallWatch(StallDetector(20), logged.append, active=False)
+    inactive.replay(steps[:39])
+    assert inactive.detector.update(39, 1.0, 0.0, 0.3) is None  # nothing was fed: still in its grace period
 
 
 # ------------------------------------------------------------------ a real run that stalls
@@ -158,10 +178,15 @@ def stalled_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, s
     root = tmp_path_factory.mktemp("stall")
     data = _noise_images(root / "data")
     printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
-        patch.setattr(trainer_module, "stall_window", lambda iterations: WINDOW)
-        run = Trainer(_stalling_config(data, root / "run"), progress=False).fit()
+    with contextlib.redirect_stdout(printed):
+        trainer = Trainer(_stalling_config(data, root / "run"), progress=False)
+        shorten_the_window(trainer)
+        run = trainer.fit()
     return data, run, printed.getvalue()
+
+
+def shorten_the_window(trainer: Trainer) -> None:
+    trainer.stall.detector = StallDetector(WINDOW)
 
 
 def test_a_stalling_run_logs_the_stall_and_warns_once(stalled_run: tuple[Path, Path, str]) -> None:
@@ -191,12 +216,11 @@ def test_a_low_similarity_stall_does_not_also_warn_of_a_collapse(stalled_run: tu
 
 
 def test_a_run_resumed_before_the_stall_logs_it_as_an_unbroken_run_does(stalled_run: tuple[Path, Path, str],
-                                                                        tmp_path: Path, monkeypatch, capsys) -> None:
+                                                                        tmp_path: Path, capsys) -> None:
     """Killed after epoch 1 (iteration 4), before the stall shows at iteration 9: the resumed run refills the
     detector's window from the logged iterations and reports the same stall at the same iteration."""
     data, whole, _ = stalled_run
-    monkeypatch.setattr(trainer_module, "stall_window", lambda iterations: WINDOW)
-    kill_after_first_checkpoint_then_resume(_stalling_config(data, tmp_path / "broken"), monkeypatch)
+    kill_after_first_checkpoint_then_resume(_stalling_config(data, tmp_path / "broken"), prepare=shorten_the_window)
     assert capsys.readouterr().out.count("warning: training has stalled") == 1
     expected, got = _metrics(whole), _metrics(tmp_path / "broken")
     assert [(e.get("type"), e["iter"]) for e in got] == [(e.get("type"), e["iter"]) for e in expected]

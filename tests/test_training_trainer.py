@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.config import resolve_config
+from training.config import load_config_file, resolve_config
 import training.trainer as trainer_module
 from training.trainer import Trainer, lr_factor
 
@@ -39,16 +39,16 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_after_an_interruption_matches_an_unbroken_run(tmp_path: Path, monkeypatch) -> None:
+def test_resume_after_an_interruption_matches_an_unbroken_run(tmp_path: Path) -> None:
     data = _images(tmp_path / "data")
     Trainer(_config(data, tmp_path / "whole"), progress=False).fit()
 
     def log_a_line_of_the_next_epoch(trainer: Trainer) -> None:
         # the process dies after the first checkpoint, with the next epoch's first lines already logged
-        with open(trainer.run_dir / "metrics.jsonl", "a") as metrics:
+        with open(trainer.run.metrics_path, "a") as metrics:
             metrics.write(json.dumps({"iter": trainer.iteration, "epoch": 1, "loss": 123.0}) + "\n")
 
-    kill_after_first_checkpoint_then_resume(_config(data, tmp_path / "broken"), monkeypatch,
+    kill_after_first_checkpoint_then_resume(_config(data, tmp_path / "broken"),
                                             before_dying=log_a_line_of_the_next_epoch)
 
     whole, resumed = _metrics(tmp_path / "whole"), _metrics(tmp_path / "broken")
@@ -59,31 +59,58 @@ def test_resume_after_an_interruption_matches_an_unbroken_run(tmp_path: Path, mo
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
 
 
-def kill_after_first_checkpoint_then_resume(config, monkeypatch, before_dying=None) -> None:
-    """Train ``config`` until its first checkpoint is written, die there, then finish it with --resume."""
+def kill_after_first_checkpoint_then_resume(config, *, before_dying=None, prepare=None) -> None:
+    """Train ``config`` until its first checkpoint is written, die there, then finish it with --resume.
+    ``prepare(trainer)`` runs on both Trainers before they start; ``before_dying(trainer)`` just before dying."""
     class Killed(Exception):
         pass
 
-    save = Trainer._save_checkpoint
+    trainer = Trainer(config, progress=False)
+    save = trainer.run.save_checkpoint
 
-    def save_then_die(self, epoch, recall):
-        save(self, epoch, recall)
-        if epoch == 0:
+    def save_then_die(state, recall):
+        best = save(state, recall)
+        if state["epoch"] == 0:
             if before_dying:
-                before_dying(self)
+                before_dying(trainer)
             raise Killed
+        return best
 
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    trainer.run.save_checkpoint = save_then_die  # this run folder only: the Trainer below gets its own
+    if prepare:
+        prepare(trainer)
     with pytest.raises(Killed):
-        Trainer(config, progress=False).fit()
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
-    Trainer(config, resume=True, progress=False).fit()
+        trainer.fit()
+    resumed = Trainer(config, resume=True, progress=False)
+    if prepare:
+        prepare(resumed)
+    resumed.fit()
+
+
+def test_constructing_a_trainer_writes_nothing_until_it_starts(tmp_path: Path) -> None:
+    """The run folder appears when the run starts (fit, or a first evaluate); --resume reads last.pt then."""
+    data = _images(tmp_path / "data")
+    config = _config(data, tmp_path / "run", epochs=1, eval_every=0)
+    trainer = Trainer(config, progress=False)
+    assert not (tmp_path / "run").exists()
+    resuming = Trainer(_config(data, tmp_path / "nothing", epochs=1), resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="--resume: .*last.pt does not exist"):
+        resuming.fit()
+    trainer.evaluate(-1)
+    assert [m["type"] for m in _metrics(tmp_path / "run")] == ["eval"]
+    trainer.fit()
+    lines = _metrics(tmp_path / "run")
+    assert lines[0]["type"] == "eval" and lines[0]["epoch"] == -1  # the log the first evaluation began goes on
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "best.pt", "config.yaml", "last.pt", "metrics.jsonl", "triplets"]
 
 
 def test_run_folder_contents(tmp_path: Path) -> None:
     data = _images(tmp_path / "data")
-    run = Trainer(_config(data, tmp_path / "run", epochs=1), progress=False).fit()
+    config = _config(data, tmp_path / "run", epochs=1)
+    run = Trainer(config, progress=False).fit()
     assert (run / "config.yaml").read_text().startswith("dataset: folder")
+    assert load_config_file(run / "config.yaml") == config
     state = torch.load(run / "best.pt", weights_only=True)
     assert state["epoch"] == 0 and state["config"]["dim"] == 8
     lines = _metrics(run)
@@ -167,41 +194,34 @@ def test_corrupt_images_and_one_image_classes_are_reported_not_fatal(tmp_path: P
     assert (run / "best.pt").is_file()
 
 
-def test_saved_triplets_carry_their_similarities_one_step_later(tmp_path: Path, monkeypatch) -> None:
-    """s_ap_after / s_an_after are the same triplets re-measured with the weights right after the step,
-    recomputed here from a copy of those weights; the extra forward pass leaves BatchNorm's state alone."""
-    import copy
-
+def test_saved_triplets_carry_their_similarities_one_step_later(tmp_path: Path) -> None:
+    """A run of one step: s_ap_after / s_an_after are the batch's triplets re-measured with the weights that
+    step left, which last.pt holds (training/step_stats.py checks the measurement itself)."""
     from training.model import build_model
+    from training.trainer import training_loader
 
-    captured = {}
-    original = Trainer._save_triplets
-
-    def capture(self, images, stats, epoch):
-        state = copy.deepcopy(self.model.state_dict())
-        original(self, images, stats, epoch)
-        captured[self.iteration] = (images.clone(), state, copy.deepcopy(self.model.state_dict()))
-
-    monkeypatch.setattr(Trainer, "_save_triplets", capture)
     data = _images(tmp_path / "data")
-    config = _config(data, tmp_path / "run", epochs=1, triplets_every=1, precision="fp32")
-    run = Trainer(config, progress=False).fit()
-    assert len(captured) >= 2
-    for iteration, (images, before, after) in captured.items():
-        for key, value in before.items():
-            assert torch.equal(value, after[key]), f"{key} changed by the measuring pass"
-        saved = np.load(run / "triplets" / f"iter_{iteration:07d}.npz")
-        model = build_model("resnet18", 8, "none", embedding_bn=config.embedding_bn)
-        model = model.to(memory_format=torch.channels_last)
-        model.load_state_dict(before)
-        model.train()
-        with torch.no_grad():
-            unit = torch.nn.functional.normalize(model(images), dim=1).numpy()
-        for row, (a, p, n) in enumerate(saved["triplets"]):
-            assert saved["s_ap_after"][row] == pytest.approx(float(unit[a] @ unit[p]), abs=1e-4)
-            assert saved["s_an_after"][row] == pytest.approx(float(unit[a] @ unit[n]), abs=1e-4)
-        assert saved["s_ap"].shape == saved["s_ap_after"].shape == (len(saved["triplets"]),)
-        assert not np.allclose(saved["s_an"], saved["s_an_after"]), "one SGD step at lr 0.05 moves something"
+    config = _config(data, tmp_path / "run", epochs=1, max_iters_per_epoch=1, triplets_every=1, precision="fp32",
+                     augment=False, eval_every=0)
+    trainer = Trainer(config, progress=False)
+    loader = training_loader(trainer.dataset, trainer.sampler, config, torch.device("cpu"))
+    loader.batch_sampler.set_epoch(0)
+    batch = next(iter(loader))  # the batch the run's one step trains on
+    run = trainer.fit()
+    saved = np.load(run / "triplets" / "iter_0000000.npz")
+    model = build_model(config.arch, config.dim, "none", embedding_bn=config.embedding_bn)
+    model.load_state_dict(torch.load(run / "last.pt", weights_only=True)["model"])
+    model.train()
+    with torch.no_grad():
+        images = trainer.normalize(batch.images.contiguous(memory_format=torch.channels_last))
+        unit = torch.nn.functional.normalize(model(images), dim=1).numpy()
+    assert len(saved["triplets"]) == len(batch.labels)
+    for row, (a, p, n) in enumerate(saved["triplets"]):
+        assert batch.labels[a] == batch.labels[p] != batch.labels[n]
+        assert saved["s_ap_after"][row] == pytest.approx(float(unit[a] @ unit[p]), abs=1e-4)
+        assert saved["s_an_after"][row] == pytest.approx(float(unit[a] @ unit[n]), abs=1e-4)
+    assert saved["s_ap"].shape == saved["s_ap_after"].shape == (len(saved["triplets"]),)
+    assert not np.allclose(saved["s_an"], saved["s_an_after"]), "one step at lr 0.05 moves something"
 
 
 def test_validation_split_is_carved_from_training_classes(tmp_path: Path, capsys) -> None:
@@ -219,46 +239,6 @@ def test_validation_split_is_carved_from_training_classes(tmp_path: Path, capsys
 def test_bad_validation_settings_are_named(override: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _config(Path("."), Path("."), **override)
-
-
-def test_a_collapsed_embedding_is_flagged_at_evaluation(tmp_path: Path, capsys) -> None:
-    """A model that maps every image to nearly the same vector: the eval line records a mean pairwise
-    similarity near 1 and the trainer prints a warning that says what to try."""
-    data = _images(tmp_path / "data")
-    trainer = Trainer(_config(data, tmp_path / "run", epochs=1), progress=False)
-
-    class Collapsed(torch.nn.Module):
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            return torch.ones(len(images), 8) + 1e-3 * images.flatten(1)[:, :8]
-
-    trainer.model = Collapsed()
-    trainer.evaluate(0)
-    line = _metrics(trainer.run_dir)[-1]
-    assert line["type"] == "eval" and line["mean_similarity"] > 0.99
-    out = capsys.readouterr().out
-    assert "warning: the embedding looks collapsed" in out and "--lr" in out and "--lam" in out
-    trainer.model = build_model_for_test()
-    trainer.evaluate(0)
-    assert "collapsed" not in capsys.readouterr().out
-
-
-def build_model_for_test() -> torch.nn.Module:
-    from training.model import build_model
-
-    torch.manual_seed(0)
-    return build_model("resnet18", 8, "none").eval()
-
-
-def test_resume_drops_a_half_written_metrics_line(tmp_path: Path) -> None:
-    """A full disk can cut the log's last line short; --resume drops it with the other post-checkpoint lines."""
-    from training.trainer import _truncate_metrics
-
-    log = tmp_path / "metrics.jsonl"
-    log.write_text('{"iter": 0, "loss": 1.0}\n{"type": "eval", "iter": 1, "recall@1": 0.5}\n'
-                   '{"iter": 1, "loss": 0.9}\n{"iter": 2, "lo')
-    _truncate_metrics(log, 1)
-    assert [json.loads(line) for line in log.read_text().splitlines()] == [
-        {"iter": 0, "loss": 1.0}, {"type": "eval", "iter": 1, "recall@1": 0.5}]
 
 
 CAN_BUILD_CPP = shutil.which("g++") is not None and Path(sysconfig.get_paths()["include"], "Python.h").exists()
@@ -316,3 +296,24 @@ def test_augmentations_do_not_depend_on_worker_processes_which_persist_across_ep
     different = Trainer(_config(data, tmp_path / "seed1", workers=0, seed=1, **settings), progress=False)
     different.fit()
     assert [m.get("loss") for m in _metrics(tmp_path / "seed1")] != [m.get("loss") for m in in_main]
+
+
+@pytest.mark.parametrize("loss", ["sct", "htl"])
+def test_a_finished_trainer_is_freed_without_the_cycle_collector(tmp_path: Path, loss: str) -> None:
+    """No part (scheduler, run folder, evaluator, HTL schedule, stall watch) holds the Trainer: a Trainer in a
+    reference cycle outlives train(), and under torchrun its DDP wrapper keeps gloo's threads alive past
+    destroy_process_group() (test_training_distributed.py checks that under torchrun, slowly)."""
+    import gc
+    import weakref
+
+    data = _images(tmp_path / "data")
+    trainer = Trainer(_config(data, tmp_path / "run", epochs=1, loss=loss, htl_neighbours=2), progress=False)
+    gc.collect()
+    gc.disable()
+    try:
+        trainer.fit()
+        freed = weakref.ref(trainer)
+        del trainer
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -155,3 +155,38 @@ def test_gallery_items_are_embedded_and_read_once_per_pair_view(served, monkeypa
     assert latency["item_view"]["count"] == 1 and latency["heatmap"]["count"] == 2
     image_file = served["paths"][result["id"]]
     assert sum(bytes_read) == image_file.stat().st_size  # the later requests find the view without reading
+
+
+def test_pairs_work_outside_a_flask_request_on_the_settings_given(served):
+    """webapp.pairs takes the served state as arguments: the same pair without an app, a request or its context,
+    on settings built by hand, and nothing stored in any app's settings."""
+    import flask
+
+    from webapp.cache import LruCache
+    from webapp.compute import ComputePool
+    from webapp.errors import ApiError
+    from webapp.metrics import Metrics
+    from webapp.pairs import embedded_view, keep_query, kept_query, requested_pair
+    from webapp.served import SearchSettings, load_indexes
+
+    compute = ComputePool(1)
+    settings = SearchSettings(indexes=load_indexes([served["root"] / "index_data" / "colors"], compute), default_k=3,
+                              max_k=10, max_pixels=1_000_000, max_upload_bytes=1 << 20, queries=LruCache(2, 60.0),
+                              item_views=LruCache(4, 60.0), metrics=Metrics(), compute=compute)
+    assert not flask.has_app_context()
+    _, gallery = settings.gallery(None, unknown_status=404)
+    view = embedded_view(png_bytes(), gallery, settings.max_pixels)
+    query_id = keep_query(settings.queries, "colors", view)
+    assert kept_query(settings.queries, query_id) == ("colors", view)
+    pair = requested_pair(settings, {"query": query_id, "item": "1"})
+    item = embedded_view(served["paths"][1].read_bytes(), gallery, settings.max_pixels)
+    assert (pair.index, pair.item_id, pair.label) == ("colors", 1, gallery.items[1].label)
+    assert pair.cosine == pytest.approx(float(view.embedding @ item.embedding), abs=1e-6)
+    assert np.sum(pair.query_cells) == pytest.approx(pair.cosine, abs=1e-5)
+    assert len(settings.item_views) == 1 and settings.metrics.snapshot()["latency"]["item_view"]["count"] == 1
+    requested_pair(settings, {"query": query_id, "item": "1"})  # the item's view comes from these settings' cache
+    assert settings.metrics.snapshot()["latency"]["item_view"]["count"] == 1
+    with pytest.raises(ApiError, match="unknown or expired query id 'gone'.*the latest 2 searches"):
+        kept_query(settings.queries, "gone")
+    app_settings = served["app"].extensions["sct"]
+    assert app_settings.queries.get(query_id) is None

@@ -9,10 +9,12 @@ whose similarities are low. ``StallDetector`` watches the per-iteration statisti
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 HARD_START, HARD_END = 0.9, 0.85  # window mean of the hard fraction that starts / ends a stall
 COLLAPSE_START, COLLAPSE_END = 0.95, 0.9  # S_ap and S_an both above: a collapse / still one
@@ -158,3 +160,32 @@ class StallDetector:
         return Window(size=len(s_ap), first=int(iterations[0]), last=int(iterations[-1]),
                       hard_fraction=float(hard.mean()), s_ap=float(s_ap.mean()), s_an=float(s_an.mean()),
                       s_ap_rise=slope * span, s_ap_rise_error=slope_error * span)
+
+
+class StallWatch:
+    """A run's ``StallDetector``, fed each step's metrics.jsonl line as it is logged: a stall's start and end are
+    logged through ``log`` (as ``StallChange.log_line``) and printed above the progress bar. Under torchrun only
+    rank 0 watches (``active``), so a stall is reported once. On resume ``replay`` feeds it the step lines kept
+    from before the checkpoint, which restores its state without reporting anything again."""
+
+    def __init__(self, detector: StallDetector, log: Callable[[dict[str, Any]], None], *, active: bool = True) -> None:
+        self.detector, self.log, self.active = detector, log, active
+
+    def step(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        change = self._feed(record)
+        if change is not None:
+            self.log(change.log_line(record["epoch"]))
+            tqdm.write(change.message())
+
+    def replay(self, lines: Iterable[dict[str, Any]]) -> None:
+        """Feed the step lines among ``lines`` (metrics.jsonl's, in order), silently."""
+        if not self.active:
+            return
+        for line in lines:
+            if line.get("type") is None:  # the detector's state is a function of the iterations logged
+                self._feed(line)
+
+    def _feed(self, line: dict[str, Any]) -> StallChange | None:
+        return self.detector.update(line["iter"], line["hard_fraction"], line["mean_s_ap"], line["mean_s_an"])

@@ -1,7 +1,7 @@
 """The training loop: P×K batches, a mined triplet loss, SGD, Recall@K on the test split, atomic checkpoints.
 
 With --loss htl, a class tree is built from the current model before the first epoch and then every
-htl_rebuild_every epochs (training.htl); it sets the loss's margins and the sampler's class groups.
+htl_rebuild_every epochs (training.htl_schedule); it sets the loss's margins and the sampler's class groups.
 
 Launched by torchrun, each process trains on its share of every global batch (whole classes, training.sampler)
 under DistributedDataParallel (training.distributed). Every process embeds its slice of the evaluation images;
@@ -10,40 +10,33 @@ shows progress; the others wait for it at a barrier.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import json
 import math
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import catalog
-from retrieval.atomic import atomic_write_bytes, atomic_write_text
-from retrieval.metrics import evaluate
 from retrieval.preprocessing import Preprocessing
-from retrieval.shards import ShardSpec
 from training import distributed
-from training.analysis.model_diagram import mean_pairwise_similarity
 from training.config import TrainConfig
-from training.data import (RecordImages, SeededBatches, class_index_of, collate_skipping_failures,
-                           drop_small_classes, embed_records)
-from training.htl import ClassTree, build_tree
-from training.knn import knn_for
-from training.losses import SCTLoss, TripletStats, build_loss, warm_start_weight
+from training.data import RecordImages, SeededBatches, class_index_of, collate_skipping_failures, drop_small_classes
+from training.evaluator import Evaluator
+from training.htl_schedule import HTLSchedule
+from training.losses import SCTLoss, build_loss, warm_start_weight
 from training.model import build_model
 from training.precision import autocast, autocast_dtype
+from training.run_folder import LAST, RunFolder
 from training.sampler import HTLBatchSampler, PKBatchSampler
-from training.stall import StallDetector, stall_window
+from training.shared_embedding import SharedEmbedder, UnreadableImages
+from training.stall import StallDetector, StallWatch, stall_window
+from training.step_stats import step_summary, triplet_snapshot
 from training.transforms import Normalizer, eval_pixels, train_pixels
 
 
@@ -98,25 +91,24 @@ def build_sampler(labels: list[int], num_classes: int, config: TrainConfig, *, r
                           world_size=world_size)
 
 
-COLLAPSE_SIMILARITY = 0.95  # mean pairwise cosine above which an evaluation warns of a collapsed embedding
-
-
 class Trainer:
-    """One run: ``Trainer(config).fit()`` writes everything into ``config.out``."""
+    """One run: ``Trainer(config).fit()`` writes everything into ``config.out``.
+
+    Constructing it reads the dataset and builds the model, loss, sampler and optimizer, but writes nothing: the
+    run folder is created (and, with ``resume``, last.pt read back) when the run starts, at the first ``fit`` or
+    ``evaluate``. The loop is here; its parts are the run folder (training.run_folder), the evaluator
+    (training.evaluator), the HTL class-tree schedule (training.htl_schedule), the stall watch (training.stall)
+    and the per-step statistics (training.step_stats). None of them holds the Trainer: see the scheduler below.
+    """
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
-        self.config, self.progress = config, progress
+        self.config, self.progress, self.resume = config, progress, resume
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         self.gather = config.gather_embeddings and self.world > 1
-        self.run_dir = Path(config.out)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "triplets").mkdir(exist_ok=True)
+        self.run = RunFolder(config.out, writes=self.is_main)
         self.device = pick_device(config.device, distributed.local_rank() if self.world > 1 else None)
         _seed_everything(config.seed)
-        if self.is_main:
-            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
         records = catalog.read_dataset(config.dataset, config.data_root)
         if config.val_fraction:
@@ -127,13 +119,13 @@ class Trainer:
             self._say(f"dropped {len(dropped)} class(es) with fewer than 2 training images: {', '.join(dropped[:10])}")
         if not self.train_records:
             raise ValueError(f"dataset {config.dataset} at {config.data_root} has no usable training images")
-        self.queries, self.gallery = evaluation_splits(records, config.dataset)
-        self.evaluated_split = "test"
+        queries, gallery = evaluation_splits(records, config.dataset)
+        evaluated_split = "test"
         if config.val_fraction:
-            self.queries, self.gallery = catalog.select_split(records, catalog.VALIDATION_SPLIT), None
-            self.evaluated_split = catalog.VALIDATION_SPLIT
-            self._say(f"evaluating on {len(self.queries)} held-out training images "
-                      f"({len({r.label for r in self.queries})} classes), not on the test split")
+            queries, gallery = catalog.select_split(records, catalog.VALIDATION_SPLIT), None
+            evaluated_split = catalog.VALIDATION_SPLIT
+            self._say(f"evaluating on {len(queries)} held-out training images "
+                      f"({len({r.label for r in queries})} classes), not on the test split")
         self.spec = preprocessing_of(config)
         self.class_index = class_index_of(self.train_records)
         labels = [self.class_index[r.label] for r in self.train_records]
@@ -146,7 +138,7 @@ class Trainer:
         self.dataset = RecordImages(self.train_records, self.class_index, transform, cache=cache)
         self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
         self.total_iterations = config.epochs * self.iters_per_epoch
-        self.stall = StallDetector(stall_window(self.total_iterations))  # fed by rank 0
+        self.stall = StallWatch(StallDetector(stall_window(self.total_iterations)), self.run.log, active=self.is_main)
         self.loader: DataLoader | None = None  # made at the first epoch; its worker processes serve every epoch
 
         model = build_model(config.arch, config.dim, config.pretrained, embedding_bn=config.embedding_bn)
@@ -157,23 +149,24 @@ class Trainer:
         # torch.compile around that with --compile. They share the parameters.
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(self.device, config.precision)
+        self.unreadable = UnreadableImages()
+        embed = SharedEmbedder(self.spec, self.device, dim=config.dim, workers=config.workers,
+                               amp_dtype=self.amp_dtype, unreadable=self.unreadable)
+        self.evaluator = Evaluator(queries, gallery, evaluated_split, config.eval_ks, embed, self.run)
         self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
                                   hard_threshold=config.hard_threshold, margin=config.margin,
                                   htl_beta=config.htl_beta, hard_floor=config.hard_floor,
                                   sct_warm_loss=config.sct_warm_loss)
-        self.tree: ClassTree | None = None  # --loss htl: the class tree the loss and the sampler use
+        self.htl = (HTLSchedule(config, self.train_records, self.class_index, self.loss_fn, self.sampler, embed,
+                                self.run) if config.loss == "htl" else None)
         self.optimizer = build_optimizer(self.model, config)
         # The schedule must not hold self: a Trainer in a reference cycle outlives train(), and its DDP wrapper keeps
         # the gloo process group's threads alive past destroy_process_group(), to be killed at interpreter exit,
-        # which can abort the process after the run is written.
+        # which can abort the process after the run is written. The parts above hold no Trainer either.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_factor, config=config, iters_per_epoch=self.iters_per_epoch))
         self.start_epoch, self.iteration, self.best_recall = 0, 0, -1.0
-        self.skipped_images = 0
-        if resume:
-            self._resume()
-        elif self.is_main:
-            (self.run_dir / "metrics.jsonl").write_text("")
+        self.started = False
         self.train_model = distributed.wrap(self.model, self.device)
         if config.compile:  # around DDP, so that TorchDynamo's DDPOptimizer keeps gradient buckets overlapping
             self.train_model = torch.compile(self.train_model)
@@ -181,76 +174,69 @@ class Trainer:
     # ---------------------------------------------------------------- running
     def fit(self) -> Path:
         config = self.config
+        self._start()
         try:
             for epoch in range(self.start_epoch, config.epochs):
-                if self._tree_due(epoch):
-                    self.rebuild_tree(epoch)
+                if self.htl is not None and self.htl.due(epoch):
+                    self.htl.rebuild(self.model, epoch, self.iteration)
                 self._train_epoch(epoch)
                 is_last = epoch == config.epochs - 1
                 recall = None
-                if self.queries and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
+                if self.evaluator.queries and (is_last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
                     recall = self.evaluate(epoch)  # every process embeds its share; rank 0 scores
-                if self.is_main:
-                    self._save_checkpoint(epoch, recall)
+                self.best_recall = self.run.save_checkpoint(self._checkpoint(epoch, recall), recall)
                 distributed.barrier()
         finally:
             self.loader = None  # stops its persistent worker processes
-        skipped = int(distributed.all_reduce_sum(torch.tensor(self.skipped_images, device=self.device)))
+        skipped = int(distributed.all_reduce_sum(torch.tensor(self.unreadable.count, device=self.device)))
         if skipped:
             self._say(f"skipped {skipped} unreadable training image(s) in all")
-        return self.run_dir
+        return self.run.path
 
-    def _tree_due(self, epoch: int) -> bool:
-        """--loss htl: before the first epoch, every htl_rebuild_every epochs, and whenever no tree is held."""
-        if self.config.loss != "htl":
-            return False
-        every = self.config.htl_rebuild_every
-        return self.tree is None or epoch == 0 or bool(every and epoch % every == 0)
+    def evaluate(self, epoch: int) -> float | None:
+        """Recall@K on unseen data (training.evaluator): on rank 0 the first K's, None on the others."""
+        self._start()
+        return self.evaluator.evaluate(self.model, epoch, self.iteration)
 
-    def rebuild_tree(self, epoch: int) -> ClassTree:
-        """Embed the training images with the current model, build the class tree, hand it to the loss and
-        the sampler, and log it as an ``htl_tree`` line of metrics.jsonl. With several processes each embeds a
-        slice of the images with rank 0's BatchNorm statistics, and rank 0 builds the tree and sends it to the
-        others, so that all of them draw the same global batches."""
-        started = time.perf_counter()
-        distributed.broadcast_buffers(self.model)
-        embeddings, names = self._embed_shared(self._tree_records(epoch))
-        tree = self._build_tree(epoch, embeddings, names, started) if self.is_main else None
-        tree = distributed.broadcast_object(tree)
-        self._use_tree(tree)
-        return tree
+    def _start(self) -> None:
+        """Once, before the first epoch or evaluation: the run folder and config.yaml, then a fresh metrics.jsonl,
+        or with ``resume`` the state of last.pt and the log up to it."""
+        if self.started:
+            return
+        self.started = True
+        self.run.create(self.config)
+        if self.resume:
+            self._resume()
+        else:
+            self.run.start_metrics()
 
-    def _build_tree(self, epoch: int, embeddings: np.ndarray, names: np.ndarray, started: float) -> ClassTree:
-        labels = np.array([self.class_index[name] for name in names], dtype=np.int64)
-        m = self.config.htl_neighbours
-        tree = build_tree(embeddings, labels, len(self.class_index), levels=self.config.htl_levels,
-                          neighbours=min(2 * m, len(self.class_index) - 1))
-        seconds = time.perf_counter() - started
-        line = {"type": "htl_tree", "epoch": epoch, "iter": self.iteration, "d0": tree.d0,
-                "classes": tree.num_classes, "images": len(labels), "seconds": seconds, "nodes_per_level": tree.nodes_per_level()}
-        self._log(line)
-        print(f"epoch {epoch + 1}: HTL class tree over {tree.num_classes} classes from {len(labels)} images, "
-              f"d0 {tree.d0:.3f}, nodes per level {' '.join(map(str, line['nodes_per_level']))} ({seconds:.1f} s)")
-        return tree
+    def _resume(self) -> None:
+        state = self.run.load_checkpoint(self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.iteration = state["epoch"] + 1, state["iteration"]
+        self.best_recall = state["best_recall"]
+        if "htl_tree" in state and self.htl is not None:
+            self.htl.load_state(state["htl_tree"])
+        self.stall.replay(self.run.truncate_metrics(self.iteration))
+        self._say(f"resumed from {self.run.path / LAST} after epoch {state['epoch'] + 1} (iteration {self.iteration})")
 
-    def _use_tree(self, tree: ClassTree) -> None:
-        self.tree = tree
-        self.loss_fn.set_tree(tree)
-        self.sampler.update_neighbours(tree.neighbours)
-
-    def _tree_records(self, epoch: int) -> list[catalog.ImageRecord]:
-        """The training records the tree is built from: all, or at most htl_tree_images_per_class per class,
-        drawn from (seed, epoch)."""
-        limit = self.config.htl_tree_images_per_class
-        if limit is None:
-            return self.train_records
-        rng = np.random.default_rng([self.config.seed, epoch, 1])
-        by_class: dict[str, list[int]] = {}
-        for i, record in enumerate(self.train_records):
-            by_class.setdefault(record.label, []).append(i)
-        kept = sorted(i for members in by_class.values()
-                      for i in (members if len(members) <= limit else rng.choice(members, limit, replace=False)))
-        return [self.train_records[i] for i in kept]
+    def _checkpoint(self, epoch: int, recall: float | None) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "iteration": self.iteration,
+            "best_recall": self.best_recall,
+            "config": self.config.to_dict(),
+            "recall@1": recall,
+        }
+        tree = self.htl.state() if self.htl is not None else None
+        if tree is not None:  # the tree this epoch trained with, so a resume can go on with it
+            state["htl_tree"] = tree
+        return state
 
     def _train_epoch(self, epoch: int) -> None:
         config = self.config
@@ -266,7 +252,7 @@ class Trainer:
         for step, batch in enumerate(loader):
             if step >= self.iters_per_epoch:
                 break
-            self._report_failures(batch.failures)
+            self.unreadable.report(batch.failures)
             # every process must take the step or none: skip it when any process holds fewer than 2 images
             sizes = distributed.gather_sizes(len(batch.labels), self.device)
             if min(sizes) < 2:
@@ -275,8 +261,8 @@ class Trainer:
             now = time.perf_counter()
             record["images_per_s"] = sum(sizes) / max(now - started, 1e-9)  # the global batch
             started = now
-            self._log(record)
-            self._watch_for_stall(record)
+            self.run.log(record)
+            self.stall.step(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", hard=f"{record['hard_fraction']:.2f}",
                             img_s=f"{record['images_per_s']:.0f}")
             bar.update()
@@ -302,179 +288,17 @@ class Trainer:
         self.scheduler.step()
         stats = self.loss_fn.stats
         if self.config.triplets_every and self.iteration % self.config.triplets_every == 0:
-            self._save_triplets(images, stats, epoch)
-        record = {"iter": self.iteration, "epoch": epoch, **self._step_summary(loss, stats), "lr": lr}
+            snapshot = triplet_snapshot(self.model, images, stats, gathered=self.gather, device=self.device,
+                                        amp_dtype=self.amp_dtype)
+            if snapshot is not None:
+                self.run.save_triplets(self.iteration, epoch, snapshot)
+        record = {"iter": self.iteration, "epoch": epoch, **step_summary(loss, stats, self.device), "lr": lr}
         self.iteration += 1
         return record
-
-    def _step_summary(self, loss: torch.Tensor, stats: TripletStats) -> dict[str, float]:
-        """Loss and triplet statistics of the global batch: this process's own with one process; with several,
-        the mean of the processes' losses (the global loss with --gather-embeddings, whose shares are scaled by
-        the world size) and the statistics over every process's anchors."""
-        if self.world == 1:
-            return {"loss": float(loss.detach()), "hard_fraction": stats.hard_fraction,
-                    "mean_s_ap": stats.mean_s_ap, "mean_s_an": stats.mean_s_an}
-        s_ap, s_an = stats.pairs.double().unbind(dim=1)
-        sums = torch.stack([loss.detach().double().cpu(), (s_an > s_ap).sum().double(), s_ap.sum(), s_an.sum(),
-                            torch.tensor(float(stats.valid_anchors), dtype=torch.float64)])
-        loss_sum, hard, s_ap_sum, s_an_sum, valid = distributed.all_reduce_sum(sums.to(self.device)).tolist()
-        valid = max(valid, 1.0)
-        return {"loss": loss_sum / self.world, "hard_fraction": hard / valid, "mean_s_ap": s_ap_sum / valid,
-                "mean_s_an": s_an_sum / valid}
-
-    def _save_triplets(self, images: torch.Tensor, stats: TripletStats, epoch: int) -> None:
-        """The batch's (S_ap, S_an) pairs before this step, and the same triplets' similarities after it.
-        With several processes: the global batch's, its rows in rank order, written by rank 0."""
-        with torch.no_grad(), frozen_batchnorm_statistics(self.model), autocast(self.device, self.amp_dtype):
-            after = self.model(images)
-        unit, own_rows = distributed.all_gather_rows(torch.nn.functional.normalize(after.float(), dim=1))
-        pairs, triplets = stats.pairs, stats.triplets
-        if self.world > 1:
-            if not self.gather:  # rows of this process's share → rows of the global batch
-                triplets = triplets + own_rows.start
-            pairs = distributed.all_gather_rows(pairs.to(self.device))[0]
-            triplets = distributed.all_gather_rows(triplets.to(self.device))[0]
-        if not self.is_main:
-            return
-        unit, pairs, triplets = unit.cpu(), pairs.cpu().numpy(), triplets.cpu()
-        anchor, positive, negative = triplets.unbind(dim=1)
-        buffer = io.BytesIO()
-        np.savez(buffer, s_ap=pairs[:, 0], s_an=pairs[:, 1], triplets=triplets.numpy(),
-                 s_ap_after=(unit[anchor] * unit[positive]).sum(1).numpy(),
-                 s_an_after=(unit[anchor] * unit[negative]).sum(1).numpy(),
-                 iteration=self.iteration, epoch=epoch)
-        atomic_write_bytes(self.run_dir / "triplets" / f"iter_{self.iteration:07d}.npz", buffer.getvalue())
-
-    def evaluate(self, epoch: int) -> float | None:
-        """Recall@K on unseen data with the metric code of ``sct eval``: leave-one-out, or query → gallery.
-        With several processes each embeds a slice of the images with rank 0's weights and statistics, and
-        rank 0 scores them all and returns Recall@K; the others return None."""
-        distributed.broadcast_buffers(self.model)
-        query_emb, query_labels = self._embed_shared(self.queries)
-        gallery_emb, gallery_labels = self._embed_shared(self.gallery) if self.gallery is not None else (None, None)
-        if not self.is_main:
-            return None
-        knn = knn_for(self.device)  # exact search on the GPU when training there
-        if self.gallery is None:
-            results = evaluate(query_emb, query_labels, ks=tuple(self.config.eval_ks), knn=knn)
-        else:
-            results = evaluate(gallery_emb, gallery_labels, ks=tuple(self.config.eval_ks),
-                               query_emb=query_emb, query_labels=query_labels, knn=knn)
-        results["mean_similarity"] = mean_pairwise_similarity(query_emb)
-        self._log({"type": "eval", "epoch": epoch, "iter": self.iteration, "split": self.evaluated_split, **results})
-        shown = "  ".join(f"R@{k} {results[f'recall@{k}']:.4f}" for k in self.config.eval_ks)
-        print(f"epoch {epoch + 1}: {shown}  MAP@R {results['map@r']:.4f}  ({results['queries']} queries)")
-        if results["mean_similarity"] > COLLAPSE_SIMILARITY:
-            print(f"warning: the embedding looks collapsed: mean pairwise similarity "
-                  f"{results['mean_similarity']:.3f} over the {self.evaluated_split} images. Every triplet is then "
-                  "hard; with SGD, SCT's push on hard triplets (λ·S_an) is about 1/τ times weaker than NCA's and "
-                  "may never escape. Try a larger --lr (SCT's tuned lr is several times SHN's), or for SCT a larger --lam; "
-                  "see docs/hard-negatives/README.md.")
-        return float(results[f"recall@{self.config.eval_ks[0]}"])
-
-    def _embed_shared(self, records: list[catalog.ImageRecord]) -> tuple[np.ndarray, np.ndarray]:
-        """Unit embeddings and labels of the readable ``records``, in order. With several processes each embeds
-        its contiguous slice, and all of them get every row."""
-        start, stop = ShardSpec(self.rank, self.world).bounds(len(records))
-        embeddings, labels, failures = embed_records(self.model, records[start:stop], self.spec, self.device,
-                                                     workers=self.config.workers, amp_dtype=self.amp_dtype)
-        self._report_failures(failures)
-        if self.world == 1:
-            return embeddings, labels
-        names = sorted({record.label for record in records})
-        code = {name: i for i, name in enumerate(names)}
-        if len(labels):
-            vectors = torch.from_numpy(embeddings).to(self.device)
-        else:  # every image of this slice was unreadable
-            vectors = torch.zeros((0, self.config.dim), device=self.device)
-        vectors, _ = distributed.all_gather_rows(vectors)
-        codes, _ = distributed.all_gather_rows(torch.tensor([code[label] for label in labels], dtype=torch.long,
-                                                            device=self.device))
-        return vectors.cpu().numpy(), np.array(names)[codes.cpu().numpy()]
-
-    def _report_failures(self, failures: list[str]) -> None:
-        for failure in failures:
-            tqdm.write(f"skipped unreadable image: {failure}")
-        self.skipped_images += len(failures)
-
-    def _watch_for_stall(self, record: dict[str, Any]) -> None:
-        """Rank 0: feed the iteration to the stall detector; log a stall's start and end, and print them."""
-        if not self.is_main:
-            return
-        change = self.stall.update(record["iter"], record["hard_fraction"], record["mean_s_ap"], record["mean_s_an"])
-        if change is not None:
-            self._log(change.log_line(record["epoch"]))
-            tqdm.write(change.message())
-
-    def _log(self, line: dict[str, Any]) -> None:
-        """Append a line to metrics.jsonl (rank 0 only)."""
-        if self.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as metrics:
-                metrics.write(json.dumps(line) + "\n")
 
     def _say(self, message: str) -> None:
         if self.is_main:
             print(message)
-
-    # ------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, epoch: int, recall: float | None) -> None:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": epoch,
-            "iteration": self.iteration,
-            "best_recall": self.best_recall,
-            "config": self.config.to_dict(),
-            "recall@1": recall,
-        }
-        if self.tree is not None:  # the tree this epoch trained with, so a resume can go on with it
-            state["htl_tree"] = _tree_state(self.tree)
-        payload = _serialise(state)
-        atomic_write_bytes(self.run_dir / "last.pt", payload)
-        if recall is None and (self.run_dir / "best.pt").exists():
-            return
-        if recall is None or recall > self.best_recall:
-            self.best_recall = recall if recall is not None else self.best_recall
-            state["best_recall"] = self.best_recall
-            atomic_write_bytes(self.run_dir / "best.pt", _serialise(state))
-
-    def _resume(self) -> None:
-        path = self.run_dir / "last.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: {path} does not exist; start without --resume")
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.start_epoch, self.iteration = state["epoch"] + 1, state["iteration"]
-        self.best_recall = state["best_recall"]
-        if "htl_tree" in state and self.config.loss == "htl":
-            self._use_tree(_tree_from_state(state["htl_tree"]))
-        if self.is_main:
-            for entry in _truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration):
-                if entry.get("type") is None:  # the detector's state is a function of the iterations logged
-                    self.stall.update(entry["iter"], entry["hard_fraction"], entry["mean_s_ap"], entry["mean_s_an"])
-        self._say(f"resumed from {path} after epoch {state['epoch'] + 1} (iteration {self.iteration})")
-
-
-@contextlib.contextmanager
-def frozen_batchnorm_statistics(model: torch.nn.Module) -> Iterator[None]:
-    """Inside, a train-mode forward pass normalises with batch statistics as training does,
-    but leaves every BatchNorm's running averages (and batch counter) as they were."""
-    saved = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            counter = module.num_batches_tracked.clone() if module.num_batches_tracked is not None else None
-            saved.append((module, module.momentum, counter))
-            module.momentum = 0.0  # running = (1 − 0)·running + 0·batch
-    try:
-        yield
-    finally:
-        for module, momentum, counter in saved:
-            module.momentum = momentum
-            if counter is not None:
-                module.num_batches_tracked.copy_(counter)
 
 
 def training_loader(dataset: RecordImages, sampler: Sampler, config: TrainConfig, device: torch.device, *,
@@ -499,41 +323,6 @@ def evaluation_splits(records: list[catalog.ImageRecord], dataset: str) -> tuple
     for Hotels-50K. No such split: nothing to evaluate on, ([], None).
     """
     return catalog.spec(dataset).evaluation_splits(records)
-
-
-def _tree_state(tree: ClassTree) -> dict[str, Any]:
-    """The class tree as tensors and numbers, which ``torch.load(weights_only=True)`` reads back."""
-    return {"level_ids": torch.from_numpy(tree.level_ids), "thresholds": torch.from_numpy(tree.thresholds),
-            "within": torch.from_numpy(tree.within), "d0": tree.d0, "neighbours": torch.from_numpy(tree.neighbours)}
-
-
-def _tree_from_state(state: dict[str, Any]) -> ClassTree:
-    return ClassTree(level_ids=state["level_ids"].numpy(), thresholds=state["thresholds"].numpy(),
-                     within=state["within"].numpy(), d0=float(state["d0"]), neighbours=state["neighbours"].numpy())
-
-
-def _serialise(state: dict[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
-def _truncate_metrics(path: Path, iteration: int) -> list[dict[str, Any]]:
-    """Drop metric lines written after the checkpoint, so a resumed run's log reads like an unbroken one; returns
-    the lines kept. An htl_tree line at the checkpoint's iteration belongs to the next epoch, which rebuilds it.
-    A stall line carries the iteration whose step showed it, so it stays or goes with that step."""
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a full disk or a crash: it is after the checkpoint
-            continue
-    kept = [e for e in entries
-            if (e["iter"] <= iteration if e.get("type") == "eval" else e["iter"] < iteration)]
-    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
-    return kept
 
 
 def _seed_everything(seed: int) -> None:

@@ -57,7 +57,7 @@ def search():
     for stage, seconds in timings.items():
         served.metrics.observe(stage, seconds)
     with served.metrics.timed("render", timings):
-        query_id = keep_query(name, query.view)
+        query_id = keep_query(served.queries, name, query.view)
         results = [
             {
                 "id": item_id,

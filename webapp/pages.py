@@ -26,7 +26,7 @@ def index():
 
 @pages.get("/pair")
 def pair():
-    pair = requested_pair(request.args)
+    pair = requested_pair(settings(), request.args)
     return render_template(
         "pair.html",
         pair=pair,

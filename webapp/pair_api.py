@@ -22,7 +22,7 @@ SIDES = ("item", "query")
 
 @pair_api.get("/api/pair")
 def pair():
-    pair = requested_pair(request.args)
+    pair = requested_pair(settings(), request.args)
     return jsonify(
         query_id=request.args["query"],
         index=pair.index,
@@ -41,10 +41,11 @@ def heatmap():
     side = request.args.get("side", "item")
     if side not in SIDES:
         raise ApiError(400, f"parameter 'side' must be one of {', '.join(SIDES)}, got {quoted(side)}")
-    pair = requested_pair(request.args)
-    with settings().metrics.timed("heatmap"):
+    served = settings()
+    pair = requested_pair(served, request.args)
+    with served.metrics.timed("heatmap"):
         image, cells = (pair.item.image, pair.item_cells) if side == "item" else (pair.query.image, pair.query_cells)
-        png = settings().compute.run(render_heatmap, image, cells, pair.limit)
+        png = served.compute.run(render_heatmap, image, cells, pair.limit)
     return Response(png, mimetype="image/png")
 
 

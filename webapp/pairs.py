@@ -6,6 +6,10 @@ drawn after the response went out. A gallery item's view is computed on
 demand by embedding its image file, found by id through items.csv, with the
 gallery's own model, and cached by (model, file) for the few requests of one
 pair view.
+
+The functions take the served state they use (``SearchSettings``, or just its
+kept queries) as arguments, so that they also run outside a Flask request; the
+views pass in their app's settings.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from retrieval.gallery import Gallery
 from retrieval.heatmaps import contribution_grid, crop_of, symmetric_limit
 from retrieval.preprocessing import preprocess
 from webapp.errors import ApiError, quoted
+from webapp.cache import LruCache
 from webapp.item_files import opened_item_file
-from webapp.served import settings
+from webapp.served import SearchSettings
 
 _ITEM_ID = re.compile(r"[0-9]{1,18}")
 
@@ -67,29 +72,29 @@ def view_of(pixels: np.ndarray, embedding: np.ndarray, feature_map: np.ndarray, 
     )
 
 
-def requested_pair(args: Mapping[str, str]) -> Pair:
+def requested_pair(served: SearchSettings, args: Mapping[str, str]) -> Pair:
     """The pair named by the request parameters ``query``, ``item`` and ``index`` (default: the query's gallery)."""
     raw_item = args.get("item")
     if raw_item is None or not _ITEM_ID.fullmatch(raw_item):
         got = "nothing" if raw_item is None else quoted(raw_item)
         raise ApiError(400, f"parameter 'item' must be a gallery item id (an integer from 0), got {got}")
-    searched_in, query = kept_query(args.get("query"))
-    name, gallery = settings().gallery(args.get("index") or searched_in, unknown_status=404)
-    return compare(query, name, gallery, int(raw_item))
+    searched_in, query = kept_query(served.queries, args.get("query"))
+    name, gallery = served.gallery(args.get("index") or searched_in, unknown_status=404)
+    return compare(served, query, name, gallery, int(raw_item))
 
 
-def keep_query(name: str, view: ImageView) -> str:
-    """Keep the view of a query searched in gallery ``name`` for later heatmaps; returns its new random id."""
+def keep_query(queries: LruCache[str, tuple[str, ImageView]], name: str, view: ImageView) -> str:
+    """Keep the view of a query searched in gallery ``name`` in ``queries`` for later heatmaps; returns its new
+    random id."""
     query_id = secrets.token_urlsafe(12)
-    settings().queries.put(query_id, (name, view))
+    queries.put(query_id, (name, view))
     return query_id
 
 
-def kept_query(query_id: str | None) -> tuple[str, ImageView]:
-    """The gallery name and view of a kept query."""
+def kept_query(queries: LruCache[str, tuple[str, ImageView]], query_id: str | None) -> tuple[str, ImageView]:
+    """The gallery name and view of a query kept in ``queries``."""
     if not query_id:
         raise ApiError(400, "missing parameter 'query' (the query_id of a search response)")
-    queries = settings().queries
     kept = queries.get(query_id)
     if kept is None:
         raise ApiError(
@@ -100,7 +105,7 @@ def kept_query(query_id: str | None) -> tuple[str, ImageView]:
     return kept
 
 
-def compare(query: ImageView, name: str, gallery: Gallery, item_id: int) -> Pair:
+def compare(served: SearchSettings, query: ImageView, name: str, gallery: Gallery, item_id: int) -> Pair:
     """The pair of a kept query and gallery item ``item_id``; the query must come from the gallery's model."""
     if query.model_sha256 != gallery.manifest["model_sha256"]:
         raise ApiError(
@@ -108,28 +113,28 @@ def compare(query: ImageView, name: str, gallery: Gallery, item_id: int) -> Pair
             f"this query was embedded with model {query.model_sha256[:12]} but gallery {name!r} now uses "
             f"model {gallery.manifest['model_sha256'][:12]} (it was rebuilt, or is another gallery); search again",
         )
-    item = item_view(name, gallery, item_id)
+    item = item_view(served, name, gallery, item_id)
     query_cells = contribution_grid(query.feature_map, item.embedding)
     item_cells = contribution_grid(item.feature_map, query.embedding)
     limit = symmetric_limit(query_cells, item_cells)
     return Pair(name, item_id, gallery.items[item_id].label, query, item, query_cells, item_cells, limit)
 
 
-def item_view(name: str, gallery: Gallery, item_id: int) -> ImageView:
+def item_view(served: SearchSettings, name: str, gallery: Gallery, item_id: int) -> ImageView:
     """The view of gallery item ``item_id``, from the cache or by embedding its image file now."""
     with opened_item_file(name, gallery, item_id) as item:  # only a file inside the gallery's image roots
         key = (gallery.manifest["model_sha256"], *item.identity)
-        cached = settings().item_views.get(key)
+        cached = served.item_views.get(key)
         if cached is not None:  # a pair view asks four times: the file is read only the first
             return cached
         data = item.file.read()
-    with settings().metrics.timed("item_view"):
+    with served.metrics.timed("item_view"):
         try:
-            view = settings().compute.run(embedded_view, data, gallery, settings().max_pixels)
+            view = served.compute.run(embedded_view, data, gallery, served.max_pixels)
         except catalog.ImageLoadError as exc:
             raise ApiError(404, f"the image file of item {item_id} in gallery {name!r} "
                                 f"cannot be read: {exc.reason}") from None
-    settings().item_views.put(key, view)
+    served.item_views.put(key, view)
     return view
 
 
