@@ -104,12 +104,16 @@ def test_the_tree_is_built_from_at_most_n_images_per_class_drawn_per_epoch(tmp_p
     assert json.loads(schedule.run.metrics_path.read_text())["images"] == CLASSES * 3
 
 
-def test_the_tree_goes_through_a_checkpoint_and_back_to_the_loss_and_the_sampler(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_the_tree_goes_through_a_checkpoint_and_back_to_the_loss_and_the_sampler(tmp_path: Path,
+                                                                                  device: str) -> None:
+    """--resume loads the checkpoint onto the training device, the GPU's included."""
     schedule, _ = _schedule(tmp_path, htl_rebuild_every=0)
     tree = schedule.rebuild(MeanColour(), epoch=0, iteration=0)
     buffer = io.BytesIO()
     torch.save({"htl_tree": schedule.state()}, buffer)
-    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)["htl_tree"]
+    state = torch.load(io.BytesIO(buffer.getvalue()), map_location=device, weights_only=True)["htl_tree"]
     resumed, _ = _schedule(tmp_path / "resumed", htl_rebuild_every=0)
     assert resumed.due(1)  # nothing held yet
     resumed.load_state(state)

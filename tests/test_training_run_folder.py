@@ -76,11 +76,16 @@ def test_last_pt_every_epoch_and_best_pt_on_a_better_recall(tmp_path: Path) -> N
     assert list(kept) == list(_state(1, 0.5))  # the same keys, in the same order, as the state given
 
 
-def test_last_pt_carries_the_best_recall_given_and_best_pt_its_own(tmp_path: Path) -> None:
+def test_last_pt_carries_the_best_recall_so_far_so_that_a_resumed_run_keeps_the_best_pt(tmp_path: Path) -> None:
     run = RunFolder(tmp_path)
     run.save_checkpoint(_state(0, 0.25), 0.75)
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["best_recall"] == 0.25
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["best_recall"] == 0.75
     assert torch.load(tmp_path / "best.pt", weights_only=True)["best_recall"] == 0.75
+    resumed = run.load_checkpoint(torch.device("cpu"))  # --resume reads last.pt
+    assert run.save_checkpoint(_state(1, resumed["best_recall"], weight=1), 0.5) == 0.75  # worse than epoch 0
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 0
+    run.save_checkpoint(_state(2, 0.75, weight=2), 0.5)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["best_recall"] == 0.75  # not lowered either
 
 
 def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_whole(tmp_path: Path) -> None:

@@ -103,5 +103,7 @@ def tree_state(tree: ClassTree) -> dict[str, Any]:
 
 
 def tree_from_state(state: dict[str, Any]) -> ClassTree:
-    return ClassTree(level_ids=state["level_ids"].numpy(), thresholds=state["thresholds"].numpy(),
-                     within=state["within"].numpy(), d0=float(state["d0"]), neighbours=state["neighbours"].numpy())
+    # .cpu(): --resume on CUDA loads the checkpoint onto the GPU
+    return ClassTree(level_ids=state["level_ids"].cpu().numpy(), thresholds=state["thresholds"].cpu().numpy(),
+                     within=state["within"].cpu().numpy(), d0=float(state["d0"]),
+                     neighbours=state["neighbours"].cpu().numpy())

@@ -58,18 +58,20 @@ class RunFolder:
 
     def save_checkpoint(self, state: dict[str, Any], recall: float | None) -> float:
         """Write ``state`` as last.pt, and as best.pt when ``recall`` beats ``state["best_recall"]``; returns the
-        best recall after it. An epoch without an evaluation (``recall`` None) writes best.pt only when there is
-        none yet, so a run that never evaluates still has one. last.pt keeps the best recall of the earlier
-        epochs, best.pt its own."""
+        best recall after it, which both files carry. An epoch without an evaluation (``recall`` None) writes
+        best.pt only when there is none yet, so a run that never evaluates still has one. last.pt carries this
+        epoch's recall in its best when it is the best: a run resumed from it must not let a worse epoch replace
+        best.pt."""
         best = state["best_recall"]
         if not self.writes:
             return best
+        improved = recall is not None and recall > best
+        if improved:
+            best = recall
+        state = {**state, "best_recall": best}
         atomic_write_bytes(self.path / LAST, serialise(state))
-        if recall is None and (self.path / BEST).exists():
-            return best
-        if recall is None or recall > best:
-            best = recall if recall is not None else best
-            atomic_write_bytes(self.path / BEST, serialise({**state, "best_recall": best}))
+        if improved or (recall is None and not (self.path / BEST).exists()):
+            atomic_write_bytes(self.path / BEST, serialise(state))
         return best
 
     def load_checkpoint(self, device: torch.device) -> dict[str, Any]:
