@@ -14,7 +14,7 @@ from catalog.registry import DatasetSpec
 
 NAMES = sorted(catalog.REGISTRY)
 
-#: The benchmarks' own protocols and Recall@K tables (README, "The five benchmarks of the paper"), written out
+#: The benchmarks' own protocols and Recall@K tables (docs/DATASETS.md, "The five benchmarks of the paper"), written out
 #: here rather than read from the registry: (query split, gallery split or None for leave-one-out, Ks)
 PUBLISHED = {
     "cub": ("test", None, (1, 2, 4, 8)),
@@ -59,7 +59,7 @@ def _sct_eval(argv: list[str], dataset: str, monkeypatch) -> tuple[list[int], li
 def _cli_protocol(name: str, records: list[ImageRecord], root: Path, monkeypatch, *,
                   index_flags: tuple[str, ...] = (), eval_flags: tuple[str, ...] | None = None) -> tuple:
     """What `sct index --dataset NAME` embeds and `sct eval` queries: ("leave-one-out", gallery paths) or
-    ("queries", query paths, gallery paths). ``eval_flags`` default: the commands the README gives, with
+    ("queries", query paths, gallery paths). ``eval_flags`` default: the commands docs/DATASETS.md gives, with
     ``--queries-split`` where the benchmark has a gallery split of its own."""
     import retrieval.cli
     from sct.cli import build_parser
