@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import catalog
+from retrieval.cli_options import add_image_source, add_workers
 from retrieval.columns import format_columns
 from retrieval.embedder import OnnxEmbedder, Providers, default_providers
 from retrieval.evaluation import evaluate_gallery, format_table, save_eval
@@ -77,19 +78,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     index.add_argument("--model", metavar="ONNX", help="model exported by `sct export` (not with --merge)")
-    source = index.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", metavar="NAME", help=f"dataset name ({', '.join(sorted(catalog.DATASETS))})")
-    source.add_argument("--images", metavar="DIR", help="folder of images; subfolder names are the labels")
+    source = add_image_source(index, verb="index")
     source.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
                         help="build the gallery from the shards written by --shard (shard folders or their parent)")
-    index.add_argument("--data-root", metavar="PATH", help="dataset folder (with --dataset)")
-    index.add_argument("--split", help="split to index (with --dataset; default: the dataset's gallery split)")
     index.add_argument("--out", required=True, metavar="DIR",
                        help="gallery folder to write, e.g. index_data/NAME (with --shard: the shards' parent folder)")
     index.add_argument("--shard", metavar="I/N",
                        help="embed only slice I of N (I from 0) into a shard folder; 'env': I/N = RANK/WORLD_SIZE")
-    index.add_argument("--workers", type=positive_int, metavar="N",
-                       help="embedding processes, each with its own ONNX Runtime session (default: 1)")
+    add_workers(index, help="embedding processes, each with its own ONNX Runtime session (default: 1; 0 or 1: "
+                            "embed in this process)")
     index.add_argument("--index-type", choices=INDEX_TYPES, help="FAISS index (default: flat, exact search)")
     index.add_argument("--storage", choices=STORAGES,
                        help="memory (default), or ondisk: an ivf index's lists memory-mapped from index.ivfdata")

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from retrieval.cli_options import add_device
+
 EPILOG = """\
 Examples:
   sct demo                         train, export, index, evaluate, then serve on http://127.0.0.1:5000
@@ -33,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--index-out", default="index_data/fashion-mnist", help="gallery folder (default: %(default)s)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 3 on CPU)")
     parser.add_argument("--augment", action="store_true", help="train with random crops and flips (for longer runs)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device(parser, default="auto")
     parser.add_argument("--no-serve", action="store_true", help="stop after the evaluation")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)

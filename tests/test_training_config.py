@@ -134,20 +134,20 @@ def test_training_logs_recall_at_the_ks_of_sct_eval(dataset: str, monkeypatch) -
                                                  (["--pretrained", "imagenet", "--embedding-bn"], True)])
 def test_the_embedding_batchnorm_flag_reaches_the_config(flags: list[str], expected: bool) -> None:
     from sct.cli import build_parser
-    from training.cli import OVERRIDES
+    from training.cli import overrides_from
 
     args = build_parser().parse_args(["train", "--dataset", "cub", "--data-root", "d", "--out", "o",
                                       "--pretrained", "none", *flags])
-    assert _resolve("cub", **{name: getattr(args, name) for name in OVERRIDES}).embedding_bn is expected
+    assert _resolve("cub", **overrides_from(args)).embedding_bn is expected
 
 
 def test_the_users_ks_win_over_the_datasets(tmp_path) -> None:
     from sct.cli import build_parser
-    from training.cli import OVERRIDES
+    from training.cli import overrides_from
 
     args = build_parser().parse_args(["train", "--dataset", "inshop", "--data-root", "d", "--out", "o",
                                       "--eval-ks", "1", "5"])
-    assert _resolve("inshop", **{name: getattr(args, name) for name in OVERRIDES}).eval_ks == [1, 5]
+    assert _resolve("inshop", **overrides_from(args)).eval_ks == [1, 5]
     config_file = tmp_path / "c.yaml"
     config_file.write_text("eval_ks: [1, 3]\n")
     assert resolve_config("hotels50k", "d", "o", config_file=str(config_file)).eval_ks == [1, 3]

@@ -110,14 +110,14 @@ def test_single_process_helpers_are_identities() -> None:
 
 def test_command_line_flags_reach_the_config() -> None:
     from sct.cli import build_parser
-    from training.cli import OVERRIDES
+    from training.cli import overrides_from
     from training.config import resolve_config
 
     base = ["train", "--dataset", "folder", "--data-root", "d", "--out", "o"]
     for flags, expected in (([], (False, False, "auto")),
                             (["--gather-embeddings", "--sync-bn", "--dist-backend", "nccl"], (True, True, "nccl"))):
         args = build_parser().parse_args(base + flags)
-        config = resolve_config("folder", "d", "o", overrides={name: getattr(args, name) for name in OVERRIDES})
+        config = resolve_config("folder", "d", "o", overrides=overrides_from(args))
         assert (config.gather_embeddings, config.sync_batchnorm, config.dist_backend) == expected
 
 

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+from collections.abc import Callable
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import catalog
 from retrieval.cli import non_negative_int, positive_int
+from retrieval.cli_options import add_device, add_image_source, add_precision, add_workers
+from training.config import TrainConfig
 
 TRAIN_EPILOG = """\
 Examples:
@@ -90,78 +96,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(catalog.DATASETS), help="dataset layout to read")
     parser.add_argument("--data-root", required=True, metavar="PATH", help="folder holding the dataset")
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder for config, metrics and checkpoints")
-    parser.add_argument("--loss", choices=["sct", "hn", "shn", "ep", "batch-all", "htl"],
-                        help="sct (default); baselines: hn, shn, ep (easy positive), batch-all (triplet margin), "
-                             "htl (hierarchical triplet loss, Ge et al. 2018)")
     parser.add_argument("--config", metavar="YAML", help="YAML file of settings that override the dataset defaults")
-    parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], help="backbone")
-    parser.add_argument("--dim", type=int, help="embedding size")
-    parser.add_argument("--image-size", type=int, help="training and evaluation crop size in pixels")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int, help="images per batch (P classes × K images)")
-    parser.add_argument("--images-per-class", type=int, metavar="K", help="K in the P×K batch (paper: 2)")
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--optimizer", choices=["sgd", "adamw"], help="the paper's SGD (default) or AdamW")
-    parser.add_argument("--lam", type=float, help="SCT's λ on hard triplets")
-    parser.add_argument("--temperature", type=float, help="NCA temperature τ (default 0.1)")
-    parser.add_argument("--margin", type=float, help="margin of --loss batch-all (default 0.2)")
-    parser.add_argument("--hard-threshold", type=float, metavar="T",
-                        help="--loss sct: also treat S_an > T as hard (the official code uses 0.8)")
-    parser.add_argument("--hard-floor", type=float, metavar="F",
-                        help="--loss sct: a triplet is hard only if also S_an > F (the official code's 2020 "
-                             "version: 0.5)")
-    parser.add_argument("--sct-warmup", type=float, metavar="SHARE",
-                        help="--loss sct: over this first share of the run (0 to 1), each anchor's loss moves from a loss "
-                             "that pulls positives in (--sct-warm-loss) to SCT's; 0: the paper's SCT throughout")
-    parser.add_argument("--sct-warm-loss", choices=["ep", "shn"],
-                        help="--loss sct: the loss the warm start blends in (default ep: Easy-Positive NCA)")
-    parser.add_argument("--htl-levels", type=int, metavar="L", help="--loss htl: levels of the class tree (default 16)")
-    parser.add_argument("--htl-beta", type=float, metavar="B",
-                        help="--loss htl: β in the margin α = β + d_H(ya,yn) − s_ya (default 0.1)")
-    parser.add_argument("--htl-neighbours", type=int, metavar="M",
-                        help="--loss htl: classes per group, a random class and its M − 1 nearest (default 4); "
-                             "the batch size must be a multiple of M × images per class")
-    parser.add_argument("--htl-rebuild-every", type=int, metavar="EPOCHS",
-                        help="--loss htl: rebuild the class tree every N epochs (default 1; 0: once, at the start)")
-    parser.add_argument("--htl-tree-images-per-class", type=int, metavar="N",
-                        help="--loss htl: embed at most N images per class to build the tree (default: all)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when present")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                        help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the training step's model (default off: compiling costs a minute or "
-                             "two first; see benchmarks/results/gpu_speed.md for what it gains)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--pretrained", metavar="imagenet|none|PATH",
-                        help="how the network starts, which also picks the recipe (docs/hard-negatives/ZERO_SHOT.md): "
-                             "imagenet (torchvision's cached weights), none (from scratch: its own defaults), or "
-                             "PATH: a torchvision state dict or an `sct train` checkpoint, whose trunk is loaded")
-    parser.add_argument("--eval-every", type=int, metavar="EPOCHS", help="evaluate every N epochs (0: at the end)")
-    parser.add_argument("--eval-ks", type=positive_int, nargs="+", metavar="K",
-                        help="K of the logged Recall@K, the first choosing best.pt (default: the dataset's, as in "
-                             "sct eval: 1 10 20 30 40 for inshop, 1 10 100 for hotels50k, else 1 2 4 8)")
-    parser.add_argument("--embedding-bn", action=argparse.BooleanOptionalAction, default=None,
-                        help="a BatchNorm on the embedding before L2 normalisation (default: on with --pretrained "
-                             "none, where it keeps a random network's embeddings from starting in one narrow cone; "
-                             "off with pretrained weights, as in the paper)")
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                        help="random crop from 1.1× and horizontal flip (the paper's; default on, off for the demo)")
-    parser.add_argument("--workers", type=int, help="data-loading processes")
-    parser.add_argument("--max-iters-per-epoch", type=int, metavar="N", help="cap iterations per epoch (quick runs)")
-    parser.add_argument("--val-fraction", type=float, metavar="F",
-                        help="hold out this share of the training split and evaluate on it instead of the test "
-                             "split (for tuning; default 0: evaluate on test)")
-    parser.add_argument("--val-by", choices=["auto", "classes", "images"],
-                        help="hold out whole classes or images of every class (auto: images when train and test "
-                             "share their classes, as in Fashion-MNIST)")
-    parser.add_argument("--gather-embeddings", action="store_true", default=None,
-                        help="under torchrun: mine positives and negatives from the global batch (all processes' "
-                             "embeddings), with gradients equal to one process training on that batch; "
-                             "default: each process mines within its own share")
-    parser.add_argument("--sync-bn", dest="sync_batchnorm", action="store_true", default=None,
-                        help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
-    parser.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"],
-                        help="under torchrun: process-group backend (auto: nccl on CUDA, gloo on CPU)")
+    add_config_flags(parser)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_train)
@@ -188,34 +124,83 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="best.pt or last.pt of a run")
     parser.add_argument("--model", required=True, metavar="ONNX",
                         help="the model `sct export` wrote from that checkpoint; the gallery serves queries with it")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", metavar="NAME", help=f"dataset name ({', '.join(sorted(catalog.DATASETS))})")
-    source.add_argument("--images", metavar="DIR", help="folder of images; subfolder names are the labels")
-    parser.add_argument("--data-root", metavar="PATH", help="dataset folder (with --dataset)")
-    parser.add_argument("--split", help="split to embed (with --dataset; default: the dataset's gallery split)")
+    add_image_source(parser, verb="embed")
     parser.add_argument("--out", required=True, metavar="DIR", help="parent folder of the shard folders")
     parser.add_argument("--shard", metavar="I/N",
                         help="embed slice I of N (I from 0); 'env': RANK/WORLD_SIZE (default: env under torchrun, "
                              "else 0/1, one shard holding every image)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="default: cuda when present (GPU LOCAL_RANK under torchrun)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    add_device(parser, default="auto", help="default: cuda when present (GPU LOCAL_RANK under torchrun)")
+    add_precision(parser, default="auto")
     parser.add_argument("--batch-size", type=positive_int, default=256,
                         help="images per batch (default: %(default)s)")
-    parser.add_argument("--workers", type=non_negative_int, metavar="N",
-                        help="image-decoding processes (default: min(16, usable CPUs / processes on this machine); "
-                             "0: decode in this process)")
+    add_workers(parser, help="image-decoding processes (default: min(16, usable CPUs / processes on this "
+                             "machine); 0: decode in this process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_embed)
 
 
-OVERRIDES = ("loss", "arch", "dim", "image_size", "epochs", "batch_size", "images_per_class", "lr", "optimizer", "lam",
-             "temperature", "margin", "hard_threshold", "hard_floor", "sct_warmup", "sct_warm_loss",
-             "device", "precision", "compile", "seed", "pretrained", "embedding_bn",
-             "eval_every", "eval_ks", "augment", "workers", "max_iters_per_epoch", "val_fraction", "val_by",
-             "htl_levels", "htl_beta", "htl_neighbours", "htl_rebuild_every", "htl_tree_images_per_class",
-             "gather_embeddings", "sync_batchnorm", "dist_backend")
+def config_flags() -> dict[str, str]:
+    """The `sct train` flag of each ``TrainConfig`` setting that has one (a field made with
+    ``training.config.setting``), by setting name: ``--name-with-dashes`` unless the field names its own."""
+    return {f.name: f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting of ``config_flags()``, built from the field: its help and metavar; choices from a
+    ``Literal``; ``--x/--no-x`` for a bool; nargs "+" for a list; int or float (None allowed: the flag is
+    optional anyway); a count's smallest value. Every flag defaults to None: an unset flag overrides nothing."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = get_type_hints(TrainConfig)
+    for name, flag in config_flags().items():
+        metadata = fields[name].metadata
+        options: dict[str, Any] = dict(dest=name, default=None, help=metadata["help"])
+        kind = _without_none(hints[name])
+        if get_origin(kind) is list:
+            options["nargs"] = "+"
+            (kind,) = get_args(kind)
+        if get_origin(kind) is Literal:
+            options["choices"] = get_args(kind)
+        elif kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is int:
+            options["type"] = _int_at_least(metadata["at_least"]) if "at_least" in metadata else int
+        elif kind is float:
+            options["type"] = float
+        elif kind is not str:
+            raise TypeError(f"TrainConfig.{name}: no flag for a setting of type {kind}")
+        if "metavar" in metadata:
+            options["metavar"] = metadata["metavar"]
+        parser.add_argument(flag, **options)
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that `sct train`'s parsed flags give, for ``resolve_config(overrides=...)``; None: not given."""
+    return {name: getattr(args, name) for name in config_flags()}
+
+
+def _without_none(kind: Any) -> Any:
+    """``X`` for ``X | None``."""
+    if get_origin(kind) in (Union, types.UnionType):
+        (kind,) = [arg for arg in get_args(kind) if arg is not type(None)]
+    return kind
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    if low in (0, 1):
+        return non_negative_int if low == 0 else positive_int
+
+    def at_least(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    at_least.__name__ = f"integer >= {low}"
+    return at_least
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -226,7 +211,7 @@ def run_train(args: argparse.Namespace) -> int:
     from training.trainer import train
 
     config = resolve_config(args.dataset, args.data_root, args.out, config_file=args.config,
-                            overrides={name: getattr(args, name) for name in OVERRIDES},
+                            overrides=overrides_from(args),
                             cuda_available=torch.cuda.is_available())
     if distributed.is_main():
         print("settings (and the layer that set them; all in OUT/config.yaml):\n" + describe_provenance(config))

@@ -7,80 +7,157 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 import catalog
+from retrieval.cli_options import DEVICE_HELP, PRECISION_HELP, Device, Precision
 from training.workers import MAX_CPU_TRAINING_WORKERS, MAX_DEFAULT_WORKERS, default_workers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+Loss = Literal["sct", "hn", "shn", "ep", "batch-all", "htl"]
+Arch = Literal["resnet18", "resnet34", "resnet50"]
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["step", "cosine"]
+WarmLoss = Literal["ep", "shn"]  # what SCT's warm start blends in (training.losses.SCTLoss)
+ValBy = Literal["auto", "classes", "images"]
+DistBackend = Literal["auto", "nccl", "gloo"]
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None,
+            flag: str | None = None, metavar: str | None = None, at_least: int | None = None) -> Any:
+    """A ``TrainConfig`` field that `sct train` takes as a flag (training.cli builds it from the field):
+    ``--NAME-WITH-DASHES`` unless ``flag`` names it; the type, the choices (a ``Literal``) and nargs (a list)
+    come from the annotation; ``at_least``: the smallest whole number the flag accepts."""
+    metadata = {"help": help, **{key: value for key, value in
+                                 (("flag", flag), ("metavar", metavar), ("at_least", at_least)) if value is not None}}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
+    """A run's settings. A field made with ``setting`` is also a flag of `sct train`; the others are not."""
     dataset: str
     data_root: str
     out: str
-    loss: str = "sct"
-    arch: str = "resnet50"
-    dim: int = 64
+    loss: Loss = setting("sct", help="sct (default); baselines: hn, shn, ep (easy positive), batch-all (triplet "
+                                     "margin), htl (hierarchical triplet loss, Ge et al. 2018)")
+    arch: Arch = setting("resnet50", help="backbone")
+    dim: int = setting(64, help="embedding size", at_least=1)
     # A BatchNorm on the embedding, before L2 normalisation (training.model.EmbeddingNet): centres a from-scratch
     # network's embeddings, which otherwise start in one narrow cone
-    embedding_bn: bool = False
-    image_size: int = 256
-    epochs: int = 80
-    batch_size: int = 128
-    images_per_class: int = 2
-    lr: float = 0.009
-    optimizer: str = "sgd"  # the paper's SGD, or "adamw"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    schedule: str = "step"  # "step": MultiStepLR at milestones·epochs; "cosine": cosine decay per iteration
+    embedding_bn: bool = setting(False, help="a BatchNorm on the embedding before L2 normalisation (default: on "
+                                             "with --pretrained none, where it keeps a random network's embeddings "
+                                             "from starting in one narrow cone; off with pretrained weights, as in "
+                                             "the paper)")
+    image_size: int = setting(256, help="training and evaluation crop size in pixels", at_least=1)
+    epochs: int = setting(80, help="training epochs", at_least=1)
+    batch_size: int = setting(128, help="images per batch (P classes × K images)", at_least=1)
+    images_per_class: int = setting(2, help="K in the P×K batch (paper: 2)", metavar="K", at_least=2)
+    lr: float = setting(0.009, help="learning rate")
+    optimizer: Optimizer = setting("sgd", help="the paper's SGD (default) or AdamW")
+    momentum: float = setting(0.0, help="SGD momentum, at least 0 and below 1")
+    weight_decay: float = setting(0.0, help="weight decay")
+    # "step": MultiStepLR at milestones·epochs; "cosine": cosine decay per iteration
+    schedule: Schedule = setting("step", help="learning-rate schedule: step (×gamma at the milestones) or cosine "
+                                              "(decay per iteration)")
     milestones: list[float] = field(default_factory=lambda: [0.5])
-    gamma: float = 0.1
-    warmup_iters: int = 0
-    lam: float = 1.0
-    temperature: float = 0.1
-    hard_threshold: float | None = None
-    hard_floor: float | None = None  # SCT: a triplet is hard only if also S_an > this (the official 2020 rule: 0.5)
+    gamma: float = setting(0.1, help="the step schedule's factor at each milestone")
+    warmup_iters: int = setting(0, help="iterations of linear learning-rate warm-up", metavar="N", at_least=0)
+    lam: float = setting(1.0, help="SCT's λ on hard triplets")
+    temperature: float = setting(0.1, help="NCA temperature τ (default 0.1)")
+    hard_threshold: float | None = setting(None, metavar="T", help="--loss sct: also treat S_an > T as hard (the "
+                                                                   "official code uses 0.8)")
+    # SCT: a triplet is hard only if also S_an > this (the official 2020 rule: 0.5)
+    hard_floor: float | None = setting(None, metavar="F", help="--loss sct: a triplet is hard only if also S_an > F "
+                                                               "(the official code's 2020 version: 0.5)")
     # SCT's warm start (training.losses.SCTLoss): over this first share of the run, each anchor's loss moves from a
     # loss that pulls positives in (sct_warm_loss: "ep" or "shn") to SCT's; 0: the paper's SCT from the start.
-    sct_warmup: float = 0.0
-    sct_warm_loss: str = "ep"
-    margin: float = 0.2  # batch-all triplet loss only
+    sct_warmup: float = setting(0.0, metavar="SHARE", help="--loss sct: over this first share of the run (0 to 1), "
+                                "each anchor's loss moves from a loss that pulls positives in (--sct-warm-loss) to "
+                                "SCT's; 0: the paper's SCT throughout")
+    sct_warm_loss: WarmLoss = setting("ep", help="--loss sct: the loss the warm start blends in (default ep: "
+                                                 "Easy-Positive NCA)")
+    margin: float = setting(0.2, help="margin of --loss batch-all (default 0.2)")  # batch-all triplet loss only
     # Hierarchical Triplet Loss (--loss htl; Ge et al., ECCV 2018). A batch is l′ groups of
     # m = htl_neighbours classes (a random class and its m − 1 nearest) × images_per_class (t) images, so
     # batch_size must be a multiple of m·t; l′ = batch_size // (m·t). The paper trained with larger batches
     # and its own per-dataset settings; we keep each dataset's defaults (SCT's batch, lr, schedule) so that
     # HTL is compared with SCT/SHN/HN under one recipe, and only the loss and the sampler change.
-    htl_levels: int = 16  # L: levels of the class tree; level l merges classes closer than l·(4 − d0)/L + d0
-    htl_beta: float = 0.1  # β in the dynamic margin α = max(β + d_H(y_a, y_n) − s_{y_a}, 0)
-    htl_neighbours: int = 4  # m: classes per group, the group's own class included
-    htl_rebuild_every: int = 1  # epochs between rebuilds of the class tree; 0 = built once, before epoch 1
-    htl_tree_images_per_class: int | None = None  # embed at most this many images per class for the tree; None: all
-    augment: bool = True  # random crop from 1.1× and horizontal flip, as in the paper; False: the eval transform
+    # L: levels of the class tree; level l merges classes closer than l·(4 − d0)/L + d0
+    htl_levels: int = setting(16, metavar="L", help="--loss htl: levels of the class tree (default 16)", at_least=1)
+    # β in the dynamic margin α = max(β + d_H(y_a, y_n) − s_{y_a}, 0)
+    htl_beta: float = setting(0.1, metavar="B", help="--loss htl: β in the margin α = β + d_H(ya,yn) − s_ya "
+                                                     "(default 0.1)")
+    # m: classes per group, the group's own class included
+    htl_neighbours: int = setting(4, metavar="M", at_least=1,
+                                  help="--loss htl: classes per group, a random class and its M − 1 nearest "
+                                       "(default 4); the batch size must be a multiple of M × images per class")
+    # epochs between rebuilds of the class tree; 0 = built once, before epoch 1
+    htl_rebuild_every: int = setting(1, metavar="EPOCHS", at_least=0,
+                                     help="--loss htl: rebuild the class tree every N epochs (default 1; 0: once, "
+                                          "at the start)")
+    # embed at most this many images per class for the tree; None: all
+    htl_tree_images_per_class: int | None = setting(None, metavar="N", at_least=2,
+                                                    help="--loss htl: embed at most N images per class to build "
+                                                         "the tree (default: all)")
+    # random crop from 1.1× and horizontal flip, as in the paper; False: the eval transform
+    augment: bool = setting(True, help="random crop from 1.1× and horizontal flip (the paper's; default on, off "
+                                       "for the demo)")
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    pretrained: str = "imagenet"
-    device: str = "auto"
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA and on CPUs with native bf16, else fp32
-    compile: bool = False  # torch.compile the training forward and backward (a minute or two to compile first)
-    seed: int = 0
-    eval_every: int = 1  # epochs between Recall@K evaluations on the test split; 0 = only at the end
-    val_fraction: float = 0.0  # > 0: hold out this share of the training split and evaluate on it instead of test
-    val_by: str = "auto"  # "classes", "images", or "auto" (images when train and test share their classes)
-    eval_ks: list[int] = field(default_factory=lambda: list(catalog.DEFAULT_KS))  # resolved: the dataset's Ks
-    workers: int = 4  # resolved: this process's share of the usable CPUs, at most 16 on CUDA and 4 on the CPU
+    pretrained: str = setting("imagenet", metavar="imagenet|none|PATH",
+                              help="how the network starts, which also picks the recipe "
+                                   "(docs/hard-negatives/ZERO_SHOT.md): imagenet (torchvision's cached weights), "
+                                   "none (from scratch: its own defaults), or PATH: a torchvision state dict or an "
+                                   "`sct train` checkpoint, whose trunk is loaded")
+    device: Device = setting("auto", help=DEVICE_HELP)
+    precision: Precision = setting("auto", help=PRECISION_HELP)
+    # torch.compile the training forward and backward (a minute or two to compile first)
+    compile: bool = setting(False, help="torch.compile the training step's model (default off: compiling costs a "
+                                        "minute or two first; see benchmarks/results/gpu_speed.md for what it gains)")
+    seed: int = setting(0, help="random seed")
+    # epochs between Recall@K evaluations on the test split; 0 = only at the end
+    eval_every: int = setting(1, metavar="EPOCHS", at_least=0, help="evaluate every N epochs (0: at the end)")
+    # > 0: hold out this share of the training split and evaluate on it instead of test
+    val_fraction: float = setting(0.0, metavar="F", help="hold out this share of the training split and evaluate "
+                                                         "on it instead of the test split (for tuning; default 0: "
+                                                         "evaluate on test)")
+    # "classes", "images", or "auto" (images when train and test share their classes)
+    val_by: ValBy = setting("auto", help="hold out whole classes or images of every class (auto: images when train "
+                                         "and test share their classes, as in Fashion-MNIST)")
+    eval_ks: list[int] = setting(  # resolved: the dataset's Ks
+        factory=lambda: list(catalog.DEFAULT_KS), metavar="K", at_least=1,
+        help="K of the logged Recall@K, the first choosing best.pt (default: the dataset's, as in sct eval: "
+             "1 10 20 30 40 for inshop, 1 10 100 for hotels50k, else 1 2 4 8)")
+    # resolved: this process's share of the usable CPUs, at most 16 on CUDA and 4 on the CPU
+    workers: int = setting(4, metavar="N", at_least=0, help="data-loading processes (0: load in the training "
+                                                            "process; default: this process's share of the CPUs)")
     cache_images: bool = False  # keep preprocessed training images in memory; only with augment: false, workers: 0
-    triplets_every: int = 100  # save sampled (S_ap, S_an) pairs every N iterations; 0 = never
-    max_iters_per_epoch: int | None = None  # cap for quick runs and tests
+    # save sampled (S_ap, S_an) pairs every N iterations; 0 = never
+    triplets_every: int = setting(100, metavar="N", at_least=0,
+                                  help="log sampled (S_ap, S_an) pairs every N iterations (0: never)")
+    max_iters_per_epoch: int | None = setting(None, metavar="N", at_least=1,
+                                              help="cap iterations per epoch (quick runs)")  # cap for quick runs, tests
     # Several processes (launched by torchrun; docs/DISTRIBUTED.md). batch_size is the global batch, split into
     # whole classes over the processes. Without torchrun these three settings change nothing.
-    gather_embeddings: bool = False  # mine positives and negatives from the global batch, not each process's share
-    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm)
-    dist_backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "nccl" or "gloo"
+    # mine positives and negatives from the global batch, not each process's share
+    gather_embeddings: bool = setting(False, help="under torchrun: mine positives and negatives from the global "
+                                                  "batch (all processes' embeddings), with gradients equal to one "
+                                                  "process training on that batch; default: each process mines "
+                                                  "within its own share")
+    # BatchNorm statistics over the global batch (SyncBatchNorm)
+    sync_batchnorm: bool = setting(False, flag="--sync-bn", help="under torchrun: BatchNorm statistics over the "
+                                                                 "global batch (SyncBatchNorm)")
+    # "auto" (nccl on CUDA, gloo on CPU), "nccl" or "gloo"
+    dist_backend: DistBackend = setting("auto", help="under torchrun: process-group backend (auto: nccl on CUDA, "
+                                                     "gloo on CPU)")
     # Not a setting: the layer of resolve_config that set each setting it set ("dataset:cub", "flag", ...); the
     # others have their default. Saved in config.yaml and checkpoints; a --config file's own is ignored.
     provenance: dict[str, str] = field(default_factory=dict, compare=False)
@@ -89,7 +166,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+
+
+def choices_of(name: str) -> tuple[str, ...] | None:
+    """The values setting ``name`` may take, from its ``Literal`` type; None for a setting of another type."""
+    kind = get_type_hints(TrainConfig)[name]
+    return get_args(kind) if get_origin(kind) is Literal else None
 
 # Per-loss settings over every dataset's defaults; a dataset's own "losses" entry and explicit settings win.
 # HTL estimates within-class distances and class neighbours from each batch's groups, which K = 2 starves:
@@ -291,18 +374,11 @@ def _validate(config: TrainConfig) -> None:
         raise ValueError(
             f"batch size {config.batch_size} is not a multiple of images per class {config.images_per_class}"
         )
-    if config.optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"optimizer must be sgd or adamw, not {config.optimizer!r}")
-    if config.sct_warm_loss not in ("ep", "shn"):
-        raise ValueError(f"sct_warm_loss must be ep or shn, not {config.sct_warm_loss!r}")
-    if config.schedule not in ("step", "cosine"):
-        raise ValueError(f"schedule must be 'step' or 'cosine', not {config.schedule!r}")
-    if config.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, not {config.precision!r}")
-    if config.val_by not in ("auto", "classes", "images"):
-        raise ValueError(f"val_by must be auto, classes or images, not {config.val_by!r}")
-    if config.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {config.device!r}")
+    for setting_field in dataclasses.fields(TrainConfig):
+        choices = choices_of(setting_field.name)
+        value = getattr(config, setting_field.name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"{setting_field.name} must be one of {', '.join(choices)}, not {value!r}")
     if config.loss == "htl":
         _validate_htl(config)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
@@ -23,9 +23,10 @@ import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from training.config import DistBackend
 from training.losses import MinedTripletLoss
 
-BACKENDS = ("auto", "nccl", "gloo")
+BACKENDS: tuple[str, ...] = get_args(DistBackend)
 # Rank 0 alone evaluates and builds the HTL class tree while the others wait at a barrier; torch's default
 # timeout (10 minutes for NCCL) is too short for embedding a large test set or training split.
 TIMEOUT = timedelta(hours=2)

@@ -16,11 +16,13 @@ sums and counts (``training.distributed.global_batch_loss``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.config import Loss, WarmLoss
 from training.htl import ClassTree, margins
 
 
@@ -192,7 +194,7 @@ def _semi_hard_negatives(mining: Mining) -> Tensor:
     return mining.negatives & (mining.similarities.detach() <= mining.s_ap[:, None])
 
 
-WARM_LOSSES = ("ep", "shn")  # what SCT's warm start blends in (SCTLoss)
+WARM_LOSSES: tuple[str, ...] = get_args(WarmLoss)  # what SCT's warm start blends in (SCTLoss)
 
 
 class SCTLoss(MinedTripletLoss):
@@ -342,8 +344,11 @@ class HTLLoss(MinedTripletLoss):
         return LossTerms(torch.where(valid, violation, 0.0).sum(), count)
 
 
-LOSSES = {"sct": SCTLoss, "hn": HNLoss, "shn": SHNLoss, "ep": EasyPositiveLoss, "batch-all": BatchAllTripletLoss,
-          "htl": HTLLoss}
+#: Each loss's class, by name; the names are training.config.Loss, the choices of `sct train --loss`.
+LOSSES: dict[str, type[MinedTripletLoss]] = {"sct": SCTLoss, "hn": HNLoss, "shn": SHNLoss, "ep": EasyPositiveLoss,
+                                             "batch-all": BatchAllTripletLoss, "htl": HTLLoss}
+if tuple(LOSSES) != get_args(Loss):
+    raise ImportError(f"training.losses.LOSSES {tuple(LOSSES)} differs from training.config.Loss {get_args(Loss)}")
 
 
 def build_loss(name: str, *, lam: float, temperature: float, hard_threshold: float | None,

@@ -3,17 +3,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from training.config import Arch
+
 ARCHS = {
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 512),
     "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1, 512),
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1, 2048),
 }
+if tuple(ARCHS) != get_args(Arch):
+    raise ImportError(f"training.model.ARCHS {tuple(ARCHS)} differs from training.config.Arch {get_args(Arch)}")
 _TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 

@@ -7,6 +7,7 @@ import gc
 import ipaddress
 import sys
 
+from retrieval.cli_options import add_workers
 from retrieval.gallery import GalleryMismatchError
 from flask import Flask
 
@@ -50,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-upload-mb", type=float, default=16, metavar="MB", help="largest accepted upload in MiB (default: %(default)s)"
     )
-    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (default: %(default)s)")
+    add_workers(parser, default=1, help="gunicorn worker processes (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2,
                         help="searches each worker decodes and embeds at once, in as many threads; each may hold "
                              "one decoded upload of up to 40 megapixels (default: %(default)s)")

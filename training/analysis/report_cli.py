@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from retrieval.cli_options import add_device
+
 REPORT_EPILOG = """\
 Examples:
   sct report runs/fmnist --out reports/fmnist
@@ -33,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="dataset folder for the model diagram, if it moved since training")
     parser.add_argument("--max-images", type=int, default=2000, metavar="N",
                         help="images per split for the model diagram (default 2000)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device(parser, default="auto")
     parser.add_argument("--title", default="SCT Retrieval: run report", help="heading of report.html")
     parser.set_defaults(func=run_report)
 
