@@ -31,7 +31,7 @@ Examples:
       # tune on 20% of the training classes held out, never on the test classes
   sct train --dataset cars --data-root data/cars196 --loss htl --htl-neighbours 4 --out runs/cars-htl
       # Hierarchical Triplet Loss: 16 groups of 4 neighbouring classes × 2 images per batch of 128
-  torchrun --nproc-per-node 4 -m sct train --dataset sop --data-root data/Stanford_Online_Products \
+  torchrun --nproc-per-node 4 -m sct train --dataset sop --data-root data/Stanford_Online_Products \\
       --gather-embeddings --sync-bn --out runs/sop-4gpu
       # 4 GPUs, one process each: --batch-size is the global batch, split into whole classes;
       # negatives mined from all 4 shares (docs/DISTRIBUTED.md)
