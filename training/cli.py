@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 import catalog
-from retrieval.cli import non_negative_int, positive_int
+from core.argtypes import non_negative_int, positive_int
+from core.errors import UserError
 
 TRAIN_EPILOG = """\
 Examples:
@@ -225,9 +226,12 @@ def run_train(args: argparse.Namespace) -> int:
     from training.config import describe_provenance, resolve_config
     from training.trainer import train
 
-    config = resolve_config(args.dataset, args.data_root, args.out, config_file=args.config,
-                            overrides={name: getattr(args, name) for name in OVERRIDES},
-                            cuda_available=torch.cuda.is_available())
+    try:
+        config = resolve_config(args.dataset, args.data_root, args.out, config_file=args.config,
+                                overrides={name: getattr(args, name) for name in OVERRIDES},
+                                cuda_available=torch.cuda.is_available())
+    except (ValueError, FileNotFoundError) as error:  # a bad setting (flag or --config file), a missing --config
+        raise UserError(str(error)) from error
     if distributed.is_main():
         print("settings (and the layer that set them; all in OUT/config.yaml):\n" + describe_provenance(config))
     run_dir = train(config, resume=args.resume, progress=not args.no_progress)

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 import catalog
-from training.workers import MAX_CPU_TRAINING_WORKERS, MAX_DEFAULT_WORKERS, default_workers
+from core.cpus import MAX_CPU_TRAINING_WORKERS, MAX_DEFAULT_WORKERS, default_workers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from core.errors import UserError
+
 ARCHS = {
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 512),
     "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1, 512),
@@ -17,7 +19,7 @@ ARCHS = {
 _TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
-class PretrainedWeightsMissing(FileNotFoundError):
+class PretrainedWeightsMissing(UserError, FileNotFoundError):
     """ImageNet weights were asked for but are not on this machine."""
 
 

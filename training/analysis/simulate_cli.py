@@ -65,7 +65,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Atomic JSON write (temp file in the same folder, then rename); no NaN in the output."""
-    from retrieval.atomic import atomic_write_text
+    from core.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(payload, allow_nan=False) + "\n")
     return path
