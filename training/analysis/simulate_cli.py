@@ -55,7 +55,7 @@ def _unique(values: list[Any]) -> list[Any]:
 
 def _check(args: argparse.Namespace) -> None:
     """Validate every combination before anything is written; errors name the flag."""
-    from core.errors import UserError
+    from core.errors import UserValueError
     from training.analysis.gradient_field import check_parameters
 
     for loss in args.loss:
@@ -64,7 +64,7 @@ def _check(args: argparse.Namespace) -> None:
                 check_parameters(loss=loss, entanglement=entanglement, lr=args.lr, temperature=args.temperature,
                                  lam=args.lam, projection=args.projection, grid=args.grid, prefix="--")
             except ValueError as error:  # check_parameters' refusals, each naming the flag
-                raise UserError(str(error)) from error
+                raise UserValueError(str(error)) from error
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> Path:
