@@ -55,7 +55,8 @@ from benchmarks.fixtures.tiny_onnx import make_tiny_model
 from benchmarks.recording import append_row, machine, now_utc, this_command
 from retrieval.gallery import Gallery, GalleryItem
 from retrieval.index_files import row_chunks
-from retrieval.shards import ShardSpec, merge_shards, read_shard, shard_folders, write_shard
+from core.shards import ShardSpec
+from retrieval.shards import merge_shards, read_shard, shard_folders, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gallery_scale.md"

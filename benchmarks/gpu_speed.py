@@ -44,7 +44,7 @@ from PIL import Image
 
 from benchmarks.recording import append_row, machine, now_utc, this_command
 from catalog import ImageRecord, decode_rgb
-from retrieval.embedder import usable_cpus
+from core.cpus import usable_cpus
 from retrieval.metrics import evaluate, knn_exclude_self
 from training.config import resolve_config
 from training.data import RecordImages, class_index_of, embed_records_kept

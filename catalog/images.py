@@ -15,6 +15,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from core.errors import UserError
+
 #: Background that transparent pixels are composited on.
 _WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -31,7 +33,7 @@ _TRANSPOSE_FOR_ORIENTATION = {
 }
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(UserError):
     """An image could not be loaded; ``path`` says which, ``reason`` says why."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:

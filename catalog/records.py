@@ -6,6 +6,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from core.errors import UserError, UserValueError
+
 #: Splits in the order they are reported; readers may only use these.
 SPLITS = ("train", "test", "query", "gallery")
 
@@ -23,7 +25,7 @@ class ImageRecord:
     group: str | None = None
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset cannot be read: missing root or files, bad layout, bad split file."""
 
 
@@ -37,7 +39,7 @@ def select_split(records: Iterable[ImageRecord], split: str) -> list[ImageRecord
     selected = [record for record in records if record.split == split]
     if not selected:
         present = ", ".join(_ordered_splits({record.split for record in records})) or "none"
-        raise ValueError(f"no images in split {split!r}; splits present: {present}")
+        raise UserValueError(f"no images in split {split!r}; splits present: {present}")
     return selected
 
 

@@ -21,6 +21,7 @@ from catalog.hotels50k import read_hotels50k
 from catalog.inshop import read_inshop
 from catalog.records import ImageRecord
 from catalog.sop import read_sop
+from core.errors import UserValueError
 
 #: The Ks of the metric-learning papers' Recall@K tables (CUB, Cars, SOP), and of any dataset without its own.
 DEFAULT_KS = (1, 2, 4, 8)
@@ -172,7 +173,7 @@ def spec(name: str) -> DatasetSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}") from None
+        raise UserValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}") from None
 
 
 def spec_or_folder(name: str) -> DatasetSpec:

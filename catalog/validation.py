@@ -14,6 +14,7 @@ import random
 from collections import defaultdict
 
 from catalog.records import ImageRecord
+from core.errors import UserValueError
 
 VALIDATION_SPLIT = "val"
 EVALUATED_SPLITS = ("test", "query", "gallery")
@@ -29,9 +30,9 @@ def carve_validation(records: list[ImageRecord], fraction: float, *, by: str = "
     validation images, so both sides can form positive pairs.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation fraction must be between 0 and 1 (exclusive), got {fraction}")
+        raise UserValueError(f"validation fraction must be between 0 and 1 (exclusive), got {fraction}")
     if by not in ("auto", "classes", "images"):
-        raise ValueError(f"validation by must be auto, classes or images, not {by!r}")
+        raise UserValueError(f"validation by must be auto, classes or images, not {by!r}")
     by_class: dict[str, list[int]] = defaultdict(list)
     for position, record in enumerate(records):
         if record.split == "train":
@@ -42,16 +43,16 @@ def carve_validation(records: list[ImageRecord], fraction: float, *, by: str = "
     rng = random.Random(f"validation-{seed}")
     held_out = _by_classes(by_class, fraction, rng) if by == "classes" else _by_images(by_class, fraction, rng)
     if not held_out:
-        raise ValueError(f"a validation fraction of {fraction} by {by} holds out nothing: "
-                         f"the training split has {len(by_class)} classes")
+        raise UserValueError(f"a validation fraction of {fraction} by {by} holds out nothing: "
+                             f"the training split has {len(by_class)} classes")
     return [dataclasses.replace(r, split=VALIDATION_SPLIT) if i in held_out else r for i, r in enumerate(records)]
 
 
 def _by_classes(by_class: dict[str, list[int]], fraction: float, rng: random.Random) -> set[int]:
     eligible = sorted(label for label, members in by_class.items() if len(members) >= 2)
     if len(eligible) < 2:
-        raise ValueError(f"cannot hold out classes for validation: only {len(eligible)} training class(es) "
-                         "with two or more images")
+        raise UserValueError(f"cannot hold out classes for validation: only {len(eligible)} training class(es) "
+                             "with two or more images")
     count = min(max(1, round(fraction * len(eligible))), len(eligible) - 1)
     chosen = rng.sample(eligible, count)
     return {i for label in chosen for i in by_class[label]}

@@ -112,7 +112,8 @@ def initial_state(args: argparse.Namespace) -> dict[str, float]:
 
     import catalog
     from retrieval.metrics import evaluate
-    from training.analysis.model_diagram import chance_recall_at_1, mean_pairwise_similarity, sample_by_class
+    from training.analysis.model_diagram import chance_recall_at_1, sample_by_class
+    from retrieval.metrics import mean_pairwise_similarity
     from training.config import resolve_config
     from training.data import embed_records
     from training.model import build_model

@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import catalog
+from core.argtypes import positive_int
+from core.errors import UserError, UserValueError, as_user_error
 from retrieval.cli_options import add_image_source, add_workers
 from retrieval.columns import format_columns
 from retrieval.embedder import OnnxEmbedder, Providers, default_providers
 from retrieval.evaluation import evaluate_gallery, format_table, save_eval
 from retrieval.gallery import (EVAL_FILE, INDEX_TYPES, STORAGES, Gallery, GalleryItem, build_gallery,
                                check_index_options, read_manifest)
-from retrieval.image_folder import list_image_folder
-from retrieval.image_roots import check_indexable
-from retrieval.shards import ShardSpec, list_sha256, merge_shards, write_shard
-
-#: ``dataset`` in the manifest of a gallery built with --images
-IMAGE_FOLDER = "image-folder"
+from core.shards import ShardSpec
+from retrieval.shards import list_sha256, merge_shards, write_shard
+from retrieval.sources import IMAGE_FOLDER, index_sources, report_unreadable
 
 #: INDEX_EPILOG's line on the default split, from catalog.registry: test, then each dataset whose gallery differs
 _GALLERY_SPLITS_LINE = "The default split is the dataset's gallery: test" + "".join(
@@ -132,60 +128,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.set_defaults(func=search_command)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1."""
-    return _int_at_least(text, 1, "a positive integer")
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer ≥ 0."""
-    return _int_at_least(text, 0, "an integer >= 0")
-
-
-def _int_at_least(text: str, low: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-    return value
-
-
-def reporting_user_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn the errors a user can cause (bad paths, mismatched files, bad data) into `error: ...` and status 2."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except (OSError, ValueError, catalog.DatasetError, catalog.ImageLoadError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 _EMBEDDING_OPTIONS = ("model", "data_root", "split", "shard", "workers", "batch_size")
 _GALLERY_OPTIONS = ("index_type", "storage", "nlist", "nprobe")
 
 
-@reporting_user_errors
 def index_command(args: argparse.Namespace) -> int:
     """Embed the images and write the gallery folder (or one shard of it), or merge shards into a gallery."""
+    # Reading and writing files the user named: a missing or unreadable file, a full disk. The library's own
+    # refusals (bad option values, mismatched shards, unreadable datasets) are UserErrors already.
+    with as_user_error(OSError):
+        return _index(args)
+
+
+def _index(args: argparse.Namespace) -> int:
     gallery_options = {"index_type": args.index_type or "flat", "storage": args.storage or "memory",
                        "nlist": args.nlist, "nprobe": args.nprobe}
     check_index_options(**gallery_options)
     if args.merge:
         _refuse_options(args, _EMBEDDING_OPTIONS, "--merge takes the model and images from the shards")
-        with _build_stages_on_stderr():
-            return _print_summary(merge_shards(args.merge, args.out, **gallery_options))
+        # The stages of an on-disk IVF build (minutes for millions of vectors) are logged at INFO, which
+        # sct.cli.main shows on stderr.
+        return _print_summary(merge_shards(args.merge, args.out, **gallery_options))
     if not args.model:
-        raise ValueError("--model is required (except with --merge)")
+        raise UserValueError("--model is required (except with --merge)")
     if args.shard:
         _refuse_options(args, _GALLERY_OPTIONS, "a shard holds vectors only; choose the index when merging")
     shard = ShardSpec.parse(args.shard) if args.shard else None
-    sources, dataset, split, root = index_sources(args)
+    sources, dataset, split, root = index_sources(dataset=args.dataset, data_root=args.data_root,
+                                                  split=args.split, images=args.images)
     start, stop = shard.bounds(len(sources)) if shard else (0, len(sources))
     embedder = OnnxEmbedder(args.model, providers=_rank_providers() if args.shard == "env" else None)
     what = f"{len(sources):,} images of {dataset} {split}".rstrip()
@@ -202,58 +172,21 @@ def index_command(args: argparse.Namespace) -> int:
               f"sct index --merge {args.out} --out GALLERY")
         return 0
     if not items:
-        raise ValueError("none of the images could be read; nothing to index")
-    with _build_stages_on_stderr():
-        out = build_gallery(args.out, result.embeddings, items, args.model, dataset=dataset, split=split,
-                            image_roots=[root], **gallery_options)
+        raise UserError("none of the images could be read; nothing to index")
+    out = build_gallery(args.out, result.embeddings, items, args.model, dataset=dataset, split=split,
+                        image_roots=[root], **gallery_options)
     return _print_summary(out)
-
-
-def index_sources(args: argparse.Namespace) -> tuple[list[tuple[str, str, str | None]], str, str, str]:
-    """(path, label, chain) of every image to index, in order; the dataset name; the split; the resolved root
-    folder (--data-root or --images) that every image was checked to lie in (retrieval.image_roots)."""
-    if args.dataset:
-        if not args.data_root:
-            raise ValueError("--dataset needs --data-root")
-        split = args.split or catalog.spec(args.dataset).index_split
-        records = catalog.read_dataset(args.dataset, args.data_root)
-        print(catalog.summarize(records), file=sys.stderr)
-        sources = [(r.path, r.label, r.chain) for r in catalog.select_split(records, split)]
-        dataset, root = args.dataset, os.path.realpath(args.data_root)
-    else:
-        if args.data_root or args.split:
-            raise ValueError("--data-root and --split go with --dataset, not --images")
-        sources = [(path, label, None) for path, label in list_image_folder(args.images)]
-        dataset, split, root = IMAGE_FOLDER, "", os.path.realpath(args.images)
-    check_indexable([path for path, _, _ in sources], root)
-    return sources, dataset, split, root
 
 
 def _refuse_options(args: argparse.Namespace, names: Sequence[str], reason: str) -> None:
     given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
     if given:
-        raise ValueError(f"{reason}: drop {', '.join(given)}")
+        raise UserValueError(f"{reason}: drop {', '.join(given)}")
 
 
 def _rank_providers() -> Providers | None:
     """Under torchrun each process of a machine embeds on its own GPU: GPU LOCAL_RANK."""
     return default_providers(int(os.environ["LOCAL_RANK"])) if "LOCAL_RANK" in os.environ else None
-
-
-@contextmanager
-def _build_stages_on_stderr() -> Iterator[None]:
-    """Show the stages of an on-disk IVF build (minutes for millions of vectors) on stderr."""
-    logger = logging.getLogger("retrieval.index_files")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def _print_summary(out: os.PathLike[str]) -> int:
@@ -268,21 +201,25 @@ def _print_summary(out: os.PathLike[str]) -> int:
     return 0
 
 
-@reporting_user_errors
 def eval_command(args: argparse.Namespace) -> int:
     """Evaluate the gallery, print the table, write eval.json (and --json)."""
+    with as_user_error(OSError):
+        return _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
     gallery = Gallery.load(args.index)
     dataset = gallery.manifest.get("dataset", "")
     queries: Sequence[tuple[str, str, str | None]] | str | None = args.queries_images
     if args.queries_split:
         if not args.data_root:
-            raise ValueError("--queries-split needs --data-root")
+            raise UserValueError("--queries-split needs --data-root")
         if dataset == IMAGE_FOLDER:
-            raise ValueError(f"gallery {gallery.name} was built from an image folder; use --queries-images")
+            raise UserValueError(f"gallery {gallery.name} was built from an image folder; use --queries-images")
         records = catalog.select_split(catalog.read_dataset(dataset, args.data_root), args.queries_split)
         queries = [(r.path, r.label, r.chain) for r in records]
     elif args.data_root:
-        raise ValueError("--data-root goes with --queries-split")
+        raise UserValueError("--data-root goes with --queries-split")
     ks = args.k or catalog.recall_ks(dataset)
     results = evaluate_gallery(gallery, ks, queries, batch_size=args.batch_size)
     report_unreadable([(failure["path"], failure["reason"]) for failure in results["unreadable_queries"]])
@@ -292,9 +229,13 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@reporting_user_errors
 def search_command(args: argparse.Namespace) -> int:
     """Print the top K of each query image; 2 if any query image could not be read."""
+    with as_user_error(OSError):
+        return _search(args)
+
+
+def _search(args: argparse.Namespace) -> int:
     gallery = Gallery.load(args.index)
     unreadable = 0
     for path in args.images:
@@ -313,10 +254,3 @@ def search_command(args: argparse.Namespace) -> int:
         print(format_columns(("rank", "score", "label", "id", "path"), rows, (True, True, False, True, False)))
         print()
     return 2 if unreadable else 0
-
-
-def report_unreadable(failures: Sequence[tuple[str, str]]) -> None:
-    for path, reason in failures:
-        print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
-    if failures:
-        print(f"skipped {len(failures):,} unreadable image(s)", file=sys.stderr)

@@ -10,6 +10,7 @@ import argparse
 from typing import Any, Literal, get_args
 
 import catalog
+from core.argtypes import non_negative_int
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -47,6 +48,5 @@ def add_precision(parser: argparse.ArgumentParser, *, default: str | None = None
 def add_workers(parser: argparse.ArgumentParser, *, help: str, default: int | None = None) -> None:
     """``--workers N``: a count of processes, a whole number at least 0 for every command (a command that
     needs at least 1 says so when it runs)."""
-    from retrieval.cli import non_negative_int  # not at the top: retrieval.cli imports this module
 
     parser.add_argument("--workers", type=non_negative_int, default=default, metavar="N", help=help)

@@ -18,7 +18,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import catalog
-from retrieval.cpus import usable_cpus
+from core.errors import UserFileNotFoundError, UserValueError
+from core.cpus import usable_cpus
 from retrieval.preprocessing import Preprocessing, preprocess, preprocess_batch
 
 INPUT_NAME = "image"
@@ -68,7 +69,7 @@ class OnnxEmbedder:
     ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {self.model_path}")
+            raise UserFileNotFoundError(f"ONNX model not found: {self.model_path}")
         self.providers = list(providers or default_providers())
         self.threads = threads or usable_cpus()
         options = onnxruntime.SessionOptions()
@@ -76,14 +77,14 @@ class OnnxEmbedder:
         try:
             self.session = onnxruntime.InferenceSession(str(self.model_path), options, providers=self.providers)
         except Exception as exc:  # onnxruntime's errors derive from Exception only
-            raise ValueError(f"cannot load ONNX model {self.model_path}: {exc}") from exc
+            raise UserValueError(f"cannot load ONNX model {self.model_path}: {exc}") from exc
         self._check_signature()
         metadata = self.session.get_modelmeta().custom_metadata_map
         try:
             self.preprocessing = Preprocessing.from_metadata(metadata)
             self.dim = self._embedding_dim(metadata)
         except ValueError as exc:
-            raise ValueError(f"{self.model_path}: {exc}") from None
+            raise UserValueError(f"{self.model_path}: {exc}") from None
 
     @cached_property
     def sha256(self) -> str:
@@ -194,7 +195,7 @@ class OnnxEmbedder:
         outputs = {o.name for o in self.session.get_outputs()}
         missing = {EMBEDDING_OUTPUT, FEATURE_MAP_OUTPUT} - outputs
         if inputs != [INPUT_NAME] or missing:
-            raise ValueError(
+            raise UserValueError(
                 f"{self.model_path} does not follow the model contract: expected input {INPUT_NAME!r} and outputs "
                 f"{EMBEDDING_OUTPUT!r}, {FEATURE_MAP_OUTPUT!r}; it has inputs {inputs} and outputs {sorted(outputs)}"
             )
@@ -202,16 +203,16 @@ class OnnxEmbedder:
     def _embedding_dim(self, metadata: dict[str, str]) -> int:
         """``embedding_dim`` from the metadata, cross-checked with the output shape when that is static."""
         if "embedding_dim" not in metadata:
-            raise ValueError("model metadata lacks embedding_dim")
+            raise UserValueError("model metadata lacks embedding_dim")
         try:
             dim = int(metadata["embedding_dim"])
         except ValueError:
             text = metadata["embedding_dim"]
-            raise ValueError(f"model metadata embedding_dim must be an integer, got {text!r}") from None
+            raise UserValueError(f"model metadata embedding_dim must be an integer, got {text!r}") from None
         output = next(o for o in self.session.get_outputs() if o.name == EMBEDDING_OUTPUT)
         graph_dim = output.shape[-1] if output.shape else None
         if isinstance(graph_dim, int) and graph_dim != dim:
-            raise ValueError(f"metadata embedding_dim {dim} disagrees with the embedding output's size {graph_dim}")
+            raise UserValueError(f"metadata embedding_dim {dim} disagrees with the embedding output's size {graph_dim}")
         return dim
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from catalog.registry import CHAIN_LABELS
-from retrieval.atomic import atomic_write_text
+from core.errors import UserValueError
+from core.atomic import atomic_write_text
 from retrieval.columns import format_columns
 from retrieval.embedder import OnnxEmbedder
 from retrieval.gallery import Gallery, GalleryMismatchError
@@ -68,7 +69,7 @@ def evaluate_gallery(
         result = embedder.embed_paths([query[0] for query in queries], batch_size=batch_size, progress=progress)
         unreadable = [{"path": path, "reason": reason} for path, reason in result.failures]
         if not len(result.kept_indices):
-            raise ValueError(f"none of the {len(queries)} query images could be read")
+            raise UserValueError(f"none of the {len(queries)} query images could be read")
         kept = [queries[i] for i in result.kept_indices]
         query_chains = [query[2] if len(query) > 2 else None for query in kept]
         chains = None

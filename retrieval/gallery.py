@@ -24,8 +24,9 @@ import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
+from core.errors import UserFileNotFoundError, UserValueError
 from retrieval import probe
-from retrieval.atomic import atomic_directory, atomic_file
+from core.atomic import atomic_directory, atomic_file
 from retrieval.embedder import OnnxEmbedder, file_sha256
 from retrieval.image_roots import folder_of
 from retrieval.index_files import (IVFDATA_FILE, build_ondisk_ivf, gather_rows, log_stage, ondisk_lists,
@@ -174,10 +175,10 @@ class Gallery:
         """Load and cross-check manifest, index, items and model; raise GalleryMismatchError on disagreement."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise FileNotFoundError(f"gallery folder not found: {directory}")
+            raise UserFileNotFoundError(f"gallery folder not found: {directory}")
         for file in (MANIFEST_FILE, INDEX_FILE, ITEMS_FILE, MODEL_FILE):
             if not (directory / file).is_file():
-                raise FileNotFoundError(f"gallery {directory} lacks {file}")
+                raise UserFileNotFoundError(f"gallery {directory} lacks {file}")
         manifest = read_manifest(directory)
         items = read_items(directory / ITEMS_FILE)
         index = _read_index(directory, manifest)
@@ -265,7 +266,7 @@ def _read_index(directory: Path, manifest: dict[str, Any]) -> faiss.Index:
             raise GalleryMismatchError(f"{MANIFEST_FILE} ivfdata_file must name a file of the gallery folder, "
                                        f"got {name!r}")
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"gallery {directory} lacks {name} (the inverted lists of its on-disk index)")
+            raise UserFileNotFoundError(f"gallery {directory} lacks {name} (the inverted lists of its on-disk index)")
     try:
         index = read_ondisk_index(path, name) if ondisk else faiss.read_index(str(path))
     except RuntimeError as exc:  # FAISS reports unreadable files this way
@@ -347,13 +348,13 @@ def check_index_options(
 ) -> None:
     """Reject an unknown index type or storage, or IVF options given for another type, before any work is done."""
     if index_type not in INDEX_TYPES:
-        raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+        raise UserValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     if index_type not in _IVF_TYPES and (nlist is not None or nprobe is not None):
-        raise ValueError(f"nlist and nprobe apply to the ivf index types, not {index_type!r}")
+        raise UserValueError(f"nlist and nprobe apply to the ivf index types, not {index_type!r}")
     if storage not in STORAGES:
-        raise ValueError(f"unknown storage {storage!r}; choose one of {', '.join(STORAGES)}")
+        raise UserValueError(f"unknown storage {storage!r}; choose one of {', '.join(STORAGES)}")
     if storage == "ondisk" and index_type not in _IVF_TYPES:
-        raise ValueError(f"storage ondisk needs an ivf index type ({', '.join(_IVF_TYPES)}), not {index_type!r}")
+        raise UserValueError(f"storage ondisk needs an ivf index type ({', '.join(_IVF_TYPES)}), not {index_type!r}")
 
 
 def _plan_index(
@@ -368,9 +369,9 @@ def _plan_index(
     nlist = _default_nlist(count) if nlist is None else nlist
     nprobe = max(1, nlist // 8) if nprobe is None else nprobe
     if not 1 <= nlist <= count:
-        raise ValueError(f"nlist must be between 1 and the item count {count}, got {nlist}")
+        raise UserValueError(f"nlist must be between 1 and the item count {count}, got {nlist}")
     if not 1 <= nprobe <= nlist:
-        raise ValueError(f"nprobe must be between 1 and nlist {nlist}, got {nprobe}")
+        raise UserValueError(f"nprobe must be between 1 and nlist {nlist}, got {nprobe}")
     factory = f"IVF{nlist},Flat" if index_type == "ivf-flat" else f"IVF{nlist},PQ{_pq_parts(dim)}x{_pq_bits(count)}"
     return factory, nlist, nprobe
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from catalog.folder import IMAGE_EXTENSIONS
+from core.errors import UserValueError
 
 _MAX_LISTED = 5
 
@@ -35,7 +36,7 @@ def check_indexable(paths: Sequence[str], root: str | os.PathLike[str]) -> None:
             refused.append(f"{path} (resolves to {resolved}, outside {root})")
     if refused:
         listed = "; ".join(refused[:_MAX_LISTED]) + ("; ..." if len(refused) > _MAX_LISTED else "")
-        raise ValueError(
+        raise UserValueError(
             f"refusing to index {len(refused):,} of {len(paths):,} listed file(s): only image files "
             f"({', '.join(sorted(IMAGE_EXTENSIONS))}) inside the data root {root} are indexed, symlinks followed "
             f"(give the folder that really holds the images as the root): {listed}"

@@ -10,7 +10,7 @@ instead of loading them.
 
 ``index.faiss`` stores the lists' file name without a folder, and
 ``read_ondisk_index`` looks for it next to ``index.faiss``, so the gallery
-folder can be renamed into place (retrieval.atomic) or moved.
+folder can be renamed into place (core.atomic) or moved.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
+
+from core.errors import UserValueError
 
 IVFDATA_FILE = "index.ivfdata"
 #: Vectors added to one part index: a build holds about one part's vectors and lists in memory.
@@ -140,13 +142,13 @@ def read_ondisk_index(index_path: Path, ivfdata_name: str) -> faiss.Index:
     index = faiss.read_index(str(index_path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
     lists = ondisk_lists(index)
     if lists is None:
-        raise ValueError(f"{index_path.name} does not keep its inverted lists on disk")
+        raise UserValueError(f"{index_path.name} does not keep its inverted lists on disk")
     if Path(lists.filename).name != ivfdata_name:
-        raise ValueError(f"{index_path.name} keeps its inverted lists in {lists.filename}, not {ivfdata_name}")
+        raise UserValueError(f"{index_path.name} keeps its inverted lists in {lists.filename}, not {ivfdata_name}")
     path = index_path.parent / ivfdata_name
     size = path.stat().st_size
     if size != lists.totsize:
-        raise ValueError(f"{ivfdata_name} is {size:,} bytes, {index_path.name} expects {lists.totsize:,}")
+        raise UserValueError(f"{ivfdata_name} is {size:,} bytes, {index_path.name} expects {lists.totsize:,}")
     lists.filename = str(path)
     lists.read_only = True
     lists.do_mmap()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import UserError
+
 ITEMS_FILE = "items.csv"
 
 
@@ -31,7 +33,7 @@ class GalleryItem:
     chain: str | None = None
 
 
-class GalleryMismatchError(ValueError):
+class GalleryMismatchError(UserError, ValueError):
     """The files of a gallery folder disagree with each other."""
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 DEFAULT_CHUNK_SIZE = 8192
@@ -45,6 +44,8 @@ def knn_exclude_self(
     in-memory array and holds more than ``block_bytes`` (default
     ``GALLERY_BLOCK_BYTES``) is read a block at a time, once per chunk of queries.
     """
+    import faiss  # here: training imports these metrics without FAISS
+
     gallery = _rows(gallery)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     searched = search_depth(gallery, queries, depth, query_ids, chunk_size)
@@ -83,6 +84,8 @@ def _rows(vectors):
 
 def _knn_by_blocks(queries: np.ndarray, gallery, searched: int, rows_per_block: int) -> tuple[np.ndarray, np.ndarray]:
     """faiss.knn against each block of ``gallery`` in turn, the top ``searched`` merged (faiss.ResultHeap)."""
+    import faiss  # here: training imports these metrics without FAISS
+
     heap = faiss.ResultHeap(len(queries), searched, keep_max=True)
     for offset in range(0, len(gallery), rows_per_block):
         block = np.ascontiguousarray(gallery[offset:offset + rows_per_block], dtype=np.float32)
@@ -236,3 +239,13 @@ def _average_precision_at_r(hits: np.ndarray, relevant: np.ndarray) -> np.ndarra
     correct_within_r = hits & (ranks <= relevant[:, None])
     precision = np.cumsum(correct_within_r, axis=1) / ranks
     return (precision * correct_within_r).sum(axis=1) / relevant
+
+
+def mean_pairwise_similarity(embeddings: np.ndarray) -> float:
+    """Mean cosine over ordered pairs of distinct unit vectors, from the norm of their sum."""
+    count = len(embeddings)
+    if count < 2:
+        return float("nan")
+    total = embeddings.astype(np.float64).sum(axis=0)
+    squared_norms = (embeddings.astype(np.float64) ** 2).sum()
+    return float((total @ total - squared_norms) / (count * (count - 1)))

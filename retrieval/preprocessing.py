@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from core.errors import UserValueError
+
 RESIZE_RULE = "resize_shorter_bilinear_then_center_crop"
 _METADATA_KEYS = ("image_size", "resize_size", "mean", "std", "resize_rule")
 #: Images are decoded down to no less than this many times the resize target (catalog.decode_rgb's ``min_side``),
@@ -66,10 +68,10 @@ class Preprocessing:
         """Parse the entries written by ``to_metadata``; other keys are ignored."""
         missing = [key for key in _METADATA_KEYS if key not in meta]
         if missing:
-            raise ValueError(f"model metadata lacks preprocessing key(s): {', '.join(missing)}")
+            raise UserValueError(f"model metadata lacks preprocessing key(s): {', '.join(missing)}")
         if meta["resize_rule"] != RESIZE_RULE:
             rule = meta["resize_rule"]
-            raise ValueError(f"model metadata resize_rule is {rule!r}; only {RESIZE_RULE!r} is supported")
+            raise UserValueError(f"model metadata resize_rule is {rule!r}; only {RESIZE_RULE!r} is supported")
         return cls(
             image_size=_parse_int(meta, "image_size"),
             resize_size=_parse_int(meta, "resize_size"),
@@ -82,7 +84,7 @@ def _parse_int(meta: Mapping[str, str], key: str) -> int:
     try:
         return int(meta[key])
     except ValueError:
-        raise ValueError(f"model metadata {key} must be an integer, got {meta[key]!r}") from None
+        raise UserValueError(f"model metadata {key} must be an integer, got {meta[key]!r}") from None
 
 
 def _parse_triple(meta: Mapping[str, str], key: str) -> tuple[float, float, float]:
@@ -92,7 +94,7 @@ def _parse_triple(meta: Mapping[str, str], key: str) -> tuple[float, float, floa
             raise ValueError
         return (float(values[0]), float(values[1]), float(values[2]))
     except (ValueError, TypeError):
-        raise ValueError(f"model metadata {key} must be a JSON list of 3 numbers, got {meta[key]!r}") from None
+        raise UserValueError(f"model metadata {key} must be a JSON list of 3 numbers, got {meta[key]!r}") from None
 
 
 def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:

@@ -7,7 +7,7 @@ Because the slices are contiguous and merged in shard order, the merged
 gallery is the one a single ``sct index`` of the same images writes: same
 items.csv, same vectors, same search results.
 
-A shard folder (``shard-IIIII-of-NNNNN``)::
+A shard folder (``shard-IIIII-of-NNNNN``; ``core.shards.ShardSpec`` names the slice)::
 
     shard.json       format_version, shard, shards, images {start, stop, total, list_sha256},
                      count, unreadable, model_sha256, embedding_dim, dataset, split, created,
@@ -24,7 +24,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.atomic import atomic_directory
+from core.atomic import atomic_directory
+from core.errors import UserError, UserFileNotFoundError, UserValueError
+from core.shards import ShardSpec
 from retrieval.embedder import file_sha256
 from retrieval.gallery import (FORMAT_VERSION, ITEMS_FILE, MODEL_FILE, GalleryItem, build_gallery, read_items,
                                write_items)
@@ -42,42 +44,8 @@ EMBEDDINGS_FILE = "embeddings.npy"
 _SHARD_NAME = re.compile(r"shard-\d+-of-\d+")
 
 
-class ShardMismatchError(ValueError):
+class ShardMismatchError(UserError, ValueError):
     """Shard folders that cannot be merged into one gallery."""
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Slice ``index`` of ``count`` contiguous slices of an image list."""
-
-    index: int
-    count: int
-
-    @classmethod
-    def parse(cls, text: str, environ: Mapping[str, str] = os.environ) -> ShardSpec:
-        """``"I/N"`` (0 ≤ I < N), or ``"env"``: I and N from RANK and WORLD_SIZE, as torchrun sets them."""
-        if text == "env":
-            missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
-            if missing:
-                verb = "is" if len(missing) == 1 else "are"
-                raise ValueError(f"--shard env reads RANK and WORLD_SIZE (set by torchrun), but "
-                                 f"{' and '.join(missing)} {verb} not set")
-            text = f"{environ['RANK']}/{environ['WORLD_SIZE']}"
-        match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-        if not match or not int(match[1]) < int(match[2]):
-            raise ValueError(f"a shard is I/N with 0 <= I < N (or 'env'), got {text!r}")
-        return cls(int(match[1]), int(match[2]))
-
-    def bounds(self, total: int) -> tuple[int, int]:
-        """[start, stop) of this slice of ``total`` images: slice sizes differ by at most one."""
-        return self.index * total // self.count, (self.index + 1) * total // self.count
-
-    @property
-    def folder_name(self) -> str:
-        return f"shard-{self.index:05d}-of-{self.count:05d}"
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
 
 
 def list_sha256(sources: Sequence[tuple[str, str, str | None]]) -> str:
@@ -163,11 +131,11 @@ def read_shard(directory: str | os.PathLike[str]) -> Shard:
     """The shard in ``directory``, its files checked against shard.json."""
     directory = Path(directory)
     if not (directory / SHARD_FILE).is_file():
-        raise FileNotFoundError(f"{directory} is not an index shard (no {SHARD_FILE}); shards are written by "
-                                f"`sct index --shard I/N`")
+        raise UserFileNotFoundError(f"{directory} is not an index shard (no {SHARD_FILE}); shards are written by "
+                                    f"`sct index --shard I/N`")
     for file in (EMBEDDINGS_FILE, ITEMS_FILE, MODEL_FILE):
         if not (directory / file).is_file():
-            raise FileNotFoundError(f"shard {directory} lacks {file}")
+            raise UserFileNotFoundError(f"shard {directory} lacks {file}")
     try:
         meta = json.loads((directory / SHARD_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -252,10 +220,10 @@ def merge_shards(
     folders = shard_folders(shard_dirs)
     out = Path(out_dir).resolve()
     if any(out == folder.resolve() or out in folder.resolve().parents for folder in folders):
-        raise ValueError(f"the gallery folder {out_dir} would replace the shards being merged; choose another --out")
+        raise UserValueError(f"the gallery folder {out_dir} would replace the shards being merged; choose another --out")
     shards = check_shards([read_shard(folder) for folder in folders])
     if not sum(shard.meta["count"] for shard in shards):
-        raise ValueError("the shards hold no readable image; nothing to index")
+        raise UserValueError("the shards hold no readable image; nothing to index")
     items: list[GalleryItem] = []
     for shard in shards:
         offset = len(items)

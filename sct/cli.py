@@ -6,9 +6,11 @@ when they run.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
+from core.errors import UserError
 from sct import __version__
 
 EPILOG = """\
@@ -62,12 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. A ``UserError`` is reported as ``error: <message>`` on stderr with
+    status 2; any other exception is a bug and propagates with its traceback."""
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, LookupError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def configure_logging() -> None:
+    """Log records of INFO and above go to stderr as their bare message, as the commands' own notes do.
+
+    Only the first call configures anything (``logging.basicConfig``), so an application embedding ``main``
+    keeps its own handlers.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

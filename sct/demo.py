@@ -78,7 +78,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def _summary(args: argparse.Namespace, timings: dict[str, float]) -> None:
     """Print the learned and raw-pixel Recall@1 and the times; also saved as RUN/demo.json."""
     from catalog.fashion_mnist import load_arrays
-    from retrieval.atomic import atomic_write_text
+    from core.atomic import atomic_write_text
     from retrieval.baselines import raw_pixel_embeddings
     from retrieval.metrics import evaluate
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from sct.cli import main
-from training.analysis.model_diagram import (chance_recall_at_1, mean_pairwise_similarity,
-                                             nearest_positive_and_negative, sample_by_class)
+from retrieval.metrics import mean_pairwise_similarity
+from training.analysis.model_diagram import chance_recall_at_1, nearest_positive_and_negative, sample_by_class
 from training.analysis.report import build_report
 from training.analysis.runs import load_run, pick_iterations
 from training.config import resolve_config

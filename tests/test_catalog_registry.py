@@ -61,13 +61,14 @@ def _cli_protocol(name: str, records: list[ImageRecord], root: Path, monkeypatch
     """What `sct index --dataset NAME` embeds and `sct eval` queries: ("leave-one-out", gallery paths) or
     ("queries", query paths, gallery paths). ``eval_flags`` default: the commands docs/DATASETS.md gives, with
     ``--queries-split`` where the benchmark has a gallery split of its own."""
-    import retrieval.cli
+    from retrieval.sources import index_sources
     from sct.cli import build_parser
 
     monkeypatch.setattr(catalog, "read_dataset", lambda dataset, data_root: records)
     args = build_parser().parse_args(["index", "--model", "m.onnx", "--dataset", name, "--data-root", str(root),
                                       "--out", str(root / "out"), *index_flags])
-    sources, _, _, _ = retrieval.cli.index_sources(args)
+    sources, _, _, _ = index_sources(dataset=args.dataset, data_root=args.data_root, split=args.split,
+                                     images=args.images)
     gallery = [path for path, _, _ in sources]
     if eval_flags is None:
         entry = catalog.spec(name)
@@ -144,7 +145,7 @@ def test_the_registry_holds_the_published_protocols_and_ks():
 
 
 def test_an_unknown_name_is_refused_with_the_valid_names(tmp_path):
-    import retrieval.cli
+    from retrieval.sources import index_sources
     from sct.cli import build_parser
 
     listed = r"valid names: cars, cub, fashion-mnist, folder, hotels50k, inshop, sop$"
@@ -155,7 +156,7 @@ def test_an_unknown_name_is_refused_with_the_valid_names(tmp_path):
     args = build_parser().parse_args(["index", "--model", "m.onnx", "--dataset", "imagenet",
                                       "--data-root", str(tmp_path), "--out", str(tmp_path / "out")])
     with pytest.raises(ValueError, match=listed):
-        retrieval.cli.index_sources(args)
+        index_sources(dataset=args.dataset, data_root=args.data_root, split=args.split, images=args.images)
     assert sorted(catalog.REGISTRY) == listed.removeprefix("valid names: ").removesuffix("$").split(", ")
 
 

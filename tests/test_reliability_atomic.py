@@ -134,7 +134,7 @@ def test_an_index_write_on_a_full_disk_raises(count):
 
 CHILD_WRITES_A_CHECKPOINT = """
 import os, sys, time
-from retrieval.atomic import atomic_file
+from core.atomic import atomic_file
 with atomic_file(sys.argv[1]) as temporary:
     with open(temporary, "wb") as file:
         file.write(b"n" * (48 << 20))  # the first half of a 96 MB checkpoint

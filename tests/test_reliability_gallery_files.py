@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -22,10 +21,10 @@ from PIL import Image, PngImagePlugin
 
 import webapp.item_files
 from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
-from retrieval.cli import register
 from retrieval.embedder import file_sha256
 from retrieval.gallery import Gallery, GalleryItem, GalleryMismatchError, build_gallery
 from tests.test_webapp_api import png_bytes, post_search
+from sct.cli import main
 from webapp import create_app
 
 SECRET = b"TOP-SECRET-MARKER"
@@ -33,10 +32,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 40)}
 
 
 def sct(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sct")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The `sct` command line (sct.cli.main reports a UserError as `error: ...` and status 2)."""
+    return main(argv)
 
 
 def unit_vectors(count: int, dim: int = 8) -> np.ndarray:

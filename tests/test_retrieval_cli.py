@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -10,15 +9,13 @@ import pytest
 
 from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from catalog import load_rgb
-from retrieval.cli import register
 from retrieval.gallery import Gallery
+from sct.cli import main
 
 
 def sct(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sct")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The `sct` command line (sct.cli.main reports a UserError as `error: ...` and status 2)."""
+    return main(argv)
 
 
 @pytest.fixture(scope="module")

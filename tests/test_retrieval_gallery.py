@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks.fixtures.tiny_onnx import make_tiny_model
-from retrieval.atomic import atomic_directory, atomic_file, atomic_write_text
+from core.atomic import atomic_directory, atomic_file, atomic_write_text
 from retrieval.embedder import file_sha256
 from retrieval.gallery import Gallery, GalleryItem, GalleryMismatchError, build_gallery
 

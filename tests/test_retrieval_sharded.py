@@ -23,7 +23,8 @@ from retrieval import index_files
 from retrieval.cli import INDEX_EPILOG
 from retrieval.embedder import file_sha256
 from retrieval.gallery import Gallery, GalleryItem, GalleryMismatchError, build_gallery
-from retrieval.shards import ShardSpec, merge_shards, write_shard
+from core.shards import ShardSpec
+from retrieval.shards import merge_shards, write_shard
 from tests.test_retrieval_cli import sct
 from webapp import create_app
 

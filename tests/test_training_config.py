@@ -69,9 +69,9 @@ def test_the_demo_switched_to_sgd_takes_the_tuned_sgd_settings() -> None:
 
 
 def test_on_cuda_each_process_gets_its_share_of_the_cpus_as_decoders(monkeypatch) -> None:
-    import training.workers
+    import core.cpus
 
-    monkeypatch.setattr(training.workers, "usable_cpus", lambda: 40)
+    monkeypatch.setattr(core.cpus, "usable_cpus", lambda: 40)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert _resolve("cub").workers == 16  # capped
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 torchrun processes on this machine

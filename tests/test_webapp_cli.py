@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
+from sct.cli import main
 from webapp import cli
 
 
@@ -46,8 +47,7 @@ def test_help_shows_a_gunicorn_command_that_gunicorn_accepts(capsys):
 
 
 def test_missing_index_is_error_2(tmp_path, capsys):
-    args = _parser().parse_args(["serve", "--index", str(tmp_path / "missing")])
-    assert args.func(args) == 2
+    assert main(["serve", "--index", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing" in err
 
@@ -65,8 +65,7 @@ def test_mismatched_index_is_error_2(tmp_path, capsys):
     items = [GalleryItem(i, str(p), p.parent.name) for i, p in enumerate(paths)]
     gallery = build_gallery(tmp_path / "g", embeddings, items, model, dataset="synthetic", split="test")
     make_tiny_model(gallery / "model.onnx", seed=1)  # a different model than the one indexed
-    args = _parser().parse_args(["serve", "--index", str(gallery)])
-    assert args.func(args) == 2
+    assert main(["serve", "--index", str(gallery)]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
     assert np.isfinite(embeddings).all()
 
@@ -89,8 +88,7 @@ def test_gunicorn_loads_the_documented_factory_call(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag", ["--workers", "--threads", "--max-upload-mb"])
 def test_non_positive_server_settings_are_error_2(flag, capsys):
-    args = _parser().parse_args(["serve", "--index", "x", flag, "0"])
-    assert args.func(args) == 2
+    assert main(["serve", "--index", "x", flag, "0"]) == 2
     assert flag in capsys.readouterr().err
 
 

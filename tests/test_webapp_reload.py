@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
-from retrieval.atomic import atomic_directory
+from core.atomic import atomic_directory
 from retrieval.embedder import OnnxEmbedder
 from retrieval.gallery import MODEL_FILE
 from tests.test_webapp_api import build_gallery_of, png_bytes, post_search

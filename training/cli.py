@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import catalog
-from retrieval.cli import non_negative_int, positive_int
+from core.argtypes import non_negative_int, positive_int
+from core.errors import UserError
 from retrieval.cli_options import add_device, add_image_source, add_precision, add_workers
 from training.config import TrainConfig
 
@@ -210,9 +211,11 @@ def run_train(args: argparse.Namespace) -> int:
     from training.config import describe_provenance, resolve_config
     from training.trainer import train
 
-    config = resolve_config(args.dataset, args.data_root, args.out, config_file=args.config,
-                            overrides=overrides_from(args),
-                            cuda_available=torch.cuda.is_available())
+    try:
+        config = resolve_config(args.dataset, args.data_root, args.out, config_file=args.config,
+                                overrides=overrides_from(args), cuda_available=torch.cuda.is_available())
+    except (ValueError, FileNotFoundError) as error:  # a bad setting (flag or --config file), a missing --config
+        raise UserError(str(error)) from error
     if distributed.is_main():
         print("settings (and the layer that set them; all in OUT/config.yaml):\n" + describe_provenance(config))
     run_dir = train(config, resume=args.resume, progress=not args.no_progress)

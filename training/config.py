@@ -12,8 +12,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 import catalog
+from core.cpus import MAX_CPU_TRAINING_WORKERS, MAX_DEFAULT_WORKERS, default_workers
 from retrieval.cli_options import DEVICE_HELP, PRECISION_HELP, Device, Precision
-from training.workers import MAX_CPU_TRAINING_WORKERS, MAX_DEFAULT_WORKERS, default_workers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -23,10 +23,13 @@ import torch
 
 import catalog
 from catalog import ImageRecord
-from retrieval.cli import index_sources, report_unreadable, reporting_user_errors
+from core.cpus import cpu_share, default_workers
+from core.errors import UserError, UserFileNotFoundError, as_user_error
+from core.shards import ShardSpec
 from retrieval.embedder import OnnxEmbedder
 from retrieval.gallery import GalleryItem
-from retrieval.shards import ShardSpec, list_sha256, write_shard
+from retrieval.shards import list_sha256, write_shard
+from retrieval.sources import Source, index_sources, report_unreadable
 from training import distributed
 from training.config import TrainConfig
 from training.data import EmbeddedRecords, embed_records_kept
@@ -34,7 +37,6 @@ from training.export import load_checkpoint_model
 from training.model import EmbeddingNet
 from training.precision import autocast_dtype
 from training.trainer import pick_device, preprocessing_of
-from training.workers import cpu_share, default_workers
 
 #: Least cosine between the torch and the ONNX embedding of a check image, per precision of the torch path.
 FP32_MIN_COSINE = 0.999
@@ -42,10 +44,7 @@ BF16_MIN_COSINE = 0.99
 #: Images of the shard embedded both ways before the rest are embedded.
 CHECK_IMAGES = 8
 
-Source = tuple[str, str, str | None]  # (path, label, chain), as retrieval.cli.index_sources lists them
-
-
-class ModelMismatchError(ValueError):
+class ModelMismatchError(UserError, ValueError):
     """The checkpoint is not the model the ONNX file was exported from."""
 
 
@@ -120,7 +119,7 @@ def check_same_model(model: EmbeddingNet, config: TrainConfig, embedder: OnnxEmb
     expected = embedder.embed_paths([path for path, _, _ in sample], batch_size=len(sample), progress=False)
     got = embed_sources(model, config, sample, device, amp_dtype=amp_dtype, batch_size=len(sample), workers=0)
     if len(got.kept) != len(sample) or len(expected.kept_indices) != len(sample):
-        raise ValueError("an image of the model check became unreadable while it was being read; run again")
+        raise UserError("an image of the model check became unreadable while it was being read; run again")
     cosines = np.sum(expected.embeddings * got.embeddings, axis=1)
     worst = int(np.argmin(cosines))
     check = Check(float(cosines[worst]), sample[worst][0], len(sample))
@@ -131,14 +130,19 @@ def check_same_model(model: EmbeddingNet, config: TrainConfig, embedder: OnnxEmb
     return check
 
 
-@reporting_user_errors
 def embed_command(args: argparse.Namespace) -> int:
     """Check the checkpoint against the ONNX model, embed this shard's images with torch, write the shard."""
+    with as_user_error(OSError):  # reading and writing the files the user named (a full disk, a bad permission)
+        return _embed(args)
+
+
+def _embed(args: argparse.Namespace) -> int:
     shard = ShardSpec.parse(args.shard or default_shard())
     for flag, path in (("--checkpoint", args.checkpoint), ("--model", args.model)):
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{flag} {path} does not exist")
-    sources, dataset, split, root = index_sources(args)
+            raise UserFileNotFoundError(f"{flag} {path} does not exist")
+    sources, dataset, split, root = index_sources(dataset=args.dataset, data_root=args.data_root,
+                                                  split=args.split, images=args.images)
     start, stop = shard.bounds(len(sources))
     mine = sources[start:stop]
     device = pick_device(args.device, distributed.local_rank())  # GPU LOCAL_RANK (0 outside torchrun)
@@ -164,7 +168,7 @@ def embed_command(args: argparse.Namespace) -> int:
     report_unreadable([(failure.path, failure.reason) for failure in result.unreadable])
     items = [GalleryItem(row, *mine[position]) for row, position in enumerate(result.kept.tolist())]
     if not items and shard.count == 1:
-        raise ValueError("none of the images could be read; nothing to index")
+        raise UserError("none of the images could be read; nothing to index")
     embeddings = result.embeddings if items else np.zeros((0, config.dim), np.float32)
     folder = write_shard(args.out, shard, embeddings, items, args.model, total_images=len(sources),
                          image_list_sha256=list_sha256(sources), unreadable=len(result.unreadable),

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 import catalog
-from retrieval.metrics import evaluate
+from retrieval.metrics import evaluate, mean_pairwise_similarity
 from training import distributed
-from training.analysis.model_diagram import mean_pairwise_similarity
 from training.knn import knn_for
 from training.run_folder import RunFolder
 from training.shared_embedding import SharedEmbedder

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 import catalog
-from retrieval.atomic import atomic_file
+from core.errors import UserFileNotFoundError, UserValueError
+from core.atomic import atomic_file
 from retrieval.preprocessing import preprocess_batch
 from training.config import TrainConfig
 from training.model import EmbeddingNet
@@ -52,11 +53,11 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[EmbeddingNet, TrainCo
     """The model and config stored in a checkpoint (loaded with weights_only=True)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        raise UserFileNotFoundError(f"checkpoint {checkpoint} does not exist")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     for key in ("model", "config"):
         if key not in state:
-            raise ValueError(f"{checkpoint} is not an sct checkpoint: it has no {key!r} entry")
+            raise UserValueError(f"{checkpoint} is not an sct checkpoint: it has no {key!r} entry")
     config = TrainConfig(**state["config"])
     model = EmbeddingNet(config.arch, config.dim, config.embedding_bn)
     model.load_state_dict(state["model"])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from core.errors import UserError
 from training.config import Arch
 
 ARCHS = {
@@ -22,7 +23,7 @@ if tuple(ARCHS) != get_args(Arch):
 _TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
-class PretrainedWeightsMissing(FileNotFoundError):
+class PretrainedWeightsMissing(UserError, FileNotFoundError):
     """ImageNet weights were asked for but are not on this machine."""
 
 

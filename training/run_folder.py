@@ -5,7 +5,7 @@ can be tested without training. Under torchrun each process makes its own ``RunF
 (``writes=True``) writes anything, and the others' writing methods do nothing, so the training loop does not
 have to ask which rank it is before each write. Every process reads the checkpoint when resuming.
 
-Checkpoints and snapshots are written atomically (``retrieval.atomic``): a run killed while writing last.pt keeps
+Checkpoints and snapshots are written atomically (``core.atomic``): a run killed while writing last.pt keeps
 the previous one, which is what --resume starts from.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import yaml
 
-from retrieval.atomic import atomic_write_bytes, atomic_write_text
+from core.errors import UserFileNotFoundError
+from core.atomic import atomic_write_bytes, atomic_write_text
 from training.config import TrainConfig
 
 METRICS, LAST, BEST, CONFIG, TRIPLETS = "metrics.jsonl", "last.pt", "best.pt", "config.yaml", "triplets"
@@ -79,7 +80,7 @@ class RunFolder:
         when there is none."""
         path = self.path / LAST
         if not path.is_file():
-            raise FileNotFoundError(f"--resume: {path} does not exist; start without --resume")
+            raise UserFileNotFoundError(f"--resume: {path} does not exist; start without --resume")
         return torch.load(path, map_location=device, weights_only=True)
 
     def truncate_metrics(self, iteration: int) -> list[dict[str, Any]]:

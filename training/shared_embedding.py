@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import catalog
 from retrieval.preprocessing import Preprocessing
-from retrieval.shards import ShardSpec
+from core.shards import ShardSpec
 from training import distributed
 from training.data import embed_records
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import catalog
+from core.errors import UserValueError
 from retrieval.preprocessing import Preprocessing
 from training import distributed
 from training.config import TrainConfig
@@ -44,13 +45,13 @@ def pick_device(requested: str, index: int | None = None) -> torch.device:
     """The CPU or CUDA device ("auto": CUDA when present), ``index`` picking the GPU (a process's local rank).
     A request that cannot be met is a ValueError, which the command line reports in one line."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
+        raise UserValueError("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     if index is None:
         return torch.device("cuda")
     if index >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK is {index}, but torch sees {torch.cuda.device_count()} GPU(s)")
+        raise UserValueError(f"LOCAL_RANK is {index}, but torch sees {torch.cuda.device_count()} GPU(s)")
     return torch.device("cuda", index)
 
 
@@ -118,7 +119,7 @@ class Trainer:
         if dropped:
             self._say(f"dropped {len(dropped)} class(es) with fewer than 2 training images: {', '.join(dropped[:10])}")
         if not self.train_records:
-            raise ValueError(f"dataset {config.dataset} at {config.data_root} has no usable training images")
+            raise UserValueError(f"dataset {config.dataset} at {config.data_root} has no usable training images")
         queries, gallery = evaluation_splits(records, config.dataset)
         evaluated_split = "test"
         if config.val_fraction:

@@ -8,9 +8,9 @@ import ipaddress
 import sys
 
 from retrieval.cli_options import add_workers
-from retrieval.gallery import GalleryMismatchError
 from flask import Flask
 
+from core.errors import UserValueError, as_user_error
 from webapp import MiB, create_app
 
 EPILOG = """\
@@ -70,18 +70,14 @@ def serve(args: argparse.Namespace) -> int:
     for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--workers", args.workers),
                         ("--threads", args.threads)):
         if value <= 0:
-            print(f"error: {flag} must be positive", file=sys.stderr)
-            return 2
+            raise UserValueError(f"{flag} must be positive")
 
     def factory() -> Flask:
         return create_app(args.index, max_upload_bytes=int(args.max_upload_mb * MiB),
                           allowed_hosts=args.allowed_host, compute_slots=args.threads)
 
-    try:
+    with as_user_error(OSError):  # a gallery folder that cannot be read; mismatched files are UserErrors already
         app = factory()  # load once here, so a bad gallery is reported before any worker starts
-    except (OSError, GalleryMismatchError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     names = ", ".join(app.extensions["sct"].indexes)
     print(f"serving {names} at http://{args.host}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr, flush=True)
     if args.dev_server:

@@ -1,6 +1,6 @@
 """A served gallery folder that follows ``sct index`` rebuilding it in place, without a restart.
 
-``sct index`` replaces a gallery folder atomically (retrieval.atomic), so its
+``sct index`` replaces a gallery folder atomically (core.atomic), so its
 files all change at once. Each request stats the files a gallery is loaded
 from (microseconds); when they are not the files loaded, one request loads
 the new folder (in a compute slot) while the others keep serving the old

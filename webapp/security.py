@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from flask import Flask, Response, request
 
+from core.errors import UserValueError
 from webapp.errors import ApiError, quoted
 
 HEADERS = {
@@ -46,7 +47,7 @@ class TrustedHosts:
             raise TypeError(f"allowed hosts are a list of names, not one string: [{allowed!r}]")
         for entry in allowed:
             if not _ALLOWED_HOST.fullmatch(entry.lower()):
-                raise ValueError(f"an allowed host is a name, .domain or *, without a port; got {entry!r}")
+                raise UserValueError(f"an allowed host is a name, .domain or *, without a port; got {entry!r}")
         entries = [entry.lower().rstrip(".") for entry in allowed]
         self.any = "*" in entries
         self.domains = tuple(entry for entry in entries if entry.startswith("."))

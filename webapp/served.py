@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from flask import current_app
 
+from core.errors import UserValueError
 from retrieval.gallery import Gallery
 from webapp.cache import LruCache
 from webapp.compute import ComputePool
@@ -51,11 +52,11 @@ def load_indexes(index_dirs: Sequence[str | os.PathLike[str]], compute: ComputeP
     """Load each gallery folder (with the embedder for its own model.onnx), keyed by folder name; reloads of a
     rebuilt folder run in ``compute``."""
     if not index_dirs:
-        raise ValueError("no gallery folder given")
+        raise UserValueError("no gallery folder given")
     names = [Path(d).resolve().name for d in index_dirs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"gallery names must be unique; several folders are named {', '.join(duplicates)}")
+        raise UserValueError(f"gallery names must be unique; several folders are named {', '.join(duplicates)}")
     return {name: LiveGallery(directory, compute.run) for name, directory in zip(names, index_dirs)}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from retrieval.atomic import atomic_file
+from core.atomic import atomic_file
 from training.analysis.runs import Run, TripletSnapshot
 
 HARD, EASY, DIAGONAL = "#d62728", "#1f77b4", "#444444"

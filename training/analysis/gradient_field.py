@@ -287,7 +287,7 @@ def build_figure(field: GradientField) -> Any:
 
 def draw(field: GradientField, path: str | os.PathLike[str]) -> Path:
     """Write the field's PNG to ``path`` atomically (temp file in the same folder, then rename)."""
-    from retrieval.atomic import atomic_file
+    from core.atomic import atomic_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

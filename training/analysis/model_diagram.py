@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import catalog
+from retrieval.metrics import mean_pairwise_similarity
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,6 @@ def nearest_positive_and_negative(embeddings: np.ndarray, labels: np.ndarray,
         s_ap[rows] = np.where(np.isfinite(positive), positive, np.nan)
         s_an[rows] = np.where(np.isfinite(negative), negative, np.nan)
     return s_ap, s_an
-
-
-def mean_pairwise_similarity(embeddings: np.ndarray) -> float:
-    """Mean cosine over ordered pairs of distinct unit vectors, from the norm of their sum."""
-    count = len(embeddings)
-    if count < 2:
-        return float("nan")
-    total = embeddings.astype(np.float64).sum(axis=0)
-    squared_norms = (embeddings.astype(np.float64) ** 2).sum()
-    return float((total @ total - squared_norms) / (count * (count - 1)))
 
 
 def chance_recall_at_1(labels: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from retrieval.atomic import atomic_write_text
+from core.atomic import atomic_write_text
 from training.analysis import figures
 from training.analysis.runs import Run, load_run, pick_iterations
 

@@ -41,10 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from core.errors import UserValueError
     from training.analysis.report import build_report, describe_stall
 
     if args.max_images < 2:
-        raise ValueError(f"--max-images {args.max_images}: needs at least 2 images")
+        raise UserValueError(f"--max-images {args.max_images}: needs at least 2 images")
     summaries = build_report(args.runs, args.out, iterations=args.iterations, analyse_model=not args.no_model,
                              data_root=args.data_root, max_images=args.max_images, device=args.device,
                              title=args.title)

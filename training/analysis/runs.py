@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from core.errors import UserFileNotFoundError, UserValueError
 from training import stall
 
 TAIL_SHARE = 0.05  # "final" hard fraction: mean over the last 5% of iterations
@@ -90,8 +91,8 @@ class Run:
         path = self.path / "triplets" / f"iter_{iteration:07d}.npz"
         if not path.is_file():
             saved = self.triplet_iterations()
-            raise FileNotFoundError(f"{self.path}: no triplets saved at iteration {iteration}; saved: "
-                                    f"{_describe_iterations(saved)}")
+            raise UserFileNotFoundError(f"{self.path}: no triplets saved at iteration {iteration}; saved: "
+                                        f"{_describe_iterations(saved)}")
         with np.load(path) as data:
             after = ("s_ap_after" in data.files) and ("s_an_after" in data.files)
             return TripletSnapshot(
@@ -105,12 +106,12 @@ def load_run(path: str | Path) -> Run:
     """The run in folder ``path``; a folder that is not a run gets an error naming the missing file."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"run folder {path} does not exist")
+        raise UserFileNotFoundError(f"run folder {path} does not exist")
     config_file, metrics_file = path / "config.yaml", path / "metrics.jsonl"
     for required in (config_file, metrics_file):
         if not required.is_file():
-            raise FileNotFoundError(f"{path} is not a training run: {required.name} is missing "
-                                    "(sct train writes config.yaml and metrics.jsonl into its --out folder)")
+            raise UserFileNotFoundError(f"{path} is not a training run: {required.name} is missing "
+                                        "(sct train writes config.yaml and metrics.jsonl into its --out folder)")
     config = yaml.safe_load(config_file.read_text()) or {}
     run = Run(path=path, config=config)
     for number, line in enumerate(metrics_file.read_text().splitlines(), start=1):
@@ -119,7 +120,7 @@ def load_run(path: str | Path) -> Run:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{metrics_file}:{number}: not a JSON line ({error.msg})") from None
+            raise UserValueError(f"{metrics_file}:{number}: not a JSON line ({error.msg})") from None
         kind = entry.get("type")
         if kind == "eval":
             run.evaluations.append(entry)

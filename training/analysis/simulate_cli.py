@@ -55,17 +55,21 @@ def _unique(values: list[Any]) -> list[Any]:
 
 def _check(args: argparse.Namespace) -> None:
     """Validate every combination before anything is written; errors name the flag."""
+    from core.errors import UserValueError
     from training.analysis.gradient_field import check_parameters
 
     for loss in args.loss:
         for entanglement in args.entanglement:
-            check_parameters(loss=loss, entanglement=entanglement, lr=args.lr, temperature=args.temperature,
-                             lam=args.lam, projection=args.projection, grid=args.grid, prefix="--")
+            try:
+                check_parameters(loss=loss, entanglement=entanglement, lr=args.lr, temperature=args.temperature,
+                                 lam=args.lam, projection=args.projection, grid=args.grid, prefix="--")
+            except ValueError as error:  # check_parameters' refusals, each naming the flag
+                raise UserValueError(str(error)) from error
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Atomic JSON write (temp file in the same folder, then rename); no NaN in the output."""
-    from retrieval.atomic import atomic_write_text
+    from core.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(payload, allow_nan=False) + "\n")
     return path

@@ -1,13 +1,18 @@
-"""How many image-decoding processes a torch process gets by default: its share of the machine's CPUs.
+"""The CPUs this process may use, and how many image-decoding processes a process gets by default.
 
-Never more than the CPUs the process may use, the most torch's DataLoader accepts without a warning.
+Standard library only, so training counts CPUs without ONNX Runtime. A process's default share is never more
+than the CPUs it may use, the most torch's DataLoader accepts without a warning.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 
-from retrieval.cpus import usable_cpus
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 MAX_DEFAULT_WORKERS = 16  # a ResNet-50 step at 3,000 img/s needs about this many Pillow decoders (gpu_speed.md)
 MAX_CPU_TRAINING_WORKERS = 4  # a step on the CPU is slow enough for a few decoders; the other cores run the model
