@@ -200,12 +200,12 @@ def bench_jpeg(args, device, out, records: list[ImageRecord]) -> None:
     model = make_model(args, device, fast=True, compiled=compiled)
     step = training_step(model, device, fast=True)
     loader = training_loader(RecordImages(records, class_index, train_pixels(spec)), sampler, config, device)
-    batches = forever(loader)
+    training_batches = forever(loader)
 
     def one_step() -> float:
         """Train on the next batch; the seconds spent waiting for the loader."""
         waited = time.perf_counter()
-        batch = next(batches)
+        batch = next(training_batches)
         waited = time.perf_counter() - waited
         pixels = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         step(normalize(pixels), batch.labels.to(device, non_blocking=True))
@@ -222,7 +222,7 @@ def bench_jpeg(args, device, out, records: list[ImageRecord]) -> None:
     rate = args.steps * 2 * args.batch_size / elapsed
     if args.profile:
         profile_steps(one_step, device, Path(args.profile))
-    del batches, loader
+    training_batches = loader = None  # the loader's worker processes end
     in_memory = out.get("train", {}).get("best_rate")
     out["jpeg"] = {"loader_only": loader_rate["uint8"], "loader_only_float": loader_rate["float"], "training": rate, "wait_fraction": sum(waits) / elapsed,
                    "workers": args.workers, "images": len(records), "size": list(args.jpeg_size)}

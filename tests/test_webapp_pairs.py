@@ -74,7 +74,7 @@ def test_pair_page_shows_both_heatmaps_the_cosine_and_the_label(served):
     query_url = result["heatmap_url"].replace("&", "&amp;")
     for needle in ('id="query-heatmap"', 'id="item-heatmap"', f"{query_url}&amp;side=item",
                    f"{query_url}&amp;side=query", f'id="pair-cosine">{result["score"]:.3f}<',
-                   f'id="pair-label" title="red">red<', "/evaluation?index=colors"):  # fmt: skip
+                   'id="pair-label" title="red">red<', "/evaluation?index=colors"):  # fmt: skip
         assert needle in html
 
 
