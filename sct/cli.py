@@ -3,6 +3,7 @@
 Nothing imported here loads torch; ``train``, ``export`` and ``demo`` import it
 when they run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,10 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+#: The packages whose INFO records users see
+OWN_PACKAGES = ("catalog", "core", "retrieval", "training", "webapp", "sct")
+
+
 def configure_logging() -> None:
-    """Log records of INFO and above go to stderr as their bare message, as the commands' own notes do.
+    """The project's log records of INFO and above go to stderr as their bare message, as the commands' own
+    notes do; other libraries' only from WARNING (FAISS, for one, logs at INFO which CPU build it loaded).
 
     Only the first call configures anything (``logging.basicConfig``), so an application embedding ``main``
     keeps its own handlers.
     """
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    for package in OWN_PACKAGES:
+        logging.getLogger(package).setLevel(logging.INFO)

@@ -20,7 +20,7 @@ import pytest
 from benchmarks.fixtures.hostile_inputs import search_form
 from benchmarks.fixtures.tiny_onnx import make_color_images
 from benchmarks.load_test import build_color_gallery
-from retrieval import atomic
+from core import atomic
 from retrieval import gallery as gallery_module
 from retrieval.gallery import Gallery, _write_index
 from sct.cli import main as sct_main
@@ -36,8 +36,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def served_labels(client) -> set[str]:
-    request = search_form(Path(client.application.extensions["sct"].indexes["colors"].current().items[0].path)
-                          .read_bytes(), k="5")
+    request = search_form(
+        Path(client.application.extensions["sct"].indexes["colors"].current().items[0].path).read_bytes(), k="5"
+    )
     response = client.post("/api/search", data=request.body, content_type=request.content_type)
     assert response.status_code == 200, response.get_json()
     return {result["label"] for result in response.get_json()["results"]}
@@ -49,16 +50,23 @@ def gallery(tmp_path):
     model, _, _ = build_color_gallery(tmp_path, tmp_path / "index_data" / "colors", per_class=4)
     make_color_images(tmp_path / "new", classes=NEW_CLASSES, per_class=4, seed=5)
     app = create_app([tmp_path / "index_data" / "colors"])
-    return {"folder": tmp_path / "index_data" / "colors", "model": model, "new": tmp_path / "new",
-            "client": app.test_client()}
+    return {
+        "folder": tmp_path / "index_data" / "colors",
+        "model": model,
+        "new": tmp_path / "new",
+        "client": app.test_client(),
+    }
 
 
 def _index_on_dev_full(real_open):
     """The index file is opened on /dev/full: every write to it fails with the kernel's ENOSPC."""
 
     def open_dev_full(path, mode="r", *args, **kwargs):
-        return real_open("/dev/full", mode, *args, **kwargs) if Path(path).name.startswith(".index.faiss") \
+        return (
+            real_open("/dev/full", mode, *args, **kwargs)
+            if Path(path).name.startswith(".index.faiss")
             else real_open(path, mode, *args, **kwargs)
+        )
 
     return open_dev_full
 
@@ -162,8 +170,9 @@ build_color_gallery(Path(sys.argv[2]), Path(sys.argv[1]), classes={"cyan": (30, 
 
 def kill_halfway(code: str, *args: str) -> None:
     """Run ``code`` in a child Python, SIGKILL it once it prints "halfway"."""
-    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=ROOT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     try:
         line = child.stdout.readline()
         assert line.strip() == "halfway", child.stderr.read()
