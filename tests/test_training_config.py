@@ -1,5 +1,6 @@
 """Settings resolution: dataset defaults, per-loss learning rates with SGD, optimiser-specific defaults,
 decoders per CPU, Recall@K's Ks, refused values, and the provenance of each setting."""
+
 from __future__ import annotations
 
 import subprocess
@@ -97,12 +98,15 @@ def test_on_a_cpu_the_decoders_follow_the_usable_cpus_and_torch_does_not_warn(mo
 
 
 def test_resolving_a_training_config_loads_neither_onnxruntime_nor_faiss() -> None:
-    probe = ("import sys, {module}\n{call}\n"
-             "print(sorted(m for m in ('onnxruntime', 'faiss') if m in sys.modules))")
+    probe = "import sys, {module}\n{call}\n" "print(sorted(m for m in ('onnxruntime', 'faiss') if m in sys.modules))"
     resolve = probe.format(module="training.config", call="training.config.resolve_config('cub', 'data', 'out')")
     control = probe.format(module="retrieval.embedder", call="")  # the probe sees ONNX Runtime where it is loaded
-    outputs = [subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-               .stdout.strip() for code in (resolve, control)]
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for code in (resolve, control)
+    ]
     assert outputs == ["[]", "['onnxruntime']"]
 
 
@@ -129,15 +133,22 @@ def test_training_logs_recall_at_the_ks_of_sct_eval(dataset: str, monkeypatch) -
     assert _resolve(dataset).eval_ks == evaluated.value.args[0]
 
 
-@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--no-embedding-bn"], False),
-                                                 (["--pretrained", "imagenet"], False),
-                                                 (["--pretrained", "imagenet", "--embedding-bn"], True)])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], True),
+        (["--no-embedding-bn"], False),
+        (["--pretrained", "imagenet"], False),
+        (["--pretrained", "imagenet", "--embedding-bn"], True),
+    ],
+)
 def test_the_embedding_batchnorm_flag_reaches_the_config(flags: list[str], expected: bool) -> None:
     from sct.cli import build_parser
     from training.cli import overrides_from
 
-    args = build_parser().parse_args(["train", "--dataset", "cub", "--data-root", "d", "--out", "o",
-                                      "--pretrained", "none", *flags])
+    args = build_parser().parse_args(
+        ["train", "--dataset", "cub", "--data-root", "d", "--out", "o", "--pretrained", "none", *flags]
+    )
     assert _resolve("cub", **overrides_from(args)).embedding_bn is expected
 
 
@@ -145,21 +156,42 @@ def test_the_users_ks_win_over_the_datasets(tmp_path) -> None:
     from sct.cli import build_parser
     from training.cli import overrides_from
 
-    args = build_parser().parse_args(["train", "--dataset", "inshop", "--data-root", "d", "--out", "o",
-                                      "--eval-ks", "1", "5"])
+    args = build_parser().parse_args(
+        ["train", "--dataset", "inshop", "--data-root", "d", "--out", "o", "--eval-ks", "1", "5"]
+    )
     assert _resolve("inshop", **overrides_from(args)).eval_ks == [1, 5]
     config_file = tmp_path / "c.yaml"
     config_file.write_text("eval_ks: [1, 3]\n")
     assert resolve_config("hotels50k", "d", "o", config_file=str(config_file)).eval_ks == [1, 3]
 
 
-@pytest.mark.parametrize("setting,value", [
-    ("lr", -1.0), ("lr", float("nan")), ("lr", float("inf")), ("weight_decay", -1e-4), ("momentum", 1.0),
-    ("momentum", -0.5), ("epochs", 0), ("gamma", 0.0), ("temperature", 0.0), ("lam", -1.0), ("margin", -0.2),
-    ("images_per_class", 1), ("workers", -1), ("warmup_iters", -1), ("eval_every", -1), ("triplets_every", -1),
-    ("max_iters_per_epoch", 0), ("hard_threshold", float("nan")), ("val_fraction", 1.0), ("milestones", [1.5]),
-    ("eval_ks", [0]), ("eval_ks", []),
-])
+@pytest.mark.parametrize(
+    "setting,value",
+    [
+        ("lr", -1.0),
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("weight_decay", -1e-4),
+        ("momentum", 1.0),
+        ("momentum", -0.5),
+        ("epochs", 0),
+        ("gamma", 0.0),
+        ("temperature", 0.0),
+        ("lam", -1.0),
+        ("margin", -0.2),
+        ("images_per_class", 1),
+        ("workers", -1),
+        ("warmup_iters", -1),
+        ("eval_every", -1),
+        ("triplets_every", -1),
+        ("max_iters_per_epoch", 0),
+        ("hard_threshold", float("nan")),
+        ("val_fraction", 1.0),
+        ("milestones", [1.5]),
+        ("eval_ks", [0]),
+        ("eval_ks", []),
+    ],
+)
 def test_nonsense_numbers_are_refused_naming_the_setting_and_value(setting: str, value) -> None:
     with pytest.raises(ValueError, match=rf"^{setting} must be .*, got {value!r}".replace("[", r"\[")):
         _resolve("cub", **{setting: value})
@@ -205,8 +237,25 @@ def test_sct_train_shows_where_the_key_settings_come_from(tmp_path, monkeypatch,
     from sct.cli import main
 
     monkeypatch.setattr(training.trainer, "train", lambda config, **kwargs: Path(config.out))
-    assert main(["train", "--dataset", "cub", "--data-root", "d", "--out", str(tmp_path), "--loss", "shn",
-                 "--epochs", "3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "cub",
+                "--data-root",
+                "d",
+                "--out",
+                str(tmp_path),
+                "--loss",
+                "shn",
+                "--epochs",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     shown = capsys.readouterr().out.splitlines()
     expected_lr = DATASET_DEFAULTS["cub"]["lr"] * SGD_LR_FACTORS["shn"]
     assert f"  lr: {expected_lr}  (dataset:cub * lr_factor:shn)" in shown
@@ -221,9 +270,13 @@ def test_the_saved_config_yaml_loads_back_to_the_same_config(tmp_path) -> None:
 
     config_file = tmp_path / "c.yaml"
     config_file.write_text("lr: 1e-3\nepochs: 1\n")
-    config = resolve_config("folder", str(tmp_path / "data"), str(tmp_path / "run"), config_file=str(config_file),
-                            overrides=dict(arch="resnet18", pretrained="none", dim=8, image_size=8, batch_size=4,
-                                           device="cpu", workers=0))
+    config = resolve_config(
+        "folder",
+        str(tmp_path / "data"),
+        str(tmp_path / "run"),
+        config_file=str(config_file),
+        overrides=dict(arch="resnet18", pretrained="none", dim=8, image_size=8, batch_size=4, device="cpu", workers=0),
+    )
     RunFolder(config.out).create(config)
     saved = tmp_path / "run" / "config.yaml"
     loaded = load_config_file(saved)
@@ -243,8 +296,9 @@ def test_from_scratch_every_preset_takes_the_from_scratch_recipe_over_its_pretra
         assert getattr(config, name) == scratch[name], name
         assert config.provenance[name] == "start:none", name
     assert config.sct_warmup == scratch["losses"]["sct"]["sct_warmup"] > 0  # SCT gets its warm start
-    assert (config.dim, config.batch_size, config.epochs) == tuple(DATASET_DEFAULTS[dataset][name]
-                                                                  for name in ("dim", "batch_size", "epochs"))
+    assert (config.dim, config.batch_size, config.epochs) == tuple(
+        DATASET_DEFAULTS[dataset][name] for name in ("dim", "batch_size", "epochs")
+    )
     assert config.embedding_bn and not _resolve(dataset).embedding_bn  # on from scratch only
     for loss in ("hn", "shn", "ep", "htl"):  # SCT's learning rate, times the loss's factor from scratch if any
         baseline = _resolve(dataset, pretrained="none", loss=loss)
@@ -253,11 +307,47 @@ def test_from_scratch_every_preset_takes_the_from_scratch_recipe_over_its_pretra
         assert baseline.provenance["lr"] == ("start:none" if factor is None else f"start:none * lr_factor:{loss}")
 
 
+def test_a_checkpoint_of_a_run_from_scratch_takes_the_from_scratch_recipe(tmp_path) -> None:
+    """--pretrained PATH: an `sct train` checkpoint whose run started from scratch (also through another such
+    checkpoint) gets the from-scratch defaults; one from ImageNet weights, or a torchvision state dict, the
+    dataset's recipe for a pretrained trunk."""
+    import torch
+
+    def checkpoint(name: str, pretrained: str | None) -> str:
+        state = {"model": {"trunk.conv1.weight": torch.zeros(1)}}
+        if pretrained is not None:
+            state["config"] = {"pretrained": pretrained, "arch": "resnet18"}
+        torch.save(state, tmp_path / name)
+        return str(tmp_path / name)
+
+    scratch = checkpoint("scratch.pt", "none")
+    for path in (scratch, checkpoint("chained.pt", scratch)):
+        config = _resolve("cub", pretrained=path)
+        assert (config.lr, config.provenance["lr"], config.embedding_bn) == (
+            START_DEFAULTS["none"]["lr"],
+            "start:none",
+            True,
+        )
+        assert config.pretrained == path and config.sct_warmup == 1.0
+    for path in (checkpoint("imagenet.pt", "imagenet"), checkpoint("state_dict.pt", None)):
+        config = _resolve("cub", pretrained=path)
+        assert (config.lr, config.provenance["lr"], config.embedding_bn) == (
+            DATASET_DEFAULTS["cub"]["lr"],
+            "dataset:cub",
+            False,
+        )
+    (tmp_path / "not-torch.pt").write_text("hello")
+    assert _resolve("cub", pretrained=str(tmp_path / "not-torch.pt")).lr == DATASET_DEFAULTS["cub"]["lr"]
+
+
 @pytest.mark.parametrize("pretrained", ["imagenet", "/weights/resnet50-from-elsewhere.pth"])
 def test_a_pretrained_trunk_keeps_the_datasets_recipe(pretrained: str) -> None:
     config = _resolve("cub", pretrained=pretrained)
-    assert (config.optimizer, config.lr, config.provenance["lr"]) == ("sgd", DATASET_DEFAULTS["cub"]["lr"],
-                                                                        "dataset:cub")
+    assert (config.optimizer, config.lr, config.provenance["lr"]) == (
+        "sgd",
+        DATASET_DEFAULTS["cub"]["lr"],
+        "dataset:cub",
+    )
     assert config.sct_warmup == 0.0 and config.augment is True  # the paper's SCT and augmentation
     assert not any(layer.startswith("start:") for layer in config.provenance.values())
 
@@ -287,8 +377,7 @@ def test_from_scratch_with_sgd_takes_the_from_scratch_sgd_settings_and_flags_sti
     assert (from_file.optimizer, from_file.schedule) == (START_DEFAULTS["none"]["optimizer"], "step")
 
 
-@pytest.mark.parametrize(("setting", "value"), [("sct_warmup", -0.1), ("sct_warmup", 1.5),
-                                                 ("sct_warm_loss", "hn")])
+@pytest.mark.parametrize(("setting", "value"), [("sct_warmup", -0.1), ("sct_warmup", 1.5), ("sct_warm_loss", "hn")])
 def test_the_warm_start_settings_are_checked(setting: str, value) -> None:
     with pytest.raises(ValueError, match=setting):
         _resolve("folder", pretrained="none", **{setting: value})
