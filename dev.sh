@@ -77,6 +77,9 @@ case "$command" in
         "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
             || apt_install python3-dev || true
         setup
+        # lint and format first (pyproject.toml's [tool.ruff]): a second or two
+        "$VENV/bin/ruff" check --quiet . && "$VENV/bin/ruff" format --check --quiet . \
+            || { echo "ruff: fix with .venv/bin/ruff check --fix . && .venv/bin/ruff format ." >&2; exit 1; }
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     setup)

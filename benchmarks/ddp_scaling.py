@@ -12,6 +12,7 @@ benchmarks/results/ddp_scaling.md.
     python -m benchmarks.ddp_scaling                                   # resnet18, 32 px, global batch 64
     python -m benchmarks.ddp_scaling --arch resnet50 --image-size 64 --steps 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,8 +101,11 @@ def images_per_second(world: int, gather: bool, args: argparse.Namespace) -> flo
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ddp_scaling",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ddp_scaling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch (P × K with K = 2)")
@@ -117,10 +121,20 @@ def main() -> int:
     for name, world, gather in (("single", 1, False), ("local", 2, False), ("gather", 2, True)):
         rates[name] = images_per_second(world, gather, args)
         print(f"{name}: {rates[name]:,.1f} img/s (median of {args.steps} steps)", file=sys.stderr)
-    row = [now_utc(), this_command("benchmarks.ddp_scaling"), machine(f"torch {torch.__version__}"), args.arch,
-           str(args.image_size), str(args.batch_size), str(args.threads_per_process), f"{rates['single']:,.1f}",
-           f"{rates['local']:,.1f}", f"{rates['gather']:,.1f}", f"{rates['local'] / rates['single']:.2f}",
-           f"{rates['gather'] / rates['single']:.2f}"]
+    row = [
+        now_utc(),
+        this_command("benchmarks.ddp_scaling"),
+        machine(f"torch {torch.__version__}"),
+        args.arch,
+        str(args.image_size),
+        str(args.batch_size),
+        str(args.threads_per_process),
+        f"{rates['single']:,.1f}",
+        f"{rates['local']:,.1f}",
+        f"{rates['gather']:,.1f}",
+        f"{rates['local'] / rates['single']:.2f}",
+        f"{rates['gather'] / rates['single']:.2f}",
+    ]
     print(append_row(RESULTS, HEADER, row) if not args.no_record else row)
     return 0
 

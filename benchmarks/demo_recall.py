@@ -7,6 +7,7 @@ appends one row to benchmarks/results/demo.md.
     python -m benchmarks.demo_recall                 # the default demo (about 5 minutes on 2 CPU cores)
     python -m benchmarks.demo_recall --epochs 12     # a longer run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,15 +42,18 @@ def raw_pixel_recall_at_1(images: np.ndarray, labels: np.ndarray) -> float:
     flat /= np.linalg.norm(flat, axis=1, keepdims=True)
     hits = 0
     for start in range(0, len(flat), 1000):
-        block = flat[start:start + 1000] @ flat.T
+        block = flat[start : start + 1000] @ flat.T
         block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf
-        hits += int((labels[block.argmax(axis=1)] == labels[start:start + 1000]).sum())
+        hits += int((labels[block.argmax(axis=1)] == labels[start : start + 1000]).sum())
     return hits / len(flat)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_recall",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.demo_recall",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--epochs", type=int, help="passed to sct demo (default: the demo's own)")
     parser.add_argument("--augment", action="store_true", help="passed to sct demo")
     parser.add_argument("--data-root", default=str(ROOT / "data" / "fashion-mnist"))
@@ -57,8 +61,19 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         run, index = Path(scratch) / "run", Path(scratch) / "index"
-        command = [sys.executable, "-m", "sct", "demo", "--no-serve", "--data-root", args.data_root,
-                   "--run", str(run), "--index-out", str(index)]
+        command = [
+            sys.executable,
+            "-m",
+            "sct",
+            "demo",
+            "--no-serve",
+            "--data-root",
+            args.data_root,
+            "--run",
+            str(run),
+            "--index-out",
+            str(index),
+        ]
         if args.epochs:
             command += ["--epochs", str(args.epochs)]
         if args.augment:
@@ -70,8 +85,16 @@ def main() -> int:
         epochs = yaml.safe_load((run / "config.yaml").read_text())["epochs"]
     images, labels = load_arrays(args.data_root)["test"]
     raw = raw_pixel_recall_at_1(images, labels)
-    row = [now_utc(), this_command("benchmarks.demo_recall"), machine(), str(epochs),
-           f"{summary['seconds']['train']:.0f}", f"{total:.0f}", f"{summary['recall@1']:.4f}", f"{raw:.4f}"]
+    row = [
+        now_utc(),
+        this_command("benchmarks.demo_recall"),
+        machine(),
+        str(epochs),
+        f"{summary['seconds']['train']:.0f}",
+        f"{total:.0f}",
+        f"{summary['recall@1']:.4f}",
+        f"{raw:.4f}",
+    ]
     print(append_row(RESULTS, HEADER, row) if not args.no_record else row)
     return 0
 

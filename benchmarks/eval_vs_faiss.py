@@ -46,8 +46,11 @@ Times are medians; "traced" is tracemalloc's peak of numpy allocations during a 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.eval_vs_faiss",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.eval_vs_faiss",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--n", type=int, default=60_000, help="gallery size (default: %(default)s)")
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension (default: %(default)s)")
     parser.add_argument("--per-class", type=int, default=5, help="images per class (default: %(default)s)")

@@ -110,15 +110,19 @@ class Fuzzer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz_search", description=__doc__.split("\n\n")[0],
-                                     epilog="Examples:\n  python -m benchmarks.fuzz_search\n"
-                                            "  python -m benchmarks.fuzz_search --duration 60 --seed 3 --no-record",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.fuzz_search",
+        description=__doc__.split("\n\n")[0],
+        epilog="Examples:\n  python -m benchmarks.fuzz_search\n"
+        "  python -m benchmarks.fuzz_search --duration 60 --seed 3 --no-record",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--duration", type=float, default=600, help="seconds of fuzzing (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="client threads (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request generator (default: %(default)s)")
-    parser.add_argument("--max-upload-mb", type=float, default=16,
-                        help="the server's upload limit (default: %(default)s)")
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=16, help="the server's upload limit (default: %(default)s)"
+    )
     parser.add_argument("--no-record", action="store_true", help=f"do not append a row to {RESULTS.name}")
     args = parser.parse_args(argv)
     max_upload_bytes = int(args.max_upload_mb * (1 << 20))
@@ -131,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fuzzer = Fuzzer(server, model, embeddings, corpus, max_upload_bytes)
             rss: list[int] = [server.rss_kib()]
             deadline = time.monotonic() + args.duration
-            threads = [threading.Thread(target=fuzzer.run, args=(args.seed * 1000 + i, deadline))
-                       for i in range(args.threads)]
+            threads = [
+                threading.Thread(target=fuzzer.run, args=(args.seed * 1000 + i, deadline)) for i in range(args.threads)
+            ]
             for thread in threads:
                 thread.start()
             while any(thread.is_alive() for thread in threads):
@@ -150,16 +155,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     statuses = ", ".join(f"{status}: {count:,}" for status, count in sorted(fuzzer.statuses.items()))
     start, end, peak = rss[0] / 1024, rss[-1] / 1024, max(rss) / 1024
     quarters = " → ".join(f"{rss[min(len(rss) - 1, q * len(rss) // 4)] / 1024:.0f}" for q in range(5))
-    print(f"{tried:,} inputs in {args.duration:g} s ({kinds}); statuses {statuses}; "
-          f"{len(fuzzer.failures)} failures; server RSS {start:.1f} → {end:.1f} MiB (max {peak:.1f}; "
-          f"by quarter {quarters})")
+    print(
+        f"{tried:,} inputs in {args.duration:g} s ({kinds}); statuses {statuses}; "
+        f"{len(fuzzer.failures)} failures; server RSS {start:.1f} → {end:.1f} MiB (max {peak:.1f}; "
+        f"by quarter {quarters})"
+    )
     for failure in fuzzer.failures[:20]:
         print("  " + failure)
     if not args.no_record:
         load = os.getloadavg()[0]
-        row = [now_utc(), this_command("benchmarks.fuzz_search"), machine(f"1-min load average {load:.1f} after"),
-               f"{args.duration:g} s, {args.threads} threads", f"{tried:,}", kinds, statuses,
-               str(len(fuzzer.failures)), f"{quarters} ({peak:.0f})"]
+        row = [
+            now_utc(),
+            this_command("benchmarks.fuzz_search"),
+            machine(f"1-min load average {load:.1f} after"),
+            f"{args.duration:g} s, {args.threads} threads",
+            f"{tried:,}",
+            kinds,
+            statuses,
+            str(len(fuzzer.failures)),
+            f"{quarters} ({peak:.0f})",
+        ]
         print(append_row(RESULTS, HEADER, row))
     return 1 if fuzzer.failures else 0
 

@@ -53,9 +53,9 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from benchmarks.fixtures.tiny_onnx import make_tiny_model
 from benchmarks.recording import append_row, machine, now_utc, this_command
+from core.shards import ShardSpec
 from retrieval.gallery import Gallery, GalleryItem
 from retrieval.index_files import row_chunks
-from core.shards import ShardSpec
 from retrieval.shards import merge_shards, read_shard, shard_folders, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,8 +128,9 @@ def centres(clusters: int, dim: int, seed: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def mixture(rows: int, centre_vectors: np.ndarray, noise: float, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray]:
+def mixture(
+    rows: int, centre_vectors: np.ndarray, noise: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """``rows`` unit vectors, each its cluster's centre plus Gaussian noise, and their cluster ids."""
     cluster = rng.integers(0, len(centre_vectors), rows)
     vectors = centre_vectors[cluster] + noise * rng.standard_normal((rows, centre_vectors.shape[1]), dtype=np.float32)
@@ -142,13 +143,28 @@ def shard_stage(args: argparse.Namespace, index: int, model: Path, shards_dir: P
         started = time.perf_counter()
         shard = ShardSpec(index, args.shards)
         start, stop = shard.bounds(args.vectors)
-        vectors, cluster = mixture(stop - start, centres(args.clusters, args.dim, args.seed), args.noise,
-                                   np.random.default_rng([args.seed, index]))
-        items = [GalleryItem(row, f"synthetic/{start + row:08d}.jpg", f"cluster {c}")
-                 for row, c in enumerate(cluster.tolist())]
+        vectors, cluster = mixture(
+            stop - start,
+            centres(args.clusters, args.dim, args.seed),
+            args.noise,
+            np.random.default_rng([args.seed, index]),
+        )
+        items = [
+            GalleryItem(row, f"synthetic/{start + row:08d}.jpg", f"cluster {c}")
+            for row, c in enumerate(cluster.tolist())
+        ]
         recipe = f"gallery_scale {args.vectors} {args.dim} {args.clusters} {args.noise} {args.seed}"
-        write_shard(shards_dir, shard, vectors, items, model, total_images=args.vectors,
-                    image_list_sha256=hashlib.sha256(recipe.encode()).hexdigest(), dataset="synthetic", split="gallery")
+        write_shard(
+            shards_dir,
+            shard,
+            vectors,
+            items,
+            model,
+            total_images=args.vectors,
+            image_list_sha256=hashlib.sha256(recipe.encode()).hexdigest(),
+            dataset="synthetic",
+            split="gallery",
+        )
         seconds = time.perf_counter() - started
     return {"seconds": seconds, "anon_mb": watch.peak_mb(), "hwm_mb": watch.hwm_mb()}
 
@@ -175,8 +191,9 @@ def merge_stage(args: argparse.Namespace, shards_dir: Path, gallery: Path) -> di
     logger.setLevel(logging.INFO)
     with MemoryWatch() as watch:
         started = time.perf_counter()
-        merge_shards([shards_dir], gallery, index_type="ivf-flat", storage="ondisk", nlist=args.nlist,
-                     nprobe=args.nprobe)
+        merge_shards(
+            [shards_dir], gallery, index_type="ivf-flat", storage="ondisk", nlist=args.nlist, nprobe=args.nprobe
+        )
         seconds = time.perf_counter() - started
     train_end, train_seconds = next((end, s) for stage, s, end in log.stages if stage == "train")
     merge_end = next(end for stage, _, end in log.stages if stage == "merge")
@@ -200,8 +217,12 @@ def serve_stage(args: argparse.Namespace, shards_dir: Path, gallery_dir: Path) -
         started = time.perf_counter()
         gallery = Gallery.load(gallery_dir)
         load_seconds = time.perf_counter() - started
-        queries, _ = mixture(args.queries, centres(args.clusters, args.dim, args.seed), args.noise,
-                             np.random.default_rng([args.seed, 10**6]))  # held out: not gallery vectors
+        queries, _ = mixture(
+            args.queries,
+            centres(args.clusters, args.dim, args.seed),
+            args.noise,
+            np.random.default_rng([args.seed, 10**6]),
+        )  # held out: not gallery vectors
         latencies = []
         for query in queries:
             started = time.perf_counter()
@@ -218,8 +239,10 @@ def serve_stage(args: argparse.Namespace, shards_dir: Path, gallery_dir: Path) -
     started = time.perf_counter()
     _, exact = knn_ground_truth(queries, row_chunks(blocks, 1 << 18), 10, metric_type=faiss.METRIC_INNER_PRODUCT)
     exact_seconds = time.perf_counter() - started
-    recall = {nprobe: float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ids.tolist(), exact.tolist())]))
-              for nprobe, ids in approximate.items()}
+    recall = {
+        nprobe: float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ids.tolist(), exact.tolist())]))
+        for nprobe, ids in approximate.items()
+    }
     return {
         "load_seconds": load_seconds,
         "p50_ms": float(np.percentile(latencies, 50)),
@@ -244,8 +267,11 @@ def folder_mb(folder: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gallery_scale",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gallery_scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--vectors", type=int, default=2_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--shards", type=int, default=4)
@@ -274,27 +300,38 @@ def main() -> int:
         print(f"serve: {served}", file=sys.stderr, flush=True)
         vector_set_mb = args.vectors * args.dim * 4 / 2**20
         index_mb = ((gallery / "index.faiss").stat().st_size + (gallery / "index.ivfdata").stat().st_size) / 2**20
-        on_disk = (f"index {index_mb:.0f} (gallery {folder_mb(gallery):.0f}, shards {folder_mb(shards_dir):.0f})")
+        on_disk = f"index {index_mb:.0f} (gallery {folder_mb(gallery):.0f}, shards {folder_mb(shards_dir):.0f})"
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     shard_anon = max(r["anon_mb"] for r in shard_results)
     shard_hwm = max(r["hwm_mb"] for r in shard_results)
     below = "below" if merged["index_build_mb"] < vector_set_mb else "NOT below"
-    print(f"vector set {vector_set_mb:.0f} MB; index build needed {merged['index_build_mb']:.0f} MB ({below} it); "
-          f"merge process anon peak {merged['anon_mb']:.0f} MB (items in memory: "
-          f"{merged['anon_before_training_mb']:.0f} MB before training)")
+    print(
+        f"vector set {vector_set_mb:.0f} MB; index build needed {merged['index_build_mb']:.0f} MB ({below} it); "
+        f"merge process anon peak {merged['anon_mb']:.0f} MB (items in memory: "
+        f"{merged['anon_before_training_mb']:.0f} MB before training)"
+    )
     recall = ", ".join(f"{served['recall'][n]:.3f} ({n})" for n in sorted(served["recall"]))
     add = "+".join(f"{s:.1f}" for s in merged["add"])
     row = [
-        now_utc(), this_command("benchmarks.gallery_scale"), machine(f"FAISS {faiss.__version__}, "
-                                                                     f"{args.threads} OpenMP threads"),
-        f"{args.vectors:,} × {args.dim}", str(args.shards), f"{served['nlist']} / {served['nprobe']}",
-        f"{merged['train']:.1f} / {add} / {merged['merge']:.1f}", f"{merged['seconds']:.1f}",
-        f"{shard_anon:.0f} / {shard_hwm:.0f}", f"{merged['anon_mb']:.0f} / {merged['hwm_mb']:.0f}",
+        now_utc(),
+        this_command("benchmarks.gallery_scale"),
+        machine(f"FAISS {faiss.__version__}, " f"{args.threads} OpenMP threads"),
+        f"{args.vectors:,} × {args.dim}",
+        str(args.shards),
+        f"{served['nlist']} / {served['nprobe']}",
+        f"{merged['train']:.1f} / {add} / {merged['merge']:.1f}",
+        f"{merged['seconds']:.1f}",
+        f"{shard_anon:.0f} / {shard_hwm:.0f}",
+        f"{merged['anon_mb']:.0f} / {merged['hwm_mb']:.0f}",
         f"{merged['index_build_mb']:.0f} ({below} the vector set; {merged['anon_before_training_mb']:.0f} before)",
-        f"{served['anon_mb']:.0f} / {served['hwm_mb']:.0f}", f"{vector_set_mb:.0f}", on_disk,
-        f"{served['load_seconds']:.1f}", f"{served['p50_ms']:.2f} / {served['p99_ms']:.2f}", recall,
+        f"{served['anon_mb']:.0f} / {served['hwm_mb']:.0f}",
+        f"{vector_set_mb:.0f}",
+        on_disk,
+        f"{served['load_seconds']:.1f}",
+        f"{served['p50_ms']:.2f} / {served['p99_ms']:.2f}",
+        recall,
     ]
     if not args.no_record:
         print(append_row(RESULTS, HEADER, row))

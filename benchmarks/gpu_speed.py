@@ -26,6 +26,7 @@ median. Rows go to benchmarks/results/gpu_speed.md (date, command, machine, devi
     python -m benchmarks.gpu_speed --sections knn embed --json out.json
     python -m benchmarks.gpu_speed --smoke --no-record               # seconds on a CPU: checks the script
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,20 @@ Median of the timed steps after warm-up, the device synchronised around each one
 |---|---|---|---|---|---|---|---|---|
 """
 SECTIONS = ("train", "jpeg", "embed", "knn", "decode")
-SMOKE = dict(arch="resnet18", image_size=32, batch_size=16, steps=3, warmup=1, jpeg_images=48, jpeg_size=(80, 60),
-             workers=1, embed_batch=32, knn_items=3000, knn_dim=32, compile=False)
+SMOKE = dict(
+    arch="resnet18",
+    image_size=32,
+    batch_size=16,
+    steps=3,
+    warmup=1,
+    jpeg_images=48,
+    jpeg_size=(80, 60),
+    workers=1,
+    embed_batch=32,
+    knn_items=3000,
+    knn_dim=32,
+    compile=False,
+)
 
 
 def synchronise(device: torch.device) -> None:
@@ -101,12 +114,15 @@ def make_model(args, device: torch.device, *, fast: bool, compiled: bool = False
 def random_inputs(args, device: torch.device, batch: int, *, fast: bool, sets: int = 2) -> list[torch.Tensor]:
     """Normal random images (never zeros), several sets to rotate through so no step reuses the last one's."""
     generator = torch.Generator(device="cpu").manual_seed(1)
-    inputs = [torch.randn(batch, 3, args.image_size, args.image_size, generator=generator).to(device)
-              for _ in range(sets)]
+    inputs = [
+        torch.randn(batch, 3, args.image_size, args.image_size, generator=generator).to(device) for _ in range(sets)
+    ]
     return [x.contiguous(memory_format=torch.channels_last) for x in inputs] if fast else inputs
 
 
-def training_step(model: torch.nn.Module, device: torch.device, fast: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def training_step(
+    model: torch.nn.Module, device: torch.device, fast: bool
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     loss_fn = SCTLoss()
 
@@ -117,6 +133,7 @@ def training_step(model: torch.nn.Module, device: torch.device, fast: bool) -> C
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -126,12 +143,13 @@ def cycling(items: list) -> Callable[[], object]:
     def next_item():
         state["i"] += 1
         return items[state["i"] % len(items)]
+
     return next_item
 
 
 # ------------------------------------------------------------------------------------------------ sections
 def bench_train(args, device, out) -> None:
-    labels = (torch.arange(args.batch_size, device=device) // 2)  # P × K with K = 2, as in the paper
+    labels = torch.arange(args.batch_size, device=device) // 2  # P × K with K = 2, as in the paper
     settings = [("official (fp32, contiguous)", False, False), ("bf16 + channels_last", True, False)]
     if args.compile:
         settings.append(("bf16 + channels_last + torch.compile", True, True))
@@ -145,8 +163,15 @@ def bench_train(args, device, out) -> None:
     best = max(rates, key=rates.get)
     out["train"] = {"official": official, **rates, "best": best, "best_rate": rates[best]}
     for name, rate in rates.items():
-        out.setdefault("rows", []).append([f"train in memory, {name} (img/s)", f"{rate:,.0f}",
-                                           f"{official:,.0f} official", f"{rate / official:.2f}", "≥ 3,000 img/s"])
+        out.setdefault("rows", []).append(
+            [
+                f"train in memory, {name} (img/s)",
+                f"{rate:,.0f}",
+                f"{official:,.0f} official",
+                f"{rate / official:.2f}",
+                "≥ 3,000 img/s",
+            ]
+        )
 
 
 def write_jpegs(root: Path, count: int, size: tuple[int, int], per_class: int = 4) -> list[ImageRecord]:
@@ -175,9 +200,19 @@ def forever(loader) -> Iterator:
 
 
 def bench_jpeg(args, device, out, records: list[ImageRecord]) -> None:
-    config = resolve_config("folder", str(Path(records[0].path).parents[1]), "unused", overrides=dict(
-        arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, images_per_class=2,
-        workers=args.workers, device=device.type))
+    config = resolve_config(
+        "folder",
+        str(Path(records[0].path).parents[1]),
+        "unused",
+        overrides=dict(
+            arch=args.arch,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            images_per_class=2,
+            workers=args.workers,
+            device=device.type,
+        ),
+    )
     spec = preprocessing_of(config)
     class_index = class_index_of(records)
     sampler = build_sampler([class_index[r.label] for r in records], len(class_index), config)
@@ -224,16 +259,35 @@ def bench_jpeg(args, device, out, records: list[ImageRecord]) -> None:
         profile_steps(one_step, device, Path(args.profile))
     training_batches = loader = None  # the loader's worker processes end
     in_memory = out.get("train", {}).get("best_rate")
-    out["jpeg"] = {"loader_only": loader_rate["uint8"], "loader_only_float": loader_rate["float"], "training": rate, "wait_fraction": sum(waits) / elapsed,
-                   "workers": args.workers, "images": len(records), "size": list(args.jpeg_size)}
+    out["jpeg"] = {
+        "loader_only": loader_rate["uint8"],
+        "loader_only_float": loader_rate["float"],
+        "training": rate,
+        "wait_fraction": sum(waits) / elapsed,
+        "workers": args.workers,
+        "images": len(records),
+        "size": list(args.jpeg_size),
+    }
     rows = out.setdefault("rows", [])
-    rows.append([f"train from JPEG {args.jpeg_size[0]}×{args.jpeg_size[1]}, {args.workers} workers (img/s); "
-                 f"{100 * sum(waits) / elapsed:.0f}% of the time waiting for the loader",
-                 f"{rate:,.0f}", f"{in_memory:,.0f} in memory" if in_memory else "—",
-                 f"{rate / in_memory:.2f}" if in_memory else "—", "≥ 0.70"])
-    rows.append([f"the training loader alone, {args.workers} workers, uint8 batches (img/s)",
-                 f"{loader_rate['uint8']:,.0f}", f"{loader_rate['float']:,.0f} float batches",
-                 f"{loader_rate['uint8'] / loader_rate['float']:.2f}", "—"])
+    rows.append(
+        [
+            f"train from JPEG {args.jpeg_size[0]}×{args.jpeg_size[1]}, {args.workers} workers (img/s); "
+            f"{100 * sum(waits) / elapsed:.0f}% of the time waiting for the loader",
+            f"{rate:,.0f}",
+            f"{in_memory:,.0f} in memory" if in_memory else "—",
+            f"{rate / in_memory:.2f}" if in_memory else "—",
+            "≥ 0.70",
+        ]
+    )
+    rows.append(
+        [
+            f"the training loader alone, {args.workers} workers, uint8 batches (img/s)",
+            f"{loader_rate['uint8']:,.0f}",
+            f"{loader_rate['float']:,.0f} float batches",
+            f"{loader_rate['uint8'] / loader_rate['float']:.2f}",
+            "—",
+        ]
+    )
 
 
 def profile_steps(one_step: Callable[[], float], device: torch.device, folder: Path) -> None:
@@ -260,11 +314,23 @@ def bench_embed(args, device, out, records: list[ImageRecord]) -> None:
         def run() -> None:
             with torch.no_grad(), autocast(device, torch.bfloat16 if fast else None):
                 model(inputs())
+
         rates[name] = args.embed_batch / median_seconds(run, device, args.steps, args.warmup)
     model = make_model(args, device, fast=True)
     config = resolve_config("folder", "unused", "unused", overrides=dict(arch=args.arch, image_size=args.image_size))
-    embed = lambda: embed_records_kept(model, records, preprocessing_of(config), device, batch_size=args.embed_batch,  # noqa: E731
-                                       workers=args.workers, amp_dtype=torch.bfloat16, prefetch_factor=4)
+
+    def embed():
+        return embed_records_kept(
+            model,
+            records,
+            preprocessing_of(config),
+            device,
+            batch_size=args.embed_batch,
+            workers=args.workers,
+            amp_dtype=torch.bfloat16,
+            prefetch_factor=4,
+        )
+
     embed()  # warm-up: cuDNN's choices, the page cache
     synchronise(device)
     started = time.perf_counter()
@@ -273,12 +339,24 @@ def bench_embed(args, device, out, records: list[ImageRecord]) -> None:
     from_jpeg = len(records) / (time.perf_counter() - started)
     out["embed"] = {**rates, "from_jpeg": from_jpeg}
     rows = out.setdefault("rows", [])
-    rows.append(["embed in memory, bf16 + channels_last (img/s)", f"{rates['bf16 + channels_last']:,.0f}",
-                 f"{rates['fp32']:,.0f} fp32", f"{rates['bf16 + channels_last'] / rates['fp32']:.2f}",
-                 "≥ 10,000 img/s"])
-    rows.append([f"embed from JPEG, bf16, {args.workers} workers (img/s)", f"{from_jpeg:,.0f}",
-                 f"{rates['bf16 + channels_last']:,.0f} in memory",
-                 f"{from_jpeg / rates['bf16 + channels_last']:.2f}", "—"])
+    rows.append(
+        [
+            "embed in memory, bf16 + channels_last (img/s)",
+            f"{rates['bf16 + channels_last']:,.0f}",
+            f"{rates['fp32']:,.0f} fp32",
+            f"{rates['bf16 + channels_last'] / rates['fp32']:.2f}",
+            "≥ 10,000 img/s",
+        ]
+    )
+    rows.append(
+        [
+            f"embed from JPEG, bf16, {args.workers} workers (img/s)",
+            f"{from_jpeg:,.0f}",
+            f"{rates['bf16 + channels_last']:,.0f} in memory",
+            f"{from_jpeg / rates['bf16 + channels_last']:.2f}",
+            "—",
+        ]
+    )
 
 
 def knn_data(items: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -300,18 +378,31 @@ def bench_knn(args, device, out) -> bool:
     knn_exclude_self(vectors, vectors, depth, query_ids=np.arange(len(vectors)))
     faiss_seconds = time.perf_counter() - started
     runs: list[dict] = []  # the timed evaluations' results; the last one is checked against FAISS
-    on_device = median_seconds(lambda: runs.append(evaluate(vectors, labels, ks=ks, knn=TorchKnn(device))), device,
-                               max(1, args.steps // 2), 1)
+    on_device = median_seconds(
+        lambda: runs.append(evaluate(vectors, labels, ks=ks, knn=TorchKnn(device))), device, max(1, args.steps // 2), 1
+    )
     ours = runs[-1]
     reference = evaluate(vectors, labels, ks=ks)  # FAISS on the CPU
     agree = all(abs(ours[key] - reference[key]) <= 2 / len(vectors) for key in reference)  # ties may swap one
-    out["knn"] = {"items": args.knn_items, "dim": args.knn_dim, "ks": list(ks), "evaluate_device_s": on_device,
-                  "bare_faiss_cpu_s": faiss_seconds, "agree_with_faiss": agree,
-                  "recall": {k: ours[f"recall@{k}"] for k in ks}}
-    out.setdefault("rows", []).append([
-        f"Recall@{{{', '.join(map(str, ks))}}} + MAP@R of {args.knn_items:,} × {args.knn_dim} on {device.type} (s); "
-        f"{'equal to' if agree else 'DIFFERENT FROM'} FAISS's", f"{on_device:.2f}",
-        f"{faiss_seconds:.2f} bare faiss.knn, CPU", f"{on_device / faiss_seconds:.2f}", "about 1 s"])
+    out["knn"] = {
+        "items": args.knn_items,
+        "dim": args.knn_dim,
+        "ks": list(ks),
+        "evaluate_device_s": on_device,
+        "bare_faiss_cpu_s": faiss_seconds,
+        "agree_with_faiss": agree,
+        "recall": {k: ours[f"recall@{k}"] for k in ks},
+    }
+    out.setdefault("rows", []).append(
+        [
+            f"Recall@{{{', '.join(map(str, ks))}}} + MAP@R of {args.knn_items:,} × {args.knn_dim} on {device.type} (s); "
+            f"{'equal to' if agree else 'DIFFERENT FROM'} FAISS's",
+            f"{on_device:.2f}",
+            f"{faiss_seconds:.2f} bare faiss.knn, CPU",
+            f"{on_device / faiss_seconds:.2f}",
+            "about 1 s",
+        ]
+    )
     return agree
 
 
@@ -322,25 +413,35 @@ def bench_decode(args, device, out, records: list[ImageRecord]) -> None:
         decode_rgb(data)
     pil_one_process = len(files) / (time.perf_counter() - started)
     result = {"pil_one_process": pil_one_process, "pil_ceiling": pil_one_process * usable_cpus()}
-    row = ["JPEG decode, Pillow in one process (img/s)", f"{pil_one_process:,.0f}",
-           f"× {usable_cpus()} CPUs = {pil_one_process * usable_cpus():,.0f}", "—", "—"]
+    row = [
+        "JPEG decode, Pillow in one process (img/s)",
+        f"{pil_one_process:,.0f}",
+        f"× {usable_cpus()} CPUs = {pil_one_process * usable_cpus():,.0f}",
+        "—",
+        "—",
+    ]
     if device.type == "cuda":
         from torchvision.io import decode_jpeg
 
-        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in files[:args.batch_size]]
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in files[: args.batch_size]]
         seconds = median_seconds(lambda: decode_jpeg(data, device=device), device, args.steps, args.warmup)
         result["nvjpeg"] = len(data) / seconds
-        row = ["JPEG decode, nvJPEG batch on the GPU (img/s)", f"{result['nvjpeg']:,.0f}",
-               f"{result['pil_ceiling']:,.0f} Pillow × {usable_cpus()} CPUs",
-               f"{result['nvjpeg'] / result['pil_ceiling']:.2f}", "—"]
+        row = [
+            "JPEG decode, nvJPEG batch on the GPU (img/s)",
+            f"{result['nvjpeg']:,.0f}",
+            f"{result['pil_ceiling']:,.0f} Pillow × {usable_cpus()} CPUs",
+            f"{result['nvjpeg'] / result['pil_ceiling']:.2f}",
+            "—",
+        ]
     out["decode"] = result
     out.setdefault("rows", []).append(row)
 
 
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_speed",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", default="resnet50")
@@ -349,11 +450,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embed-batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (the JPEG run times twice as many)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time torch.compile (default on; a minute or two to compile)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time torch.compile (default on; a minute or two to compile)",
+    )
     parser.add_argument("--jpeg-images", type=int, default=4096, help="JPEG files to write for the jpeg sections")
-    parser.add_argument("--jpeg-size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"),
-                        help="their size (default 500 × 375, about CUB's and SOP's)")
+    parser.add_argument(
+        "--jpeg-size",
+        type=int,
+        nargs=2,
+        default=(500, 375),
+        metavar=("W", "H"),
+        help="their size (default 500 × 375, about CUB's and SOP's)",
+    )
     parser.add_argument("--workers", type=int, default=usable_cpus(), help="decoding processes (default: all CPUs)")
     parser.add_argument("--knn-items", type=int, default=60_000)
     parser.add_argument("--knn-dim", type=int, default=512)
@@ -375,8 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-                 "torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k != "results"}}
+    out: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "torch": torch.__version__,
+        "args": {k: v for k, v in vars(args).items() if k != "results"},
+    }
     correct = True
     with tempfile.TemporaryDirectory() as scratch:
         records = []
@@ -401,8 +515,11 @@ def main(argv: list[str] | None = None) -> int:
             append_row(args.results, HEADER, stamp + row)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
-    print("\n".join(f"{row[0]}: {row[1]}  (baseline {row[2]}, ratio {row[3]}, target {row[4]})"
-                    for row in out.get("rows", [])))
+    print(
+        "\n".join(
+            f"{row[0]}: {row[1]}  (baseline {row[2]}, ratio {row[3]}, target {row[4]})" for row in out.get("rows", [])
+        )
+    )
     if not correct:
         print("error: the device's Recall@K differs from FAISS's", file=sys.stderr)
     return 0 if correct else 1

@@ -10,6 +10,7 @@ benchmarks/results/htl_tree.md.
     python -m benchmarks.htl_tree                              # 1,000 and 10,000 classes × 5 images, 512-d
     python -m benchmarks.htl_tree --classes 11318 --images-per-class 5   # the SOP training split
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def time_build(classes: int, per_class: int, dim: int, levels: int, neighbours: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.htl_tree",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.htl_tree", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--classes", type=int, nargs="+", default=[1_000, 10_000])
     parser.add_argument("--images-per-class", type=int, default=5)
     parser.add_argument("--dim", type=int, default=512)
@@ -67,11 +69,21 @@ def main() -> int:
     where = machine(f"{faiss.omp_get_max_threads()} FAISS threads")
     for classes in args.classes:
         seconds = time_build(classes, args.images_per_class, args.dim, args.levels, args.neighbours, args.repeats)
-        print(f"{classes} classes × {args.images_per_class} images, {args.dim}-d: median "
-              f"{statistics.median(seconds):.2f} s over {args.repeats}", file=sys.stderr)
-        row = [now_utc(), this_command("benchmarks.htl_tree"), where, str(classes),
-               str(classes * args.images_per_class), str(args.dim), f"{statistics.median(seconds):.2f}",
-               f"{min(seconds):.2f}"]
+        print(
+            f"{classes} classes × {args.images_per_class} images, {args.dim}-d: median "
+            f"{statistics.median(seconds):.2f} s over {args.repeats}",
+            file=sys.stderr,
+        )
+        row = [
+            now_utc(),
+            this_command("benchmarks.htl_tree"),
+            where,
+            str(classes),
+            str(classes * args.images_per_class),
+            str(args.dim),
+            f"{statistics.median(seconds):.2f}",
+            f"{min(seconds):.2f}",
+        ]
         print(append_row(RESULTS, HEADER, row) if not args.no_record else row)
     return 0
 

@@ -10,6 +10,7 @@ cores). One row is appended to benchmarks/results/index_throughput.md.
     python -m benchmarks.index_throughput                  # ResNet-50, 256 px, 256 images
     python -m benchmarks.index_throughput --arch resnet18 --images 128
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,11 @@ HEADER = """\
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.index_throughput",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.index_throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--dim", type=int, default=512)
@@ -56,8 +60,12 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        config = resolve_config("folder", "unused", str(scratch), overrides=dict(
-            arch=args.arch, dim=args.dim, image_size=args.image_size, pretrained="none"))
+        config = resolve_config(
+            "folder",
+            "unused",
+            str(scratch),
+            overrides=dict(arch=args.arch, dim=args.dim, image_size=args.image_size, pretrained="none"),
+        )
         torch.manual_seed(0)
         model = EmbeddingNet(args.arch, args.dim, config.embedding_bn).eval()
         torch.save({"model": model.state_dict(), "config": config.to_dict()}, scratch / "best.pt")
@@ -74,9 +82,12 @@ def main() -> int:
         embedder.embed_paths(paths, batch_size=args.batch_size, progress=False)
         embedder_rate = args.images / (time.perf_counter() - started)
 
-        batches = [torch.from_numpy(preprocess_batch([load_rgb(p) for p in paths[i:i + args.batch_size]],
-                                                     embedder.preprocessing))
-                   for i in range(0, args.images, args.batch_size)]
+        batches = [
+            torch.from_numpy(
+                preprocess_batch([load_rgb(p) for p in paths[i : i + args.batch_size]], embedder.preprocessing)
+            )
+            for i in range(0, args.images, args.batch_size)
+        ]
         with torch.no_grad():
             model(batches[0])  # warm-up
             started = time.perf_counter()
@@ -91,11 +102,23 @@ def main() -> int:
             embedder.session.run(["embedding"], {"image": single})
             latencies.append(time.perf_counter() - started)
         batch1_ms = 1000 * statistics.median(latencies[5:])
-    print(f"embedder {embedder_rate:.1f} img/s, torch {torch_rate:.1f} img/s, ORT batch-1 {batch1_ms:.1f} ms",
-          file=sys.stderr)
-    row = [now_utc(), this_command("benchmarks.index_throughput"), machine(), args.arch, str(args.image_size),
-           str(args.batch_size), str(args.images), f"{embedder_rate:.1f}", f"{torch_rate:.1f}",
-           f"{embedder_rate / torch_rate:.2f}", f"{batch1_ms:.1f}"]
+    print(
+        f"embedder {embedder_rate:.1f} img/s, torch {torch_rate:.1f} img/s, ORT batch-1 {batch1_ms:.1f} ms",
+        file=sys.stderr,
+    )
+    row = [
+        now_utc(),
+        this_command("benchmarks.index_throughput"),
+        machine(),
+        args.arch,
+        str(args.image_size),
+        str(args.batch_size),
+        str(args.images),
+        f"{embedder_rate:.1f}",
+        f"{torch_rate:.1f}",
+        f"{embedder_rate / torch_rate:.2f}",
+        f"{batch1_ms:.1f}",
+    ]
     print(append_row(RESULTS, HEADER, row) if not args.no_record else row)
     return 0
 

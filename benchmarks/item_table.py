@@ -10,6 +10,7 @@ benchmarks/results/item_table.md.
     python -m benchmarks.item_table                 # 1,000,000 rows
     python -m benchmarks.item_table --rows 2000000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,11 @@ def write_csv(path: Path, rows: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.item_table",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.item_table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -79,9 +83,18 @@ def main() -> int:
         assert as_list[-1] == table[-1]
         file_mib = path.stat().st_size / 2**20
     mib = 2**20
-    row = [now_utc(), this_command("benchmarks.item_table"), machine(), f"{args.rows:,}", f"{file_mib:.0f}",
-           f"{table_bytes / mib:.0f}", f"{list_bytes / mib:.0f}", f"{list_bytes / table_bytes:.1f}",
-           f"{load_seconds:.1f}", f"{1e6 * statistics.median(fetches):.0f}"]
+    row = [
+        now_utc(),
+        this_command("benchmarks.item_table"),
+        machine(),
+        f"{args.rows:,}",
+        f"{file_mib:.0f}",
+        f"{table_bytes / mib:.0f}",
+        f"{list_bytes / mib:.0f}",
+        f"{list_bytes / table_bytes:.1f}",
+        f"{load_seconds:.1f}",
+        f"{1e6 * statistics.median(fetches):.0f}",
+    ]
     print(append_row(RESULTS, HEADER, row) if not args.no_record else row)
     return 0
 

@@ -67,8 +67,9 @@ Server RSS is master + workers, sampled every 0.2 s: the mean of the first and o
 # --- a gallery and a server -----------------------------------------------------------------------------------
 
 
-def build_color_gallery(root: Path, out: Path, *, classes: dict[str, tuple[int, int, int]] = COLORS,
-                        per_class: int = 8, seed: int = 0) -> tuple[Path, np.ndarray, list[str]]:
+def build_color_gallery(
+    root: Path, out: Path, *, classes: dict[str, tuple[int, int, int]] = COLORS, per_class: int = 8, seed: int = 0
+) -> tuple[Path, np.ndarray, list[str]]:
     """Coloured images of ``classes`` under ``root``, embedded with the tiny model into gallery ``out``.
 
     Returns the model (``root/model.onnx``, written once), the gallery's embeddings and its labels, for
@@ -123,13 +124,32 @@ class Server:
 
 
 @contextmanager
-def running_server(index_dirs: Sequence[Path], *, workers: int = 1, threads: int = 4, max_upload_mb: float = 16,
-                   log_dir: Path | None = None, startup_timeout_s: float = 90) -> Iterator[Server]:
+def running_server(
+    index_dirs: Sequence[Path],
+    *,
+    workers: int = 1,
+    threads: int = 4,
+    max_upload_mb: float = 16,
+    log_dir: Path | None = None,
+    startup_timeout_s: float = 90,
+) -> Iterator[Server]:
     """``python -m sct serve`` on 127.0.0.1 and a free port (its default host), until the block ends."""
     port = free_port()
     log = Path(log_dir or tempfile.mkdtemp()) / f"serve-{port}.log"
-    command = [sys.executable, "-m", "sct", "serve", "--port", str(port), "--workers", str(workers),
-               "--threads", str(threads), "--max-upload-mb", str(max_upload_mb)]
+    command = [
+        sys.executable,
+        "-m",
+        "sct",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--max-upload-mb",
+        str(max_upload_mb),
+    ]
     for directory in index_dirs:
         command += ["--index", str(directory)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -217,8 +237,9 @@ class Query:
     expected_labels: list[str]
 
 
-def queries_for(model: Path, embeddings: np.ndarray, labels: Sequence[str], k: int, count: int = 12,
-                seed: int = 1) -> list[Query]:
+def queries_for(
+    model: Path, embeddings: np.ndarray, labels: Sequence[str], k: int, count: int = 12, seed: int = 1
+) -> list[Query]:
     """PNG and JPEG queries near each class colour, with their brute-force top-k over ``embeddings``."""
     rng = np.random.default_rng(seed)
     embedder = OnnxEmbedder(model)
@@ -266,9 +287,18 @@ class LoadResult:
         return max((kib for _, kib in self.rss_samples), default=0) / 1024
 
 
-def run_load(server: Server, queries: Sequence[Query], *, threads: int, duration_s: float, max_requests: int,
-             k: int, check: Callable[[Query, dict], str | None] | None = None, keep_answers: bool = False,
-             stop: threading.Event | None = None) -> LoadResult:
+def run_load(
+    server: Server,
+    queries: Sequence[Query],
+    *,
+    threads: int,
+    duration_s: float,
+    max_requests: int,
+    k: int,
+    check: Callable[[Query, dict], str | None] | None = None,
+    keep_answers: bool = False,
+    stop: threading.Event | None = None,
+) -> LoadResult:
     """POST the queries round-robin from ``threads`` threads until ``duration_s``, ``max_requests`` or ``stop``.
 
     A response is an error unless it is a 200 that ``check`` (default: the expected ranking) accepts.
@@ -343,11 +373,14 @@ def expected_ranking(query: Query, answer: dict) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.load_test", description=__doc__.split("\n\n")[0],
-                                     epilog="Examples:\n  python -m benchmarks.load_test\n"
-                                            "  python -m benchmarks.load_test --duration 30 --max-requests 5000 "
-                                            "--no-record",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.load_test",
+        description=__doc__.split("\n\n")[0],
+        epilog="Examples:\n  python -m benchmarks.load_test\n"
+        "  python -m benchmarks.load_test --duration 30 --max-requests 5000 "
+        "--no-record",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--duration", type=float, default=60, help="seconds of load (default: %(default)s)")
     parser.add_argument("--max-requests", type=int, default=100_000, help="stop after this many (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=4, help="client threads (default: %(default)s)")
@@ -363,23 +396,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(scratch)
         model, embeddings, labels = build_color_gallery(root, root / "colors", per_class=args.per_class)
         queries = queries_for(model, embeddings, labels, args.k)
-        with running_server([root / "colors"], workers=args.server_workers, threads=args.server_threads,
-                            log_dir=root) as server:
+        with running_server(
+            [root / "colors"], workers=args.server_workers, threads=args.server_threads, log_dir=root
+        ) as server:
             run_load(server, queries, threads=args.threads, duration_s=30, max_requests=20, k=args.k)  # warm-up
-            result = run_load(server, queries, threads=args.threads, duration_s=args.duration,
-                              max_requests=args.max_requests, k=args.k)
+            result = run_load(
+                server,
+                queries,
+                threads=args.threads,
+                duration_s=args.duration,
+                max_requests=args.max_requests,
+                k=args.k,
+            )
     first, last = result.rss_thirds_mib()
-    print(f"{result.requests} requests in {result.wall_s:.1f} s ({result.requests_per_s:.1f}/s), "
-          f"{len(result.errors)} errors, p50 {result.percentile_ms(50):.1f} ms, p99 {result.percentile_ms(99):.1f} ms, "
-          f"server RSS {first:.1f} → {last:.1f} MiB (max {result.max_rss_mib:.1f})")
+    print(
+        f"{result.requests} requests in {result.wall_s:.1f} s ({result.requests_per_s:.1f}/s), "
+        f"{len(result.errors)} errors, p50 {result.percentile_ms(50):.1f} ms, p99 {result.percentile_ms(99):.1f} ms, "
+        f"server RSS {first:.1f} → {last:.1f} MiB (max {result.max_rss_mib:.1f})"
+    )
     for error in result.errors[:10]:
         print("  " + error)
     if not args.no_record:
-        row = [now_utc(), this_command("benchmarks.load_test"), machine(f"1-min load average {load:.1f} before"),
-               f"sct serve, {args.server_workers} worker × {args.server_threads} threads; gallery "
-               f"{len(labels):,} × 16-d (tiny model, 32 px)", str(args.threads), f"{result.requests:,}",
-               str(len(result.errors)), f"{result.percentile_ms(50):.1f}", f"{result.percentile_ms(99):.1f}",
-               f"{result.requests_per_s:.1f}", f"{first:.1f} → {last:.1f}", f"{result.max_rss_mib:.1f}"]
+        row = [
+            now_utc(),
+            this_command("benchmarks.load_test"),
+            machine(f"1-min load average {load:.1f} before"),
+            f"sct serve, {args.server_workers} worker × {args.server_threads} threads; gallery "
+            f"{len(labels):,} × 16-d (tiny model, 32 px)",
+            str(args.threads),
+            f"{result.requests:,}",
+            str(len(result.errors)),
+            f"{result.percentile_ms(50):.1f}",
+            f"{result.percentile_ms(99):.1f}",
+            f"{result.requests_per_s:.1f}",
+            f"{first:.1f} → {last:.1f}",
+            f"{result.max_rss_mib:.1f}",
+        ]
         print(append_row(RESULTS, HEADER, row))
     return 1 if result.errors else 0
 

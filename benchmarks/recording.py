@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: describe the machine and append one row to a results table."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ def machine(extra: str = "") -> str:
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         model = names[0] if names else model
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parts = [model, f"{cpus} CPUs ({os.cpu_count()} on host)", *([extra] if extra else []), platform.system()]

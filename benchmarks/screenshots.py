@@ -24,6 +24,7 @@ embedded by the SCT model (seed 1) of the zero-shot study, with one test image (
     sct index --model runs/zero-shot/glyphs/sct-seed1/model.onnx --images gallery --out index_data/glyphs
     python -m benchmarks.screenshots --index index_data/glyphs --query g.png --k 7 --full-page --height 400
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,7 +86,8 @@ def take(base_url: str, query: Path, result: int, args: argparse.Namespace) -> t
                 "() => { const images = [...document.querySelectorAll('#results img')];"
                 f" return document.querySelectorAll('#results a.result').length > 0"
                 f" && images.length > 0 && images.every({LOADED})"
-                f" && document.querySelector('#preview').complete; }}")
+                f" && document.querySelector('#preview').complete; }}"
+            )
             count = page.locator("#results a.result").count()
             if not 1 <= result <= count:
                 raise SystemExit(f"error: --result {result}: the search returned {count} results")
@@ -93,7 +95,8 @@ def take(base_url: str, query: Path, result: int, args: argparse.Namespace) -> t
             page.locator("#results a.result").nth(result - 1).click()
             page.wait_for_url("**/pair?**")
             page.wait_for_function(
-                f"['#query-heatmap', '#item-heatmap'].every(s => ({LOADED})(document.querySelector(s)))")
+                f"['#query-heatmap', '#item-heatmap'].every(s => ({LOADED})(document.querySelector(s)))"
+            )
             pair = page.screenshot(full_page=args.full_page)
         finally:
             browser.close()
@@ -101,24 +104,35 @@ def take(base_url: str, query: Path, result: int, args: argparse.Namespace) -> t
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.screenshots",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.screenshots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--index", type=Path, required=True, help="gallery folder built by `sct index`")
     parser.add_argument("--query", type=Path, required=True, help="query image to upload")
     parser.add_argument("--result", type=int, default=1, help="which result's pair view to open (1 = the first)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images",
-                        help="folder for search.png and pair.png (default: docs/images)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "docs" / "images",
+        help="folder for search.png and pair.png (default: docs/images)",
+    )
     parser.add_argument("--k", type=int, default=10, help="results to show (default: 10)")
     parser.add_argument("--width", type=int, default=1200, help="viewport width in px (default: 1200)")
     parser.add_argument("--height", type=int, default=800, help="viewport height in px (default: 800)")
     parser.add_argument("--full-page", action="store_true", help="capture the whole page, not just the viewport")
-    parser.add_argument("--colors", type=int, default=256,
-                        help="palette size of the saved PNGs; 0 keeps full colour (default: 256)")
+    parser.add_argument(
+        "--colors", type=int, default=256, help="palette size of the saved PNGs; 0 keeps full colour (default: 256)"
+    )
     parser.add_argument("--chromium", type=Path, default=Path("/usr/bin/chromium"), help="Chromium executable")
     parser.add_argument("--timeout", type=float, default=60, help="seconds to wait for each page (default: 60)")
     args = parser.parse_args()
-    for path, what in ((args.index / "manifest.json", "gallery folder"), (args.query, "query image"),
-                       (args.chromium, "Chromium")):
+    for path, what in (
+        (args.index / "manifest.json", "gallery folder"),
+        (args.query, "query image"),
+        (args.chromium, "Chromium"),
+    ):
         if not path.is_file():
             print(f"error: no {what}: {path} not found", file=sys.stderr)
             return 2

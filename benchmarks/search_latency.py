@@ -70,10 +70,14 @@ def export_model(out: str, arch: str, dim: int, image_size: int) -> None:
     from training.model import EmbeddingNet
 
     scratch = Path(out).parent
-    config = resolve_config("folder", "unused", str(scratch), overrides=dict(
-        arch=arch, dim=dim, image_size=image_size, pretrained="none"))
+    config = resolve_config(
+        "folder", "unused", str(scratch), overrides=dict(arch=arch, dim=dim, image_size=image_size, pretrained="none")
+    )
     torch.manual_seed(0)
-    torch.save({"model": EmbeddingNet(arch, dim, config.embedding_bn).eval().state_dict(), "config": config.to_dict()}, scratch / "best.pt")
+    torch.save(
+        {"model": EmbeddingNet(arch, dim, config.embedding_bn).eval().state_dict(), "config": config.to_dict()},
+        scratch / "best.pt",
+    )
     export_onnx(scratch / "best.pt", out)
 
 
@@ -82,8 +86,9 @@ def photo_like_jpeg(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
     rng = np.random.default_rng(seed)
     width, height = size
     y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([(x * rng.uniform(0.2, 0.5) + y * rng.uniform(0.1, 0.4) + rng.uniform(0, 100)) % 256
-                     for _ in range(3)], axis=-1)
+    base = np.stack(
+        [(x * rng.uniform(0.2, 0.5) + y * rng.uniform(0.1, 0.4) + rng.uniform(0, 100)) % 256 for _ in range(3)], axis=-1
+    )
     image = Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
     for _ in range(12):
@@ -138,8 +143,11 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.search_latency",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.search_latency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--dim", type=int, default=512)
@@ -167,8 +175,16 @@ def main() -> int:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         items = [GalleryItem(i, str(files[i % len(files)]), f"class {i % 1000}") for i in range(args.items)]
         started = time.perf_counter()
-        build_gallery(scratch / "gallery", vectors, items, model, dataset="synthetic", split="test",
-                      index_type=args.index_type, nlist=args.nlist)
+        build_gallery(
+            scratch / "gallery",
+            vectors,
+            items,
+            model,
+            dataset="synthetic",
+            split="test",
+            index_type=args.index_type,
+            nlist=args.nlist,
+        )
         print(f"gallery of {args.items:,} built in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         del vectors, items
         app = create_app([scratch / "gallery"], default_k=args.k)
@@ -184,13 +200,22 @@ def main() -> int:
     for stage in stages:
         print(f"{stage:8s} p50 {p50[stage]:7.2f} ms  p99 {p99[stage]:7.2f} ms", file=sys.stderr)
     print(f"(decode + search + render) / embed: p50 {ratio50:.3f}, p99 {ratio99:.3f} (target ≤ 0.2)", file=sys.stderr)
-    print(f"FAISS alone after an embedding, p50: {openmp[0]:.2f} ms with {faiss.omp_get_max_threads()} OpenMP "
-          f"threads, {openmp[1]:.2f} ms with 1", file=sys.stderr)
-    row = [now_utc(), this_command("benchmarks.search_latency"),
-           machine(f"1-min load average {load:.1f} before the run"),
-           f"{args.arch} {args.image_size} px, {args.dim}-d", f"{args.items:,} × {args.dim}, {factory}",
-           str(args.requests), *(f"{p50[s]:.2f} / {p99[s]:.2f}" for s in (*STAGES, "request")),
-           f"{ratio50:.3f} / {ratio99:.3f}", f"{openmp[0]:.2f} / {openmp[1]:.2f}"]
+    print(
+        f"FAISS alone after an embedding, p50: {openmp[0]:.2f} ms with {faiss.omp_get_max_threads()} OpenMP "
+        f"threads, {openmp[1]:.2f} ms with 1",
+        file=sys.stderr,
+    )
+    row = [
+        now_utc(),
+        this_command("benchmarks.search_latency"),
+        machine(f"1-min load average {load:.1f} before the run"),
+        f"{args.arch} {args.image_size} px, {args.dim}-d",
+        f"{args.items:,} × {args.dim}, {factory}",
+        str(args.requests),
+        *(f"{p50[s]:.2f} / {p99[s]:.2f}" for s in (*STAGES, "request")),
+        f"{ratio50:.3f} / {ratio99:.3f}",
+        f"{openmp[0]:.2f} / {openmp[1]:.2f}",
+    ]
     print(append_row(RESULTS, HEADER, row) if not args.no_record else row)
     return 0
 

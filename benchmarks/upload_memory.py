@@ -64,8 +64,9 @@ def measure(path: Path, mode: str, repeats: int) -> tuple[float, float]:
     peaks, times = [], []
     root = Path(__file__).resolve().parents[1]
     for _ in range(repeats):
-        output = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], check=True, capture_output=True,
-                                text=True, cwd=root).stdout
+        output = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), mode], check=True, capture_output=True, text=True, cwd=root
+        ).stdout
         result = json.loads(output.strip().splitlines()[-1])
         peaks.append(result["peak_mib"])
         times.append(result["seconds"] * 1000)
@@ -73,10 +74,13 @@ def measure(path: Path, mode: str, repeats: int) -> tuple[float, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.upload_memory", description=__doc__.split("\n\n")[0],
-                                     epilog="Examples:\n  python -m benchmarks.upload_memory\n"
-                                            "  python -m benchmarks.upload_memory --repeats 1 --no-record",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.upload_memory",
+        description=__doc__.split("\n\n")[0],
+        epilog="Examples:\n  python -m benchmarks.upload_memory\n"
+        "  python -m benchmarks.upload_memory --repeats 1 --no-record",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per image and path (default 3)")
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS}")
     args = parser.parse_args(argv)
@@ -88,9 +92,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             path.write_bytes(data)
             full_mib, full_ms = measure(path, "full", args.repeats)
             bounded_mib, bounded_ms = measure(path, "bounded", args.repeats)
-            row = [now_utc(), this_command("benchmarks.upload_memory", argv), machine(), name,
-                   f"{len(data):,}", f"{full_mib:.0f}", f"{bounded_mib:.0f}", f"{full_mib / bounded_mib:.1f}",
-                   f"{full_ms:.0f}", f"{bounded_ms:.0f}", f"{full_ms / bounded_ms:.1f}"]
+            row = [
+                now_utc(),
+                this_command("benchmarks.upload_memory", argv),
+                machine(),
+                name,
+                f"{len(data):,}",
+                f"{full_mib:.0f}",
+                f"{bounded_mib:.0f}",
+                f"{full_mib / bounded_mib:.1f}",
+                f"{full_ms:.0f}",
+                f"{bounded_ms:.0f}",
+                f"{full_ms / bounded_ms:.1f}",
+            ]
             print(" | ".join(row[3:]), flush=True)
             if not args.no_record:
                 append_row(RESULTS, HEADER, row)

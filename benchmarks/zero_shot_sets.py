@@ -61,11 +61,14 @@ FASHION_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "s
 
 def font_files() -> list[Path]:
     """The usable TrueType faces (the math font has few of the glyphs)."""
-    faces = sorted(path for folder in FONT_FOLDERS if folder.is_dir() for path in folder.glob("*.ttf")
-                   if "Math" not in path.name)
+    faces = sorted(
+        path for folder in FONT_FOLDERS if folder.is_dir() for path in folder.glob("*.ttf") if "Math" not in path.name
+    )
     if len(faces) < 10:
-        raise SystemExit("error: need the DejaVu and Liberation fonts: apt-get install fonts-dejavu-core "
-                         "fonts-dejavu-extra fonts-liberation")
+        raise SystemExit(
+            "error: need the DejaVu and Liberation fonts: apt-get install fonts-dejavu-core "
+            "fonts-dejavu-extra fonts-liberation"
+        )
     return faces
 
 
@@ -110,8 +113,11 @@ def draw_glyph(character: str, face: Path, rng: random.Random) -> Image.Image:
     font = ImageFont.truetype(str(face), int(canvas * rng.uniform(0.45, 0.7)))
     glyph = Image.new("L", (canvas, canvas))
     ImageDraw.Draw(glyph).text((canvas / 2, canvas / 2), character, fill=255, font=font, anchor="mm")
-    glyph = glyph.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR,
-                         translate=(rng.uniform(-0.1, 0.1) * canvas, rng.uniform(-0.1, 0.1) * canvas))
+    glyph = glyph.rotate(
+        rng.uniform(-20, 20),
+        resample=Image.BILINEAR,
+        translate=(rng.uniform(-0.1, 0.1) * canvas, rng.uniform(-0.1, 0.1) * canvas),
+    )
     image = Image.composite(Image.new("RGB", glyph.size, ink), Image.new("RGB", glyph.size, paper), glyph)
     image = image.resize((SIDE, SIDE), Image.BILINEAR).filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
     noise = np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(0, 10), (SIDE, SIDE, 3))
@@ -222,8 +228,9 @@ def build_emoji(out: Path, *, classes: int = 200, per_class: int = 60, seed: int
     font = emoji_font()
     pool = distinct_emoji(font)
     if not 2 <= classes <= len(pool):
-        raise SystemExit(f"error: --classes must be 2 to {len(pool)} (the distinct emoji the font draws), "
-                         f"not {classes}")
+        raise SystemExit(
+            f"error: --classes must be 2 to {len(pool)} (the distinct emoji the font draws), " f"not {classes}"
+        )
     chosen = random.Random(seed).sample(pool, classes)  # in random order: its first half trains
     train = set(chosen[: classes // 2])
     rows = []
@@ -263,7 +270,7 @@ def _idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as file:
         data = file.read()
     dims = int(data[3])
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -276,17 +283,20 @@ def _write_split(out: Path, rows: list[tuple[str, str, str]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.zero_shot_sets", description=__doc__.split("\n\n")[0],
+        prog="python -m benchmarks.zero_shot_sets",
+        description=__doc__.split("\n\n")[0],
         epilog="Examples:\n  python -m benchmarks.zero_shot_sets glyphs --out data/glyphs\n"
-               "  python -m benchmarks.zero_shot_sets emoji --out data/emoji\n"
-               "  python -m benchmarks.zero_shot_sets emoji --classes 50 --per-class 20 --seed 1 "
-               "--out data/emoji-50\n"
-               "  python -m benchmarks.zero_shot_sets fashion-5-5 --out data/fashion-5-5",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  python -m benchmarks.zero_shot_sets emoji --out data/emoji\n"
+        "  python -m benchmarks.zero_shot_sets emoji --classes 50 --per-class 20 --seed 1 "
+        "--out data/emoji-50\n"
+        "  python -m benchmarks.zero_shot_sets fashion-5-5 --out data/fashion-5-5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("set", choices=("glyphs", "emoji", "fashion-5-5"))
     parser.add_argument("--out", type=Path, required=True, help="the folder to write (a --dataset folder root)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="glyphs, emoji: drawing, class split and (emoji) class choice (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="glyphs, emoji: drawing, class split and (emoji) class choice (default 0)"
+    )
     parser.add_argument("--per-class", type=int, default=60, help="glyphs, emoji: images per class (default 60)")
     parser.add_argument("--classes", type=int, default=200, help="emoji: how many emoji (default 200)")
     args = parser.parse_args(argv)

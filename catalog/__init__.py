@@ -13,13 +13,13 @@ from types import MappingProxyType
 
 from catalog.images import ImageLoadError, decode_rgb, load_rgb
 from catalog.records import DatasetError, ImageRecord, select_split, summarize
-from catalog.registry import (CHAIN_LABELS, DEFAULT_KS, FALLBACK, REGISTRY, DatasetSpec, LabelSet, spec,
-                              spec_or_folder)
+from catalog.registry import CHAIN_LABELS, DEFAULT_KS, FALLBACK, REGISTRY, DatasetSpec, LabelSet, spec, spec_or_folder
 from catalog.validation import VALIDATION_SPLIT, carve_validation
 
 #: dataset name -> reader(root) -> records, as registered in catalog.registry
 DATASETS: Mapping[str, Callable[[Path], list[ImageRecord]]] = MappingProxyType(
-    {name: entry.reader for name, entry in REGISTRY.items()})
+    {name: entry.reader for name, entry in REGISTRY.items()}
+)
 
 
 def recall_ks(name: str) -> tuple[int, ...]:

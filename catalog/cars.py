@@ -136,8 +136,9 @@ def _variable_names(variables: dict[str, Any]) -> str:
     return ", ".join(name for name in variables if not name.startswith("__"))  # not loadmat's __header__ etc.
 
 
-def _record(image_dir: Path, path_field: str, annotation: dict[str, Any], class_names: list[str], path: Path,
-            index: int) -> ImageRecord:
+def _record(
+    image_dir: Path, path_field: str, annotation: dict[str, Any], class_names: list[str], path: Path, index: int
+) -> ImageRecord:
     """The record of annotation ``index`` (0-based) of the annotations file ``path``."""
     name = annotation[path_field]
     if not isinstance(name, str) or not name:

@@ -42,8 +42,11 @@ def read_cub(root: str | os.PathLike[str]) -> list[ImageRecord]:
     for line, (image_id, relative_path) in read_rows(images_file, ("image_id", "path")):
         class_id = class_of_image.get(image_id)
         if class_id is None:
-            raise layout_error(NAME, f"image {image_id} ({relative_path}, {images_file} line {line}) "
-                                     f"has no class in {labels_file.name}", TREE)
+            raise layout_error(
+                NAME,
+                f"image {image_id} ({relative_path}, {images_file} line {line}) " f"has no class in {labels_file.name}",
+                TREE,
+            )
         if class_names is None:
             label = Path(relative_path).parent.name or str(class_id)
         elif class_id in class_names:

@@ -75,8 +75,9 @@ def _read_train_csv(root: Path, train_csv: Path, chain_of: dict[str, str]) -> li
         next(rows, None)  # header
         for row in rows:
             if len(row) < 4:
-                raise DatasetError(f"{train_csv}, line {rows.line_num}: expected image_id,hotel_id,image_url,"
-                                   f"image_source,...")
+                raise DatasetError(
+                    f"{train_csv}, line {rows.line_num}: expected image_id,hotel_id,image_url," f"image_source,..."
+                )
             image_id, hotel, url, source = row[:4]
             chain = chain_of.get(hotel)
             if chain is None:
@@ -100,4 +101,3 @@ def _scan(split_dir: Path, split: str) -> list[ImageRecord]:
     if not records:
         raise layout_error(NAME, f"no images found in {split_dir}/<chain_id>/<hotel_id>/", TREE)
     return records
-

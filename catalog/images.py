@@ -86,8 +86,9 @@ def decode_rgb(data: bytes, *, max_pixels: int = 40_000_000, min_side: int | Non
     return _decode(io.BytesIO(data), _UPLOAD, max_pixels=max_pixels, min_side=min_side)
 
 
-def _decode(file: BinaryIO, path: str | os.PathLike[str], *, max_pixels: int | None,
-            min_side: int | None) -> Image.Image:
+def _decode(
+    file: BinaryIO, path: str | os.PathLike[str], *, max_pixels: int | None, min_side: int | None
+) -> Image.Image:
     """Open, draft, size-check, fully decode, reduce, EXIF-transpose and convert to RGB."""
     try:
         with Image.open(file) as image:

@@ -36,11 +36,13 @@ def read_inshop(root: str | os.PathLike[str]) -> list[ImageRecord]:
     with partition_file.open(encoding="utf-8") as file:
         count_line, header = file.readline().split(), file.readline().split()
     if len(count_line) != 1 or tuple(header) != COLUMNS:
-        raise layout_error(NAME, f"{partition_file} should start with the image count, then the header "
-                                 f"{' '.join(COLUMNS)!r}", TREE)
+        raise layout_error(
+            NAME, f"{partition_file} should start with the image count, then the header " f"{' '.join(COLUMNS)!r}", TREE
+        )
     expected = parse_int(count_line[0], partition_file, 1, "image count")
-    records = [_record(image_base, partition_file, line, fields)
-               for line, fields in read_rows(partition_file, COLUMNS, skip=2)]
+    records = [
+        _record(image_base, partition_file, line, fields) for line, fields in read_rows(partition_file, COLUMNS, skip=2)
+    ]
     if len(records) != expected:
         raise DatasetError(f"{partition_file}: lists {len(records)} images but its first line says {expected}")
     require_images(records, NAME, str(partition_file), TREE)
@@ -54,6 +56,4 @@ def _record(image_base: Path, partition_file: Path, line: int, fields: list[str]
             f"{partition_file}, line {line}: evaluation_status {split!r} is not one of {', '.join(SPLITS)}"
         )
     category = image_name.split("/")[1:-2]  # img/<gender>/<category>/<item>/<file>
-    return ImageRecord(
-        path=str(image_base / image_name), label=item_id, split=split, group="/".join(category) or None
-    )
+    return ImageRecord(path=str(image_base / image_name), label=item_id, split=split, group="/".join(category) or None)

@@ -23,8 +23,7 @@ def layout_error(dataset: str, problem: str, tree: str) -> DatasetError:
     return DatasetError(f"{dataset}: {problem}\nExpected layout:\n{textwrap.indent(tree.strip(), '  ')}")
 
 
-def dataset_dir(root: str | os.PathLike[str], marker: str, subfolders: Sequence[str], dataset: str,
-                tree: str) -> Path:
+def dataset_dir(root: str | os.PathLike[str], marker: str, subfolders: Sequence[str], dataset: str, tree: str) -> Path:
     """The folder holding ``marker``: ``root`` itself or one of ``root/<subfolder>`` (absolute)."""
     root = Path(root).resolve()
     if not root.is_dir():

@@ -80,8 +80,10 @@ class DatasetSpec:
                 raise ValueError(f"dataset {self.name!r}: label set {labels.field!r} is no ImageRecord field")
         for query, gallery in self.protocols:
             if query == gallery:
-                raise ValueError(f"dataset {self.name!r}: split {query!r} cannot be both queries and gallery; "
-                                 "leave-one-out over it is gallery None")
+                raise ValueError(
+                    f"dataset {self.name!r}: split {query!r} cannot be both queries and gallery; "
+                    "leave-one-out over it is gallery None"
+                )
 
     @property
     def protocols(self) -> tuple[Protocol, ...]:
@@ -114,43 +116,79 @@ SPECS: tuple[DatasetSpec, ...] = (
     # The paper's settings (and its official code's); "cpu" entries replace them where no GPU is present, and an
     # "sgd" or "adamw" entry replaces them when that optimiser is chosen instead of the dataset's own.
     DatasetSpec(
-        name="cub", reader=read_cub,
-        training_preset=dict(dim=64, batch_size=128, lr=0.009, lam=1.0, epochs=80, milestones=[0.5],
-                             mean=[0.4707, 0.4601, 0.4549], std=[0.2767, 0.2760, 0.2850]),
+        name="cub",
+        reader=read_cub,
+        training_preset=dict(
+            dim=64,
+            batch_size=128,
+            lr=0.009,
+            lam=1.0,
+            epochs=80,
+            milestones=[0.5],
+            mean=[0.4707, 0.4601, 0.4549],
+            std=[0.2767, 0.2760, 0.2850],
+        ),
     ),
     DatasetSpec(
-        name="cars", reader=read_cars,
+        name="cars",
+        reader=read_cars,
         training_preset=dict(dim=64, batch_size=128, lr=0.02, lam=1.0, epochs=80, milestones=[0.5]),
     ),
     DatasetSpec(
-        name="sop", reader=read_sop,
+        name="sop",
+        reader=read_sop,
         training_preset=dict(dim=512, batch_size=512, lr=0.03, lam=0.1, epochs=200, milestones=[0.5, 0.75]),
     ),
     DatasetSpec(
-        name="inshop", reader=read_inshop, query_split="query", gallery_split="gallery",
+        name="inshop",
+        reader=read_inshop,
+        query_split="query",
+        gallery_split="gallery",
         recall_ks=(1, 10, 20, 30, 40),
         training_preset=dict(dim=512, batch_size=512, lr=0.1, lam=0.1, epochs=200, milestones=[0.5, 0.75]),
     ),
     DatasetSpec(
         # The gallery is the training set: test photos of a hotel are searched among its training photos
-        name="hotels50k", reader=read_hotels50k, query_split="query", gallery_split="train",
-        recall_ks=(1, 10, 100), extra_label_sets=(CHAIN_LABELS,),
+        name="hotels50k",
+        reader=read_hotels50k,
+        query_split="query",
+        gallery_split="train",
+        recall_ks=(1, 10, 100),
+        extra_label_sets=(CHAIN_LABELS,),
         training_preset=dict(dim=256, batch_size=512, lr=0.1, lam=0.1, epochs=200, milestones=[0.5, 0.75]),
     ),
     DatasetSpec(
-        name="folder", reader=read_folder, other_protocols=(("query", "gallery"), ("query", "train")),
+        name="folder",
+        reader=read_folder,
+        other_protocols=(("query", "gallery"), ("query", "train")),
         training_preset=dict(dim=64, batch_size=128, lr=0.009, lam=1.0, epochs=80, milestones=[0.5]),
     ),
     DatasetSpec(
-        name="fashion-mnist", reader=read_fashion_mnist,
+        name="fashion-mnist",
+        reader=read_fashion_mnist,
         # The demo: a small ResNet from scratch at 32 px. Tuned on CPU for a 5-minute budget
         # (benchmarks/results/demo.md): AdamW, no crop/flip augmentation, and all 10 classes in every batch
         # (P = 10, K = 12) learn fastest.
         training_preset=dict(
-            arch="resnet18", pretrained="none", dim=128, image_size=32, epochs=12, batch_size=120,
-            images_per_class=12, optimizer="adamw", lr=0.001, weight_decay=1e-4, schedule="cosine",
-            warmup_iters=100, augment=False, lam=1.0, mean=[0.2860] * 3, std=[0.3530] * 3, workers=2,
-            eval_every=0, triplets_every=50,
+            arch="resnet18",
+            pretrained="none",
+            dim=128,
+            image_size=32,
+            epochs=12,
+            batch_size=120,
+            images_per_class=12,
+            optimizer="adamw",
+            lr=0.001,
+            weight_decay=1e-4,
+            schedule="cosine",
+            warmup_iters=100,
+            augment=False,
+            lam=1.0,
+            mean=[0.2860] * 3,
+            std=[0.3530] * 3,
+            workers=2,
+            eval_every=0,
+            triplets_every=50,
             losses=dict(htl=dict(images_per_class=12, htl_neighbours=5)),  # 120 = l′ 2 groups × m 5 classes × t 12
             # --optimizer sgd: the paper's SGD (momentum 0), tuned on a validation split for HN, SHN and SCT alike
             # (docs/hard-negatives/README.md): all three peaked at lr 0.3, so no per-loss factor here.
@@ -179,4 +217,3 @@ def spec(name: str) -> DatasetSpec:
 def spec_or_folder(name: str) -> DatasetSpec:
     """The spec of ``name``, or the folder's (``FALLBACK``) for a name outside the registry."""
     return REGISTRY.get(name, REGISTRY[FALLBACK])
-

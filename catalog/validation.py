@@ -7,6 +7,7 @@ what the test measures. By images when train and test share their classes
 The choice is seeded and independent of the training seed, so every run of a
 sweep validates on the same images.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,9 @@ VALIDATION_SPLIT = "val"
 EVALUATED_SPLITS = ("test", "query", "gallery")
 
 
-def carve_validation(records: list[ImageRecord], fraction: float, *, by: str = "auto",
-                     seed: int = 0) -> list[ImageRecord]:
+def carve_validation(
+    records: list[ImageRecord], fraction: float, *, by: str = "auto", seed: int = 0
+) -> list[ImageRecord]:
     """``records`` with about ``fraction`` of the training split moved to a "val" split.
 
     ``by``: "classes", "images", or "auto" (images when a training class also
@@ -43,16 +45,20 @@ def carve_validation(records: list[ImageRecord], fraction: float, *, by: str = "
     rng = random.Random(f"validation-{seed}")
     held_out = _by_classes(by_class, fraction, rng) if by == "classes" else _by_images(by_class, fraction, rng)
     if not held_out:
-        raise UserValueError(f"a validation fraction of {fraction} by {by} holds out nothing: "
-                             f"the training split has {len(by_class)} classes")
+        raise UserValueError(
+            f"a validation fraction of {fraction} by {by} holds out nothing: "
+            f"the training split has {len(by_class)} classes"
+        )
     return [dataclasses.replace(r, split=VALIDATION_SPLIT) if i in held_out else r for i, r in enumerate(records)]
 
 
 def _by_classes(by_class: dict[str, list[int]], fraction: float, rng: random.Random) -> set[int]:
     eligible = sorted(label for label, members in by_class.items() if len(members) >= 2)
     if len(eligible) < 2:
-        raise UserValueError(f"cannot hold out classes for validation: only {len(eligible)} training class(es) "
-                             "with two or more images")
+        raise UserValueError(
+            f"cannot hold out classes for validation: only {len(eligible)} training class(es) "
+            "with two or more images"
+        )
     count = min(max(1, round(fraction * len(eligible))), len(eligible) - 1)
     chosen = rng.sample(eligible, count)
     return {i for label in chosen for i in by_class[label]}

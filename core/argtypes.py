@@ -1,4 +1,5 @@
 """argparse types shared by the command lines."""
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 Standard library only, so training counts CPUs without ONNX Runtime. A process's default share is never more
 than the CPUs it may use, the most torch's DataLoader accepts without a warning.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ the subclasses below, which are also the built-in error a library caller expects
 the user's input; a command handler may turn a library's own exception into one at its boundary with
 ``as_user_error``, naming the exception types it knows to be the user's doing.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -2,6 +2,7 @@
 
 Writing, reading and merging shard folders is ``retrieval.shards``.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,10 @@ class ShardSpec:
             missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
             if missing:
                 verb = "is" if len(missing) == 1 else "are"
-                raise UserValueError(f"--shard env reads RANK and WORLD_SIZE (set by torchrun), but "
-                                     f"{' and '.join(missing)} {verb} not set")
+                raise UserValueError(
+                    f"--shard env reads RANK and WORLD_SIZE (set by torchrun), but "
+                    f"{' and '.join(missing)} {verb} not set"
+                )
             text = f"{environ['RANK']}/{environ['WORLD_SIZE']}"
         match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
         if not match or not int(match[1]) < int(match[2]):

@@ -16,6 +16,7 @@ and the tuning table.
 
 Runs already finished are reused, so an interrupted experiment continues where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,8 @@ from training.analysis.runs import load_run  # noqa: E402
 GRID: dict[str, list[dict[str, float]]] = {
     "hn": [{"lr": lr} for lr in (0.01, 0.03, 0.1, 0.3, 1.0)],
     "shn": [{"lr": lr} for lr in (0.01, 0.03, 0.1, 0.3, 1.0)],
-    "sct": [{"lr": lr, "lam": 1.0} for lr in (0.01, 0.03, 0.1, 0.3, 1.0)] + [{"lr": lr, "lam": 10.0} for lr in (0.01, 0.03)],
+    "sct": [{"lr": lr, "lam": 1.0} for lr in (0.01, 0.03, 0.1, 0.3, 1.0)]
+    + [{"lr": lr, "lam": 10.0} for lr in (0.01, 0.03)],
 }
 
 
@@ -60,10 +62,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", default=["hn", "shn", "sct"], choices=sorted(GRID))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs", default=str(ROOT / "experiments" / "runs" / "hard-negatives"),
-                        help="folder for the run folders (git-ignored)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "hard-negatives"),
-                        help="folder for the report, figures and RESULTS.md")
+    parser.add_argument(
+        "--runs",
+        default=str(ROOT / "experiments" / "runs" / "hard-negatives"),
+        help="folder for the run folders (git-ignored)",
+    )
+    parser.add_argument(
+        "--out", default=str(ROOT / "docs" / "hard-negatives"), help="folder for the report, figures and RESULTS.md"
+    )
     parser.add_argument("--skip-tuning", action="store_true", help="use --lr-hn/--lr-shn/--lr-sct/--lam-sct")
     for loss in ("hn", "shn", "sct"):
         parser.add_argument(f"--lr-{loss}", type=float, help=f"{loss}'s learning rate with --skip-tuning")
@@ -71,16 +77,34 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def settings(args: argparse.Namespace, loss: str, choice: dict[str, float], *, seed: int, iters: int,
-             validate: bool) -> dict[str, Any]:
+def settings(
+    args: argparse.Namespace, loss: str, choice: dict[str, float], *, seed: int, iters: int, validate: bool
+) -> dict[str, Any]:
     """One run's overrides: everything but the loss, lr, λ and seed is shared by all runs."""
-    return dict(loss=loss, arch=args.arch, pretrained=args.pretrained, image_size=args.image_size, dim=args.dim,
-                batch_size=args.batch_size, images_per_class=args.images_per_class, optimizer="sgd", momentum=0.0,
-                weight_decay=0.0, schedule="cosine", warmup_iters=min(100, iters // 5),
-                # tuning: one evaluation at the end; final runs: three, for the Recall@1 curve
-                epochs=1 if validate else 3, max_iters_per_epoch=iters if validate else max(1, iters // 3),
-                augment=False, eval_every=0 if validate else 1, triplets_every=max(1, iters // 12),
-                seed=seed, device=args.device, val_fraction=0.1 if validate else 0.0, **choice)
+    return dict(
+        loss=loss,
+        arch=args.arch,
+        pretrained=args.pretrained,
+        image_size=args.image_size,
+        dim=args.dim,
+        batch_size=args.batch_size,
+        images_per_class=args.images_per_class,
+        optimizer="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="cosine",
+        warmup_iters=min(100, iters // 5),
+        # tuning: one evaluation at the end; final runs: three, for the Recall@1 curve
+        epochs=1 if validate else 3,
+        max_iters_per_epoch=iters if validate else max(1, iters // 3),
+        augment=False,
+        eval_every=0 if validate else 1,
+        triplets_every=max(1, iters // 12),
+        seed=seed,
+        device=args.device,
+        val_fraction=0.1 if validate else 0.0,
+        **choice,
+    )
 
 
 def train(args: argparse.Namespace, folder: Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -95,8 +119,9 @@ def train(args: argparse.Namespace, folder: Path, overrides: dict[str, Any]) -> 
             return finished
     import torch
 
-    config = resolve_config(args.dataset, args.data_root, str(folder), overrides=overrides,
-                            cuda_available=torch.cuda.is_available())
+    config = resolve_config(
+        args.dataset, args.data_root, str(folder), overrides=overrides, cuda_available=torch.cuda.is_available()
+    )
     config.cache_images = config.workers == 0 and not config.augment
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -111,23 +136,29 @@ def initial_state(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     import catalog
-    from retrieval.metrics import evaluate
+    from retrieval.metrics import evaluate, mean_pairwise_similarity
     from training.analysis.model_diagram import chance_recall_at_1, sample_by_class
-    from retrieval.metrics import mean_pairwise_similarity
     from training.config import resolve_config
     from training.data import embed_records
     from training.model import build_model
     from training.trainer import evaluation_splits, pick_device, preprocessing_of
 
-    config = resolve_config(args.dataset, args.data_root, "unused", overrides=settings(
-        args, "sct", {"lr": 0.1}, seed=0, iters=1, validate=False))
+    config = resolve_config(
+        args.dataset,
+        args.data_root,
+        "unused",
+        overrides=settings(args, "sct", {"lr": 0.1}, seed=0, iters=1, validate=False),
+    )
     torch.manual_seed(0)
     device = pick_device(args.device)
     model = build_model(config.arch, config.dim, config.pretrained, embedding_bn=config.embedding_bn).to(device)
     queries, _ = evaluation_splits(catalog.read_dataset(args.dataset, args.data_root), args.dataset)
     embeddings, labels, _ = embed_records(model, sample_by_class(queries, 2000), preprocessing_of(config), device)
-    return {"recall@1": float(evaluate(embeddings, labels, ks=(1,))["recall@1"]),
-            "mean_similarity": mean_pairwise_similarity(embeddings), "chance_recall@1": chance_recall_at_1(labels)}
+    return {
+        "recall@1": float(evaluate(embeddings, labels, ks=(1,))["recall@1"]),
+        "mean_similarity": mean_pairwise_similarity(embeddings),
+        "chance_recall@1": chance_recall_at_1(labels),
+    }
 
 
 def choice_name(loss: str, choice: dict[str, float]) -> str:
@@ -166,8 +197,14 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def write_results(args: argparse.Namespace, best: dict[str, dict[str, float]], tuning: list[dict[str, Any]],
-                  report: list[Any], initial: dict[str, float], seconds: float) -> Path:
+def write_results(
+    args: argparse.Namespace,
+    best: dict[str, dict[str, float]],
+    tuning: list[dict[str, Any]],
+    report: list[Any],
+    initial: dict[str, float],
+    seconds: float,
+) -> Path:
     out = Path(args.out)
     by_loss: dict[str, list[Any]] = {}
     for summary in report:
@@ -186,9 +223,12 @@ def write_results(args: argparse.Namespace, best: dict[str, dict[str, float]], t
         f"{args.dim}-d, {args.image_size} px, P×K = {args.batch_size // args.images_per_class}×{args.images_per_class}, "
         f"SGD (momentum 0, no weight decay), cosine schedule, {args.iters} iterations, seeds "
         f"{', '.join(map(str, args.seeds))}. "
-        + ("Learning rates given with --skip-tuning, not tuned." if args.skip_tuning else
-           f"Tuning: {args.tune_iters} iterations, seed 0, Recall@1 on 10% of the training images held out "
-           "(never the test split)."),
+        + (
+            "Learning rates given with --skip-tuning, not tuned."
+            if args.skip_tuning
+            else f"Tuning: {args.tune_iters} iterations, seed 0, Recall@1 on 10% of the training images held out "
+            "(never the test split)."
+        ),
         "",
         "## Results on the test split (mean ± std over seeds)",
         "",
@@ -203,19 +243,33 @@ def write_results(args: argparse.Namespace, best: dict[str, dict[str, float]], t
             f"| {loss} | {best[loss]['lr']:g} | {best[loss].get('lam', '–')} | "
             + " | ".join(mean_std(recalls[k]) for k in (1, 2, 4, 8))
             + f" | {mean_std(pick('map_at_r'))} | {mean_std(pick('mean_similarity'))} | "
-            f"{mean_std(pick('final_hard_fraction'))} | {mean_std(pick('chance_recall_at_1'))} |")
-    lines.append(f"| untrained (seed 0) | – | – | {initial['recall@1']:.4f} | | | | | {initial['mean_similarity']:.4f} "
-                 f"| | {initial['chance_recall@1']:.4f} |")
+            f"{mean_std(pick('final_hard_fraction'))} | {mean_std(pick('chance_recall_at_1'))} |"
+        )
+    lines.append(
+        f"| untrained (seed 0) | – | – | {initial['recall@1']:.4f} | | | | | {initial['mean_similarity']:.4f} "
+        f"| | {initial['chance_recall@1']:.4f} |"
+    )
     answers = answer(by_loss)
-    lines += ["", "## Answers", "", *answers, "", "## Tuning (validation Recall@1, seed 0)", "",
-              "| loss | lr | λ | validation R@1 |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Answers",
+        "",
+        *answers,
+        "",
+        "## Tuning (validation Recall@1, seed 0)",
+        "",
+        "| loss | lr | λ | validation R@1 |",
+        "|---|---|---|---|",
+    ]
     for row in tuning:
         lines.append(f"| {row['loss']} | {row['lr']:g} | {row.get('lam', '–')} | {row['val_recall@1']:.4f} |")
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(
-        {"best": best, "tuning": tuning, "initial": initial, "runs": [vars(s) for s in report]}, indent=2) + "\n",
-        encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps({"best": best, "tuning": tuning, "initial": initial, "runs": [vars(s) for s in report]}, indent=2)
+        + "\n",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -227,10 +281,13 @@ def answer(by_loss: dict[str, list[Any]]) -> list[str]:
         sims = [r.mean_similarity for r in hn if r.mean_similarity is not None]
         recall = [r.recall["recall@1"] for r in hn]
         chance = [r.chance_recall_at_1 for r in hn if r.chance_recall_at_1 is not None]
-        collapsed = bool(sims) and statistics.mean(sims) > 0.95 and statistics.mean(recall) < 2 * statistics.mean(
-            chance or [0])
-        lines.append(f"- **Does HN collapse?** {'Yes' if collapsed else 'No'}: mean pairwise similarity "
-                     f"{mean_std(sims)}, Recall@1 {mean_std(recall)} against chance {mean_std(chance)}.")
+        collapsed = (
+            bool(sims) and statistics.mean(sims) > 0.95 and statistics.mean(recall) < 2 * statistics.mean(chance or [0])
+        )
+        lines.append(
+            f"- **Does HN collapse?** {'Yes' if collapsed else 'No'}: mean pairwise similarity "
+            f"{mean_std(sims)}, Recall@1 {mean_std(recall)} against chance {mean_std(chance)}."
+        )
     if by_loss.get("sct") and by_loss.get("shn"):
         sct = [r.recall["recall@1"] for r in by_loss["sct"]]
         shn = [r.recall["recall@1"] for r in by_loss["shn"]]
@@ -259,8 +316,9 @@ def main() -> int:
             folder = Path(args.runs) / "final" / f"{loss}-seed{seed}"
             train(args, folder, settings(args, loss, best[loss], seed=seed, iters=args.iters, validate=False))
             finals.append(folder)
-    report = build_report(finals, args.out, device=args.device, max_images=2000,
-                          title=f"HN vs SHN vs SCT on {args.dataset}")
+    report = build_report(
+        finals, args.out, device=args.device, max_images=2000, title=f"HN vs SHN vs SCT on {args.dataset}"
+    )
     path = write_results(args, best, tuning, report, initial_state(args), time.perf_counter() - started)
     print(path.read_text())
     return 0

@@ -1,4 +1,5 @@
 """Reference points that need no model: what a learned embedding has to beat."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -10,20 +10,34 @@ from collections.abc import Sequence
 import catalog
 from core.argtypes import positive_int
 from core.errors import UserError, UserValueError, as_user_error
+from core.shards import ShardSpec
 from retrieval.cli_options import add_image_source, add_workers
 from retrieval.columns import format_columns
 from retrieval.embedder import OnnxEmbedder, Providers, default_providers
 from retrieval.evaluation import evaluate_gallery, format_table, save_eval
-from retrieval.gallery import (EVAL_FILE, INDEX_TYPES, STORAGES, Gallery, GalleryItem, build_gallery,
-                               check_index_options, read_manifest)
-from core.shards import ShardSpec
+from retrieval.gallery import (
+    EVAL_FILE,
+    INDEX_TYPES,
+    STORAGES,
+    Gallery,
+    GalleryItem,
+    build_gallery,
+    check_index_options,
+    read_manifest,
+)
 from retrieval.shards import list_sha256, merge_shards, write_shard
 from retrieval.sources import IMAGE_FOLDER, index_sources, report_unreadable
 
 #: INDEX_EPILOG's line on the default split, from catalog.registry: test, then each dataset whose gallery differs
-_GALLERY_SPLITS_LINE = "The default split is the dataset's gallery: test" + "".join(
-    f"; {entry.index_split} for {entry.name}" for entry in sorted(catalog.REGISTRY.values(), key=lambda e: e.name)
-    if entry.index_split != "test") + "."
+_GALLERY_SPLITS_LINE = (
+    "The default split is the dataset's gallery: test"
+    + "".join(
+        f"; {entry.index_split} for {entry.name}"
+        for entry in sorted(catalog.REGISTRY.values(), key=lambda e: e.name)
+        if entry.index_split != "test"
+    )
+    + "."
+)
 INDEX_EPILOG = f"""\
 Examples:
   sct index --model runs/cub/model.onnx --dataset cub --data-root data/CUB_200_2011 --out index_data/cub
@@ -75,17 +89,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     index.add_argument("--model", metavar="ONNX", help="model exported by `sct export` (not with --merge)")
     source = add_image_source(index, verb="index")
-    source.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
-                        help="build the gallery from the shards written by --shard (shard folders or their parent)")
-    index.add_argument("--out", required=True, metavar="DIR",
-                       help="gallery folder to write, e.g. index_data/NAME (with --shard: the shards' parent folder)")
-    index.add_argument("--shard", metavar="I/N",
-                       help="embed only slice I of N (I from 0) into a shard folder; 'env': I/N = RANK/WORLD_SIZE")
-    add_workers(index, help="embedding processes, each with its own ONNX Runtime session (default: 1; 0 or 1: "
-                            "embed in this process)")
+    source.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="SHARD_DIR",
+        help="build the gallery from the shards written by --shard (shard folders or their parent)",
+    )
+    index.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="gallery folder to write, e.g. index_data/NAME (with --shard: the shards' parent folder)",
+    )
+    index.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="embed only slice I of N (I from 0) into a shard folder; 'env': I/N = RANK/WORLD_SIZE",
+    )
+    add_workers(
+        index,
+        help="embedding processes, each with its own ONNX Runtime session (default: 1; 0 or 1: "
+        "embed in this process)",
+    )
     index.add_argument("--index-type", choices=INDEX_TYPES, help="FAISS index (default: flat, exact search)")
-    index.add_argument("--storage", choices=STORAGES,
-                       help="memory (default), or ondisk: an ivf index's lists memory-mapped from index.ivfdata")
+    index.add_argument(
+        "--storage",
+        choices=STORAGES,
+        help="memory (default), or ondisk: an ivf index's lists memory-mapped from index.ivfdata",
+    )
     index.add_argument("--nlist", type=positive_int, help="IVF lists (ivf types; default about 4·√N)")
     index.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query (default nlist / 8)")
     index.add_argument("--batch-size", type=positive_int, help="images per model call (default: 64)")
@@ -141,8 +172,12 @@ def index_command(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    gallery_options = {"index_type": args.index_type or "flat", "storage": args.storage or "memory",
-                       "nlist": args.nlist, "nprobe": args.nprobe}
+    gallery_options = {
+        "index_type": args.index_type or "flat",
+        "storage": args.storage or "memory",
+        "nlist": args.nlist,
+        "nprobe": args.nprobe,
+    }
     check_index_options(**gallery_options)
     if args.merge:
         _refuse_options(args, _EMBEDDING_OPTIONS, "--merge takes the model and images from the shards")
@@ -154,27 +189,49 @@ def _index(args: argparse.Namespace) -> int:
     if args.shard:
         _refuse_options(args, _GALLERY_OPTIONS, "a shard holds vectors only; choose the index when merging")
     shard = ShardSpec.parse(args.shard) if args.shard else None
-    sources, dataset, split, root = index_sources(dataset=args.dataset, data_root=args.data_root,
-                                                  split=args.split, images=args.images)
+    sources, dataset, split, root = index_sources(
+        dataset=args.dataset, data_root=args.data_root, split=args.split, images=args.images
+    )
     start, stop = shard.bounds(len(sources)) if shard else (0, len(sources))
     embedder = OnnxEmbedder(args.model, providers=_rank_providers() if args.shard == "env" else None)
     what = f"{len(sources):,} images of {dataset} {split}".rstrip()
     print(f"indexing {f'images [{start:,}, {stop:,}) (shard {shard}) of ' if shard else ''}{what}", file=sys.stderr)
-    result = embedder.embed_paths([path for path, _, _ in sources[start:stop]], batch_size=args.batch_size or 64,
-                                  workers=args.workers or 1)
+    result = embedder.embed_paths(
+        [path for path, _, _ in sources[start:stop]], batch_size=args.batch_size or 64, workers=args.workers or 1
+    )
     report_unreadable(result.failures)
     items = [GalleryItem(row, *sources[start + source]) for row, source in enumerate(result.kept_indices)]
     if shard:
-        folder = write_shard(args.out, shard, result.embeddings, items, args.model, total_images=len(sources),
-                             image_list_sha256=list_sha256(sources), unreadable=len(result.failures),
-                             dataset=dataset, split=split, image_roots=[root])
-        print(f"wrote shard {shard} to {folder}: {len(items):,} items; once all {shard.count} are written: "
-              f"sct index --merge {args.out} --out GALLERY")
+        folder = write_shard(
+            args.out,
+            shard,
+            result.embeddings,
+            items,
+            args.model,
+            total_images=len(sources),
+            image_list_sha256=list_sha256(sources),
+            unreadable=len(result.failures),
+            dataset=dataset,
+            split=split,
+            image_roots=[root],
+        )
+        print(
+            f"wrote shard {shard} to {folder}: {len(items):,} items; once all {shard.count} are written: "
+            f"sct index --merge {args.out} --out GALLERY"
+        )
         return 0
     if not items:
         raise UserError("none of the images could be read; nothing to index")
-    out = build_gallery(args.out, result.embeddings, items, args.model, dataset=dataset, split=split,
-                        image_roots=[root], **gallery_options)
+    out = build_gallery(
+        args.out,
+        result.embeddings,
+        items,
+        args.model,
+        dataset=dataset,
+        split=split,
+        image_roots=[root],
+        **gallery_options,
+    )
     return _print_summary(out)
 
 

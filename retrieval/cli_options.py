@@ -4,6 +4,7 @@
 The choices of ``--device`` and ``--precision`` are the ``Device`` and ``Precision`` types, which
 ``training.config.TrainConfig`` uses too. Nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,11 @@ def add_image_source(parser: argparse.ArgumentParser, *, verb: str) -> Any:
     (with ``--dataset``). Returns the mutually exclusive group, to which a command may add another source
     (``sct index --merge``). ``verb``: what the command does with the split ("index", "embed")."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", metavar="NAME",  # an unknown name: catalog's error, which lists the names
-                        help=f"dataset name ({', '.join(sorted(catalog.DATASETS))})")
+    source.add_argument(
+        "--dataset",
+        metavar="NAME",  # an unknown name: catalog's error, which lists the names
+        help=f"dataset name ({', '.join(sorted(catalog.DATASETS))})",
+    )
     source.add_argument("--images", metavar="DIR", help="folder of images; subfolder names are the labels")
     parser.add_argument("--data-root", metavar="PATH", help="dataset folder (with --dataset)")
     parser.add_argument("--split", help=f"split to {verb} (with --dataset; default: the dataset's gallery split)")
@@ -39,8 +43,7 @@ def add_device(parser: argparse.ArgumentParser, *, default: str | None = None, h
     parser.add_argument("--device", choices=DEVICES, default=default, help=help)
 
 
-def add_precision(parser: argparse.ArgumentParser, *, default: str | None = None,
-                  help: str = PRECISION_HELP) -> None:
+def add_precision(parser: argparse.ArgumentParser, *, default: str | None = None, help: str = PRECISION_HELP) -> None:
     """``--precision auto|fp32|bf16``."""
     parser.add_argument("--precision", choices=PRECISIONS, default=default, help=help)
 

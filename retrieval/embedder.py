@@ -18,8 +18,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import catalog
-from core.errors import UserFileNotFoundError, UserValueError
 from core.cpus import usable_cpus
+from core.errors import UserFileNotFoundError, UserValueError
 from retrieval.preprocessing import Preprocessing, preprocess, preprocess_batch
 
 INPUT_NAME = "image"
@@ -170,8 +170,12 @@ class OnnxEmbedder:
         threads = max(1, usable_cpus() // workers)
         results: list[EmbedResult] = []
         with (
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                                initargs=(str(self.model_path), self.providers, threads)) as pool,
+            ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(str(self.model_path), self.providers, threads),
+            ) as pool,
             tqdm(total=len(paths), unit="img", desc=f"embedding ({workers} processes)", disable=not progress) as bar,
         ):
             for task, result in zip(tasks, pool.map(_embed_in_worker, tasks, itertools.repeat(batch_size))):

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from catalog.registry import CHAIN_LABELS
-from core.errors import UserValueError
 from core.atomic import atomic_write_text
+from core.errors import UserValueError
 from retrieval.columns import format_columns
 from retrieval.embedder import OnnxEmbedder
 from retrieval.gallery import Gallery, GalleryMismatchError
@@ -30,8 +30,10 @@ def _without_chainless(query_chains: Sequence[str]) -> list[str]:
     """Give each query of a hotel outside any chain (a negative chain id, as Hotels-50K's own
     evaluation treats them) a label no gallery item has, so it is left out of chain recall and
     counted under "chain_skipped"."""
-    return [chain if not chain.lstrip().startswith("-") else f"<no chain: query {i}>"
-            for i, chain in enumerate(query_chains)]
+    return [
+        chain if not chain.lstrip().startswith("-") else f"<no chain: query {i}>"
+        for i, chain in enumerate(query_chains)
+    ]
 
 
 def evaluate_gallery(

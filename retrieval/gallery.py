@@ -24,15 +24,28 @@ import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
+from core.atomic import atomic_directory, atomic_file
 from core.errors import UserFileNotFoundError, UserValueError
 from retrieval import probe
-from core.atomic import atomic_directory, atomic_file
 from retrieval.embedder import OnnxEmbedder, file_sha256
 from retrieval.image_roots import folder_of
-from retrieval.index_files import (IVFDATA_FILE, build_ondisk_ivf, gather_rows, log_stage, ondisk_lists,
-                                   read_ondisk_index, row_chunks)
-from retrieval.items import (ITEMS_FILE, GalleryItem, GalleryMismatchError, ItemTable,  # noqa: F401 (re-exported)
-                             read_items, write_items)
+from retrieval.index_files import (
+    IVFDATA_FILE,
+    build_ondisk_ivf,
+    gather_rows,
+    log_stage,
+    ondisk_lists,
+    read_ondisk_index,
+    row_chunks,
+)
+from retrieval.items import (  # noqa: F401 (re-exported)
+    ITEMS_FILE,
+    GalleryItem,
+    GalleryMismatchError,
+    ItemTable,
+    read_items,
+    write_items,
+)
 
 #: 2: image_roots and probe_embedding in the manifest (and image_roots in shard.json).
 FORMAT_VERSION = 2
@@ -45,8 +58,7 @@ INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
 #: (memory-mapped).
 STORAGES = ("memory", "ondisk")
 _IVF_TYPES = ("ivf-flat", "ivf-pq")
-_MANIFEST_KEYS = ("model_sha256", "embedding_dim", "count", "faiss_factory", "metric", "image_roots",
-                  "probe_embedding")
+_MANIFEST_KEYS = ("model_sha256", "embedding_dim", "count", "faiss_factory", "metric", "image_roots", "probe_embedding")
 _HNSW_NEIGHBORS = 32
 _HNSW_EF_SEARCH = 128
 #: k-means training points per IVF list: all of them up to 256 (FAISS's own cap) in memory; on disk a
@@ -102,8 +114,11 @@ def build_gallery(
         "dataset": dataset,
         "split": split,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "image_roots": sorted({os.path.realpath(root) for root in image_roots} if image_roots is not None
-                              else {folder_of(item.path for item in items)}),
+        "image_roots": sorted(
+            {os.path.realpath(root) for root in image_roots}
+            if image_roots is not None
+            else {folder_of(item.path for item in items)}
+        ),
         "probe_embedding": _probe_embedding(model_path),
     }
     index = None if storage == "ondisk" else _make_index(_stack(blocks), factory, nlist, nprobe, seed=seed)
@@ -123,8 +138,11 @@ def build_gallery(
             Gallery.load(staging)  # never publish a folder that would not load
     except OSError as exc:  # a full disk, most likely: say which gallery, and that the old one is intact
         reason = exc.strerror or str(exc)
-        raise OSError(exc.errno, f"cannot write gallery {out_dir} (any previous version is unchanged): {reason}"
-                      + (f": {exc.filename}" if exc.filename else "")) from exc
+        raise OSError(
+            exc.errno,
+            f"cannot write gallery {out_dir} (any previous version is unchanged): {reason}"
+            + (f": {exc.filename}" if exc.filename else ""),
+        ) from exc
     return out_dir
 
 
@@ -196,14 +214,20 @@ class Gallery:
             (f"sha256 of {MODEL_FILE}", file_sha256(directory / MODEL_FILE)),
         )
         if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
-            raise GalleryMismatchError(f"{INDEX_FILE} maps its own ids (IndexIDMap); a gallery's FAISS ids must be "
-                                       f"the rows of {ITEMS_FILE}")
+            raise GalleryMismatchError(
+                f"{INDEX_FILE} maps its own ids (IndexIDMap); a gallery's FAISS ids must be "
+                f"the rows of {ITEMS_FILE}"
+            )
         embedder = OnnxEmbedder(directory / MODEL_FILE, providers=providers)
         probe_embedding, probe_map = _probe_outputs(embedder)
-        _check_agree("embedding dimension", manifest_dim, (f"{MODEL_FILE} embedding dim", embedder.dim),
-                     (f"{MODEL_FILE} embedding output width", len(probe_embedding)),
-                     (f"{MODEL_FILE} feature_map output width", probe_map.shape[-1]),
-                     (f"{MANIFEST_FILE} probe_embedding length", len(manifest["probe_embedding"])))
+        _check_agree(
+            "embedding dimension",
+            manifest_dim,
+            (f"{MODEL_FILE} embedding dim", embedder.dim),
+            (f"{MODEL_FILE} embedding output width", len(probe_embedding)),
+            (f"{MODEL_FILE} feature_map output width", probe_map.shape[-1]),
+            (f"{MANIFEST_FILE} probe_embedding length", len(manifest["probe_embedding"])),
+        )
         _check_probe(manifest["probe_embedding"], probe_embedding)
         return cls(directory, manifest, items, index, embedder)
 
@@ -263,8 +287,9 @@ def _read_index(directory: Path, manifest: dict[str, Any]) -> faiss.Index:
     if ondisk:
         name = manifest.get("ivfdata_file")
         if not isinstance(name, str) or not name or Path(name).name != name:
-            raise GalleryMismatchError(f"{MANIFEST_FILE} ivfdata_file must name a file of the gallery folder, "
-                                       f"got {name!r}")
+            raise GalleryMismatchError(
+                f"{MANIFEST_FILE} ivfdata_file must name a file of the gallery folder, " f"got {name!r}"
+            )
         if not (directory / name).is_file():
             raise UserFileNotFoundError(f"gallery {directory} lacks {name} (the inverted lists of its on-disk index)")
     try:
@@ -274,8 +299,9 @@ def _read_index(directory: Path, manifest: dict[str, Any]) -> faiss.Index:
     except ValueError as exc:
         raise GalleryMismatchError(f"{INDEX_FILE} and {MANIFEST_FILE} storage ondisk disagree: {exc}") from None
     if not ondisk and ondisk_lists(index) is not None:
-        raise GalleryMismatchError(f"{INDEX_FILE} keeps its inverted lists in another file, but {MANIFEST_FILE} "
-                                   f"storage is not ondisk")
+        raise GalleryMismatchError(
+            f"{INDEX_FILE} keeps its inverted lists in another file, but {MANIFEST_FILE} " f"storage is not ondisk"
+        )
     return index
 
 
@@ -468,17 +494,20 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise GalleryMismatchError(f"{MANIFEST_FILE} lacks {', '.join(missing)}")
     roots = manifest["image_roots"]
     if not isinstance(roots, list) or not roots or not all(isinstance(r, str) and os.path.isabs(r) for r in roots):
-        raise GalleryMismatchError(f"{MANIFEST_FILE} image_roots must be a non-empty list of absolute folders, "
-                                   f"got {str(roots)[:200]}")
+        raise GalleryMismatchError(
+            f"{MANIFEST_FILE} image_roots must be a non-empty list of absolute folders, " f"got {str(roots)[:200]}"
+        )
     probe_values = manifest["probe_embedding"]
     if not isinstance(probe_values, list) or not all(type(v) in (int, float) for v in probe_values):
-        raise GalleryMismatchError(f"{MANIFEST_FILE} probe_embedding must be a list of numbers, "
-                                   f"got {str(probe_values)[:200]}")
+        raise GalleryMismatchError(
+            f"{MANIFEST_FILE} probe_embedding must be a list of numbers, " f"got {str(probe_values)[:200]}"
+        )
     if manifest["metric"] != "inner_product":
         raise GalleryMismatchError(f"{MANIFEST_FILE} metric is {manifest['metric']!r}, expected 'inner_product'")
     if manifest.get("storage", "memory") not in STORAGES:  # galleries written before storage existed lack it
-        raise GalleryMismatchError(f"{MANIFEST_FILE} storage is {manifest['storage']!r}; this version reads "
-                                   f"{', '.join(STORAGES)}")
+        raise GalleryMismatchError(
+            f"{MANIFEST_FILE} storage is {manifest['storage']!r}; this version reads " f"{', '.join(STORAGES)}"
+        )
     return manifest
 
 

@@ -6,6 +6,7 @@ chains as integer codes into their distinct values. A million Hotels-50K-like
 rows take about 90 MiB of resident memory this way, against 243 MiB as a list of
 ``GalleryItem`` (benchmarks/item_table.py), and every server worker holds one.
 """
+
 from __future__ import annotations
 
 import array
@@ -40,8 +41,15 @@ class GalleryMismatchError(UserError, ValueError):
 class ItemTable(Sequence):
     """Items 0..N-1 in columns; ``table[i]`` builds the ``GalleryItem`` of row i when asked."""
 
-    def __init__(self, paths: bytes, ends: np.ndarray, labels: Sequence[str], label_codes: np.ndarray,
-                 chains: Sequence[str], chain_codes: np.ndarray | None) -> None:
+    def __init__(
+        self,
+        paths: bytes,
+        ends: np.ndarray,
+        labels: Sequence[str],
+        label_codes: np.ndarray,
+        chains: Sequence[str],
+        chain_codes: np.ndarray | None,
+    ) -> None:
         self._paths, self._ends = paths, ends  # path i is paths[ends[i-1]:ends[i]]
         self._labels, self._label_codes = tuple(labels), label_codes
         self._chains, self._chain_codes = tuple(chains), chain_codes  # code −1: no chain
@@ -89,8 +97,9 @@ class ItemTable(Sequence):
         chain = None
         if self._chain_codes is not None and self._chain_codes[row] >= 0:
             chain = self._chains[self._chain_codes[row]]
-        return GalleryItem(row, self._paths[start:int(self._ends[row])].decode("utf-8"),
-                           self._labels[self._label_codes[row]], chain)
+        return GalleryItem(
+            row, self._paths[start : int(self._ends[row])].decode("utf-8"), self._labels[self._label_codes[row]], chain
+        )
 
     def __iter__(self) -> Iterator[GalleryItem]:
         return (self[row] for row in range(len(self)))
@@ -140,8 +149,14 @@ class _Builder:
 
     def table(self) -> ItemTable:
         chain_codes = np.frombuffer(self.chain_codes, dtype=np.int32) if self.chain_codes is not None else None
-        return ItemTable(bytes(self.paths), np.frombuffer(self.ends, dtype=np.int64), list(self.labels),
-                         np.frombuffer(self.label_codes, dtype=np.int32), list(self.chains), chain_codes)
+        return ItemTable(
+            bytes(self.paths),
+            np.frombuffer(self.ends, dtype=np.int64),
+            list(self.labels),
+            np.frombuffer(self.label_codes, dtype=np.int32),
+            list(self.chains),
+            chain_codes,
+        )
 
 
 def read_items(path: Path) -> ItemTable:

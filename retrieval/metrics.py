@@ -59,8 +59,9 @@ def knn_exclude_self(
     for start in range(0, len(queries), chunk_size):
         stop = start + chunk_size
         if _in_memory(gallery):
-            chunk_scores, chunk_ids = faiss.knn(queries[start:stop], gallery, searched,
-                                                metric=faiss.METRIC_INNER_PRODUCT)
+            chunk_scores, chunk_ids = faiss.knn(
+                queries[start:stop], gallery, searched, metric=faiss.METRIC_INNER_PRODUCT
+            )
         else:
             chunk_scores, chunk_ids = _knn_by_blocks(queries[start:stop], gallery, searched, rows_per_block)
         if exclude:
@@ -88,16 +89,18 @@ def _knn_by_blocks(queries: np.ndarray, gallery, searched: int, rows_per_block: 
 
     heap = faiss.ResultHeap(len(queries), searched, keep_max=True)
     for offset in range(0, len(gallery), rows_per_block):
-        block = np.ascontiguousarray(gallery[offset:offset + rows_per_block], dtype=np.float32)
-        block_scores, block_ids = faiss.knn(queries, block, min(searched, len(block)),
-                                            metric=faiss.METRIC_INNER_PRODUCT)
+        block = np.ascontiguousarray(gallery[offset : offset + rows_per_block], dtype=np.float32)
+        block_scores, block_ids = faiss.knn(
+            queries, block, min(searched, len(block)), metric=faiss.METRIC_INNER_PRODUCT
+        )
         heap.add_result(block_scores, block_ids + offset)
     heap.finalize()
     return heap.D, heap.I
 
 
-def search_depth(gallery: np.ndarray, queries: np.ndarray, depth: int, query_ids: np.ndarray | None,
-                 chunk_size: int) -> int:
+def search_depth(
+    gallery: np.ndarray, queries: np.ndarray, depth: int, query_ids: np.ndarray | None, chunk_size: int
+) -> int:
     """Check a kNN call's arguments; the neighbours to search: one more than ``depth`` when the query's own row
     is to be dropped, at most the gallery."""
     if len(gallery.shape) != 2 or queries.ndim != 2 or gallery.shape[1] != queries.shape[1]:

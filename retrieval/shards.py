@@ -36,8 +36,15 @@ from core.atomic import atomic_directory
 from core.errors import UserError, UserFileNotFoundError, UserValueError
 from core.shards import ShardSpec
 from retrieval.embedder import file_sha256
-from retrieval.gallery import (FORMAT_VERSION, ITEMS_FILE, MODEL_FILE, GalleryItem, build_gallery, read_items,
-                               write_items)
+from retrieval.gallery import (
+    FORMAT_VERSION,
+    ITEMS_FILE,
+    MODEL_FILE,
+    GalleryItem,
+    build_gallery,
+    read_items,
+    write_items,
+)
 
 SHARD_FILE = "shard.json"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -122,8 +129,10 @@ class Shard:
     def items(self) -> list[GalleryItem]:
         items = read_items(self.directory / ITEMS_FILE)
         if len(items) != self.meta["count"]:
-            raise ShardMismatchError(f"shard {self.directory}: {ITEMS_FILE} has {len(items)} rows, {SHARD_FILE} "
-                                     f"count is {self.meta['count']}")
+            raise ShardMismatchError(
+                f"shard {self.directory}: {ITEMS_FILE} has {len(items)} rows, {SHARD_FILE} "
+                f"count is {self.meta['count']}"
+            )
         return items
 
 
@@ -131,8 +140,9 @@ def read_shard(directory: str | os.PathLike[str]) -> Shard:
     """The shard in ``directory``, its files checked against shard.json."""
     directory = Path(directory)
     if not (directory / SHARD_FILE).is_file():
-        raise UserFileNotFoundError(f"{directory} is not an index shard (no {SHARD_FILE}); shards are written by "
-                                    f"`sct index --shard I/N`")
+        raise UserFileNotFoundError(
+            f"{directory} is not an index shard (no {SHARD_FILE}); shards are written by " f"`sct index --shard I/N`"
+        )
     for file in (EMBEDDINGS_FILE, ITEMS_FILE, MODEL_FILE):
         if not (directory / file).is_file():
             raise UserFileNotFoundError(f"shard {directory} lacks {file}")
@@ -141,18 +151,23 @@ def read_shard(directory: str | os.PathLike[str]) -> Shard:
     except json.JSONDecodeError as exc:
         raise ShardMismatchError(f"{directory / SHARD_FILE} is not valid JSON: {exc}") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ShardMismatchError(f"shard {directory}: format_version is {meta.get('format_version')!r}; "
-                                 f"this version reads {FORMAT_VERSION}: write the shard again with `sct index "
-                                 f"--shard` or `sct embed`")
+        raise ShardMismatchError(
+            f"shard {directory}: format_version is {meta.get('format_version')!r}; "
+            f"this version reads {FORMAT_VERSION}: write the shard again with `sct index "
+            f"--shard` or `sct embed`"
+        )
     shard = Shard(directory, meta)
     model_sha = file_sha256(directory / MODEL_FILE)
     if model_sha != meta["model_sha256"]:
-        raise ShardMismatchError(f"shard {directory}: sha256 of {MODEL_FILE} is {model_sha}, {SHARD_FILE} says "
-                                 f"{meta['model_sha256']}")
+        raise ShardMismatchError(
+            f"shard {directory}: sha256 of {MODEL_FILE} is {model_sha}, {SHARD_FILE} says " f"{meta['model_sha256']}"
+        )
     shape = list(shard.vectors().shape)
     if shape != [meta["count"], meta["embedding_dim"]]:
-        raise ShardMismatchError(f"shard {directory}: {EMBEDDINGS_FILE} has shape {shape}, {SHARD_FILE} says "
-                                 f"{meta['count']} × {meta['embedding_dim']}")
+        raise ShardMismatchError(
+            f"shard {directory}: {EMBEDDINGS_FILE} has shape {shape}, {SHARD_FILE} says "
+            f"{meta['count']} × {meta['embedding_dim']}"
+        )
     return shard
 
 
@@ -169,23 +184,31 @@ def check_shards(shards: Sequence[Shard]) -> list[Shard]:
     """The shards in shard order, once it is checked that they are all N slices of one list, by one model."""
     if not shards:
         raise ShardMismatchError("no shard given")
-    for key, what in (("embedding_dim", "embedding dimension"), ("model_sha256", "model sha256"),
-                      ("shards", "shard count N")):
+    for key, what in (
+        ("embedding_dim", "embedding dimension"),
+        ("model_sha256", "model sha256"),
+        ("shards", "shard count N"),
+    ):
         values = {shard.meta[key] for shard in shards}
         if len(values) > 1:
             listed = "; ".join(f"{shard.directory} ({shard.spec}): {shard.meta[key]}" for shard in shards)
             raise ShardMismatchError(f"shards disagree on the {what}: {listed}")
-    sources = {(s.meta["dataset"], s.meta["split"], s.meta["images"]["total"], s.meta["images"]["list_sha256"])
-               for s in shards}
+    sources = {
+        (s.meta["dataset"], s.meta["split"], s.meta["images"]["total"], s.meta["images"]["list_sha256"]) for s in shards
+    }
     if len(sources) > 1:
-        listed = "; ".join(f"{s.directory}: {s.meta['dataset']} {s.meta['split']}, {s.meta['images']['total']:,} "
-                           f"images, list sha256 {s.meta['images']['list_sha256'][:12]}" for s in shards)
+        listed = "; ".join(
+            f"{s.directory}: {s.meta['dataset']} {s.meta['split']}, {s.meta['images']['total']:,} "
+            f"images, list sha256 {s.meta['images']['list_sha256'][:12]}"
+            for s in shards
+        )
         raise ShardMismatchError(f"shards were cut from different image lists: {listed}")
     by_index: dict[int, Shard] = {}
     for shard in shards:
         if shard.spec.index in by_index:
-            raise ShardMismatchError(f"shard {shard.spec} given twice: {by_index[shard.spec.index].directory} "
-                                     f"and {shard.directory}")
+            raise ShardMismatchError(
+                f"shard {shard.spec} given twice: {by_index[shard.spec.index].directory} " f"and {shard.directory}"
+            )
         by_index[shard.spec.index] = shard
     count = shards[0].meta["shards"]
     missing = [f"{index}/{count}" for index in range(count) if index not in by_index]
@@ -196,8 +219,10 @@ def check_shards(shards: Sequence[Shard]) -> list[Shard]:
         expected = shard.spec.bounds(shard.meta["images"]["total"])
         if (shard.meta["images"]["start"], shard.meta["images"]["stop"]) != expected:
             covered = f"[{shard.meta['images']['start']}, {shard.meta['images']['stop']})"
-            raise ShardMismatchError(f"shard {shard.directory} covers images {covered}, but shard {shard.spec} of "
-                                     f"{shard.meta['images']['total']} images is [{expected[0]}, {expected[1]})")
+            raise ShardMismatchError(
+                f"shard {shard.directory} covers images {covered}, but shard {shard.spec} of "
+                f"{shard.meta['images']['total']} images is [{expected[0]}, {expected[1]})"
+            )
     return [by_index[index] for index in range(count)]
 
 
@@ -220,7 +245,9 @@ def merge_shards(
     folders = shard_folders(shard_dirs)
     out = Path(out_dir).resolve()
     if any(out == folder.resolve() or out in folder.resolve().parents for folder in folders):
-        raise UserValueError(f"the gallery folder {out_dir} would replace the shards being merged; choose another --out")
+        raise UserValueError(
+            f"the gallery folder {out_dir} would replace the shards being merged; choose another --out"
+        )
     shards = check_shards([read_shard(folder) for folder in folders])
     if not sum(shard.meta["count"] for shard in shards):
         raise UserValueError("the shards hold no readable image; nothing to index")

@@ -1,4 +1,5 @@
 """The images a gallery is built from (``sct index``, ``sct embed``): a dataset split or a folder of images."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,13 @@ IMAGE_FOLDER = "image-folder"
 Source = tuple[str, str, str | None]  # (path, label, chain)
 
 
-def index_sources(*, dataset: str | None, data_root: str | None, split: str | None, images: str | None,
-                  ) -> tuple[list[Source], str, str, str]:
+def index_sources(
+    *,
+    dataset: str | None,
+    data_root: str | None,
+    split: str | None,
+    images: str | None,
+) -> tuple[list[Source], str, str, str]:
     """(path, label, chain) of every image to index, in order; the dataset name; the split; the resolved root
     folder (``data_root`` or ``images``) that every image was checked to lie in (retrieval.image_roots).
 

@@ -1,4 +1,5 @@
 """``sct demo``: the whole pipeline on Fashion-MNIST, run as the user would run each command."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,16 @@ Steps, each an ordinary sct command (printed as it runs):
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="run the whole pipeline on Fashion-MNIST and serve it", epilog=EPILOG,
+        "demo",
+        help="run the whole pipeline on Fashion-MNIST and serve it",
+        epilog=EPILOG,
         description="Train → export → index → evaluate → serve on Fashion-MNIST (read from the Debian package "
-                    "dataset-fashion-mnist, or downloaded by torchvision when online).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="data/fashion-mnist", help="where the demo images go (default: %(default)s)")
+        "dataset-fashion-mnist, or downloaded by torchvision when online).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--data-root", default="data/fashion-mnist", help="where the demo images go (default: %(default)s)"
+    )
     parser.add_argument("--run", default="runs/fashion-mnist", help="run folder (default: %(default)s)")
     parser.add_argument("--index-out", default="index_data/fashion-mnist", help="gallery folder (default: %(default)s)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 3 on CPU)")
@@ -46,8 +52,17 @@ def run_demo(args: argparse.Namespace) -> int:
     from sct.cli import main
 
     model = f"{args.run}/model.onnx"
-    train = ["train", "--dataset", "fashion-mnist", "--data-root", args.data_root, "--out", args.run,
-             "--device", args.device]
+    train = [
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--data-root",
+        args.data_root,
+        "--out",
+        args.run,
+        "--device",
+        args.device,
+    ]
     if args.epochs:
         train += ["--epochs", str(args.epochs)]
     if args.augment:
@@ -55,8 +70,19 @@ def run_demo(args: argparse.Namespace) -> int:
     steps = [
         train,
         ["export", "--checkpoint", f"{args.run}/best.pt", "--out", model],
-        ["index", "--model", model, "--dataset", "fashion-mnist", "--data-root", args.data_root,
-         "--split", "test", "--out", args.index_out],
+        [
+            "index",
+            "--model",
+            model,
+            "--dataset",
+            "fashion-mnist",
+            "--data-root",
+            args.data_root,
+            "--split",
+            "test",
+            "--out",
+            args.index_out,
+        ],
         ["eval", "--index", args.index_out, "--k", "1", "2", "4", "8"],
     ]
     timings = {}
@@ -85,8 +111,12 @@ def _summary(args: argparse.Namespace, timings: dict[str, float]) -> None:
     learned = json.loads((Path(args.index_out) / "eval.json").read_text())
     images, labels = load_arrays(args.data_root)["test"]
     raw = evaluate(raw_pixel_embeddings(images), labels, ks=(1,))
-    summary = {"recall@1": learned["recall@1"], "raw_pixel_recall@1": raw["recall@1"],
-               "queries": learned["queries"], "seconds": timings}
+    summary = {
+        "recall@1": learned["recall@1"],
+        "raw_pixel_recall@1": raw["recall@1"],
+        "queries": learned["queries"],
+        "seconds": timings,
+    }
     atomic_write_text(Path(args.run) / "demo.json", json.dumps(summary, indent=2))
     others = ", ".join(f"{step} {seconds:.0f} s" for step, seconds in timings.items() if step != "train")
     print("\nDemo summary")

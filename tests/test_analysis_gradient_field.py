@@ -4,6 +4,7 @@ The closed forms are checked against an independent torch autograd step on the
 explicit R³ vectors; the qualitative claims of the paper are checked on the
 formulas; the CLI is checked for files, fields.json, help text and errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 POINTS = [(0.3, 0.8), (0.9, 0.95), (0.05, 0.99), (0.8, 0.2), (0.99, 0.0), (0.5, 0.5), (0.0, 1.0), (1.0, 0.0)]
 
 
-def torch_step(s_ap: float, s_an: float, *, loss: str, lr: float, temperature: float, lam: float,
-               projection: float, entanglement: float) -> tuple[float, float]:
+def torch_step(
+    s_ap: float,
+    s_an: float,
+    *,
+    loss: str,
+    lr: float,
+    temperature: float,
+    lam: float,
+    projection: float,
+    entanglement: float,
+) -> tuple[float, float]:
     """One explicit SGD step with autograd on three R³ vectors, renormalised, then entangled."""
     import torch
 
@@ -70,8 +80,13 @@ def test_closed_form_matches_autograd_step(loss: str, projection: float, tempera
         for s_ap, s_an in POINTS:
             expected = torch_step(s_ap, s_an, entanglement=entanglement, **settings)
             got = step(s_ap, s_an, entanglement=entanglement, **settings)
-            np.testing.assert_allclose([float(got[0]), float(got[1])], expected, rtol=0, atol=1e-9,
-                                       err_msg=f"{settings} p={entanglement} at {(s_ap, s_an)}")
+            np.testing.assert_allclose(
+                [float(got[0]), float(got[1])],
+                expected,
+                rtol=0,
+                atol=1e-9,
+                err_msg=f"{settings} p={entanglement} at {(s_ap, s_an)}",
+            )
 
 
 def test_simulated_grid_matches_autograd_with_non_default_settings() -> None:
@@ -100,8 +115,7 @@ def test_step_is_vectorised() -> None:
 
 @pytest.mark.parametrize("projection", [0.0, 0.6])
 @pytest.mark.parametrize("temperature", [1.0, 0.1])
-def test_nca_without_entanglement_pulls_positives_and_pushes_negatives(projection: float,
-                                                                        temperature: float) -> None:
+def test_nca_without_entanglement_pulls_positives_and_pushes_negatives(projection: float, temperature: float) -> None:
     """NCA at p = 0: away from the grid's edges every step raises S_ap and lowers S_an.
 
     (On the edges S = 1 makes two vectors coincide and the renormalised step can vanish.)
@@ -177,23 +191,33 @@ def test_simulate_grid_layout() -> None:
         assert array.shape == (7, 7)
     np.testing.assert_allclose(field.s_ap[0], np.linspace(0, 1, 7))  # S_ap along columns
     np.testing.assert_allclose(field.s_an[:, 0], np.linspace(0, 1, 7))  # S_an along rows
-    assert field.parameters() == {"loss": "nca", "entanglement": 0.5, "lr": 0.1, "temperature": 1.0,
-                                  "lam": 1.0, "projection": 0.0, "grid": 7}
+    assert field.parameters() == {
+        "loss": "nca",
+        "entanglement": 0.5,
+        "lr": 0.1,
+        "temperature": 1.0,
+        "lam": 1.0,
+        "projection": 0.0,
+        "grid": 7,
+    }
     assert np.isfinite(field.d_ap).all() and np.isfinite(field.d_an).all()
 
 
-@pytest.mark.parametrize(("overrides", "words"), [
-    ({"loss": "triplet"}, ["loss", "'triplet'"]),
-    ({"entanglement": 1.5}, ["entanglement", "1.5"]),
-    ({"entanglement": -0.1}, ["entanglement", "-0.1"]),
-    ({"projection": 1.2}, ["projection", "1.2"]),
-    ({"lr": 0.0}, ["lr", "0"]),
-    ({"lr": -0.5}, ["lr", "-0.5"]),
-    ({"temperature": 0.0}, ["temperature", "0"]),
-    ({"temperature": -2.0}, ["temperature", "-2"]),
-    ({"grid": 1}, ["grid", "1"]),
-    ({"entanglement": float("nan")}, ["entanglement", "nan"]),
-])
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"loss": "triplet"}, ["loss", "'triplet'"]),
+        ({"entanglement": 1.5}, ["entanglement", "1.5"]),
+        ({"entanglement": -0.1}, ["entanglement", "-0.1"]),
+        ({"projection": 1.2}, ["projection", "1.2"]),
+        ({"lr": 0.0}, ["lr", "0"]),
+        ({"lr": -0.5}, ["lr", "-0.5"]),
+        ({"temperature": 0.0}, ["temperature", "0"]),
+        ({"temperature": -2.0}, ["temperature", "-2"]),
+        ({"grid": 1}, ["grid", "1"]),
+        ({"entanglement": float("nan")}, ["entanglement", "nan"]),
+    ],
+)
 def test_simulate_rejects_bad_values(overrides: dict, words: list[str]) -> None:
     settings = {"loss": "nca", "entanglement": 0.0, **overrides}
     loss = settings.pop("loss")
@@ -215,8 +239,23 @@ def test_cli_writes_pngs_and_fields_json(tmp_path: Path, capsys: pytest.CaptureF
     from PIL import Image
 
     out = tmp_path / "figures" / "new"
-    args = build_parser().parse_args(["simulate-gradients", "--loss", "nca", "sct", "--entanglement", "0", "0.5",
-                                      "--grid", "5", "--projection", "0.6", "--out", str(out)])
+    args = build_parser().parse_args(
+        [
+            "simulate-gradients",
+            "--loss",
+            "nca",
+            "sct",
+            "--entanglement",
+            "0",
+            "0.5",
+            "--grid",
+            "5",
+            "--projection",
+            "0.6",
+            "--out",
+            str(out),
+        ]
+    )
     assert args.func(args) == 0
     names = [gradient_field.figure_name(loss, p) for loss in ("nca", "sct") for p in (0.0, 0.5)]
     assert names[1] == "gradient_field_nca_p0.5.png"
@@ -244,9 +283,15 @@ def test_cli_defaults_and_duplicates(tmp_path: Path) -> None:
     defaults = parser.parse_args(["simulate-gradients", "--out", str(tmp_path)])
     assert (defaults.loss, defaults.entanglement) == (["nca", "sct"], [0.0, 0.5, 1.0])
     assert (defaults.lr, defaults.temperature, defaults.lam, defaults.projection, defaults.grid) == (
-        0.1, 1.0, 1.0, 0.0, 20)
-    args = parser.parse_args(["simulate-gradients", "--loss", "sct", "--entanglement", "1", "1.0",
-                              "--grid", "3", "--out", str(tmp_path)])
+        0.1,
+        1.0,
+        1.0,
+        0.0,
+        20,
+    )
+    args = parser.parse_args(
+        ["simulate-gradients", "--loss", "sct", "--entanglement", "1", "1.0", "--grid", "3", "--out", str(tmp_path)]
+    )
     args.func(args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fields.json", "gradient_field_sct_p1.png"]
     with pytest.raises(SystemExit):
@@ -263,14 +308,17 @@ def test_cli_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
     assert sum(line.startswith("sct simulate-gradients") for line in examples) >= 3
 
 
-@pytest.mark.parametrize(("flags", "words"), [
-    (["--entanglement", "2"], ["--entanglement", "2", "between 0 and 1"]),
-    (["--entanglement", "0", "-1"], ["--entanglement", "-1"]),
-    (["--lr", "0"], ["--lr", "0"]),
-    (["--temperature", "-1"], ["--temperature", "-1"]),
-    (["--projection", "3"], ["--projection", "3"]),
-    (["--grid", "1"], ["--grid", "1"]),
-])
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--entanglement", "2"], ["--entanglement", "2", "between 0 and 1"]),
+        (["--entanglement", "0", "-1"], ["--entanglement", "-1"]),
+        (["--lr", "0"], ["--lr", "0"]),
+        (["--temperature", "-1"], ["--temperature", "-1"]),
+        (["--projection", "3"], ["--projection", "3"]),
+        (["--grid", "1"], ["--grid", "1"]),
+    ],
+)
 def test_cli_rejects_bad_values_before_writing(tmp_path: Path, flags: list[str], words: list[str]) -> None:
     out = tmp_path / "never"
     args = build_parser().parse_args(["simulate-gradients", *flags, "--out", str(out)])

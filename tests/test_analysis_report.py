@@ -1,4 +1,5 @@
 """`sct report` on two tiny real runs: figures, table numbers checked against the run files and a numpy recomputation."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from sct.cli import main
 from retrieval.metrics import mean_pairwise_similarity
+from sct.cli import main
+from tests.test_training_trainer import _images
 from training.analysis.model_diagram import chance_recall_at_1, nearest_positive_and_negative, sample_by_class
 from training.analysis.report import build_report
 from training.analysis.runs import load_run, pick_iterations
 from training.config import resolve_config
 from training.trainer import Trainer
-
-from tests.test_training_trainer import _images
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,26 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     data = _images(root / "data")
     made = []
     for loss in ("sct", "hn"):
-        config = resolve_config("folder", str(data), str(root / "runs" / loss), overrides=dict(
-            loss=loss, arch="resnet18", pretrained="none", dim=8, image_size=16, epochs=2, batch_size=4,
-            images_per_class=2, lr=0.05, workers=0, device="cpu", eval_every=1, triplets_every=1))
+        config = resolve_config(
+            "folder",
+            str(data),
+            str(root / "runs" / loss),
+            overrides=dict(
+                loss=loss,
+                arch="resnet18",
+                pretrained="none",
+                dim=8,
+                image_size=16,
+                epochs=2,
+                batch_size=4,
+                images_per_class=2,
+                lr=0.05,
+                workers=0,
+                device="cpu",
+                eval_every=1,
+                triplets_every=1,
+            ),
+        )
         made.append(Trainer(config, progress=False).fit())
     return made
 
@@ -38,7 +55,7 @@ def test_run_files_are_read_back(runs: list[Path]) -> None:
     lines = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     assert run.loss == "sct" and len(run.steps) + len(run.evaluations) == len(lines)
     assert [e["epoch"] for e in run.evaluations] == [0, 1]
-    tail = run.steps[-max(1, round(0.05 * len(run.steps))):]
+    tail = run.steps[-max(1, round(0.05 * len(run.steps))) :]
     assert run.final_hard_fraction == pytest.approx(sum(s["hard_fraction"] for s in tail) / len(tail))
     saved = run.triplet_iterations()
     assert saved == list(range(len(run.steps)))
@@ -51,15 +68,22 @@ def test_report_writes_figures_table_and_a_self_contained_page(runs: list[Path],
     assert main(["report", *map(str, runs), "--out", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "sct (sct): R@1" in printed and "hn (hn): R@1" in printed and "report.html" in printed
-    for name in ("triplets_sct.png", "triplets_hn.png", "model_sct.png", "model_hn.png",
-                 "hard_fraction.png", "recall.png"):
+    for name in (
+        "triplets_sct.png",
+        "triplets_hn.png",
+        "model_sct.png",
+        "model_hn.png",
+        "hard_fraction.png",
+        "recall.png",
+    ):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 300, name
     report = json.loads((out / "report.json").read_text())
     rows = {row["label"]: row for row in report["runs"]}
     for path in runs:
-        last = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()
-                if '"type": "eval"' in line][-1]
+        last = [
+            json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if '"type": "eval"' in line
+        ][-1]
         row = rows[path.name]
         assert row["recall"]["recall@1"] == last["recall@1"] and row["map_at_r"] == last["map@r"]
         assert row["loss"] == path.name and row["evaluated_split"] == "test"
@@ -70,11 +94,10 @@ def test_report_writes_figures_table_and_a_self_contained_page(runs: list[Path],
 
 def test_mean_similarity_in_the_table_is_that_of_the_checkpoint(runs: list[Path], tmp_path: Path) -> None:
     """Recomputed here: embed the test split with best.pt in a plain torch loop and average the off-diagonal."""
+    from training.analysis.report import build_report
     from training.export import load_checkpoint_model
     from training.trainer import preprocessing_of
     from training.transforms import eval_transform
-
-    from training.analysis.report import build_report
 
     summaries = build_report([runs[0]], tmp_path / "r", device="cpu")
     model, config = load_checkpoint_model(runs[0] / "best.pt")
@@ -99,7 +122,7 @@ def test_nearest_positive_and_negative_match_a_loop() -> None:
     for i in range(40):
         pos = [emb[i] @ emb[j] for j in range(40) if j != i and labels[j] == labels[i]]
         neg = [emb[i] @ emb[j] for j in range(40) if labels[j] != labels[i]]
-        assert (np.isnan(s_ap[i]) if not pos else s_ap[i] == pytest.approx(max(pos)))
+        assert np.isnan(s_ap[i]) if not pos else s_ap[i] == pytest.approx(max(pos))
         assert s_an[i] == pytest.approx(max(neg))
 
 
@@ -129,7 +152,10 @@ def test_iterations_snap_to_saved_ones() -> None:
     saved = [0, 50, 100, 150, 200, 250]
     assert pick_iterations(saved, [0, 120, 260]) == [0, 100, 250]
     assert pick_iterations(saved, None, count=3) == [0, 100, 250] or pick_iterations(saved, None, count=3) == [
-        0, 150, 250]
+        0,
+        150,
+        250,
+    ]
     assert pick_iterations([], [5]) == []
 
 
@@ -151,8 +177,12 @@ def test_report_without_checkpoints_draws_from_the_logs_only(runs: list[Path], t
 def test_typed_lines_other_than_evaluations_are_not_iterations(tmp_path: Path) -> None:
     """An HTL run logs "htl_tree" lines between iterations; they must not count as steps."""
     (tmp_path / "config.yaml").write_text("loss: htl\n")
-    lines = [{"iter": 0, "loss": 1.0, "hard_fraction": 0.5}, {"type": "htl_tree", "iter": 1, "d0": 0.3},
-             {"iter": 1, "loss": 0.9, "hard_fraction": 0.25}, {"type": "eval", "iter": 2, "recall@1": 0.5}]
+    lines = [
+        {"iter": 0, "loss": 1.0, "hard_fraction": 0.5},
+        {"type": "htl_tree", "iter": 1, "d0": 0.3},
+        {"iter": 1, "loss": 0.9, "hard_fraction": 0.25},
+        {"type": "eval", "iter": 2, "recall@1": 0.5},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     run = load_run(tmp_path)
     assert [s["iter"] for s in run.steps] == [0, 1] and len(run.evaluations) == 1
@@ -165,23 +195,71 @@ def _synthetic_run(folder: Path, stall_lines: list[dict]) -> Path:
     (folder / "config.yaml").write_text("loss: sct\ndim: 8\nlr: 0.009\nlam: 1.0\n")
     lines = []
     for i in range(100):
-        lines.append({"iter": i, "epoch": i // 50, "loss": 1.0, "hard_fraction": 0.97 if i < 60 else 0.4,
-                      "mean_s_ap": 0.05, "mean_s_an": 0.3, "lr": 0.009, "images_per_s": 100.0})
+        lines.append(
+            {
+                "iter": i,
+                "epoch": i // 50,
+                "loss": 1.0,
+                "hard_fraction": 0.97 if i < 60 else 0.4,
+                "mean_s_ap": 0.05,
+                "mean_s_an": 0.3,
+                "lr": 0.009,
+                "images_per_s": 100.0,
+            }
+        )
         lines.extend(line for line in stall_lines if line["iter"] == i)
         if i in (49, 99):
-            lines.append({"type": "eval", "epoch": i // 50, "iter": i + 1, "split": "test",
-                          "recall@1": 0.1 + i / 1000, "map@r": 0.05})
+            lines.append(
+                {
+                    "type": "eval",
+                    "epoch": i // 50,
+                    "iter": i + 1,
+                    "split": "test",
+                    "recall@1": 0.1 + i / 1000,
+                    "map@r": 0.05,
+                }
+            )
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return folder
 
 
 STALL_LINES = [
-    {"type": "stall_start", "iter": 29, "epoch": 0, "kind": "stall", "start_iter": 10, "window": 20,
-     "hard_fraction": 0.97, "s_ap": 0.05, "s_an": 0.3, "s_ap_rise": 0.0},
-    {"type": "stall_end", "iter": 63, "epoch": 1, "kind": "stall", "start_iter": 10, "window": 20,
-     "hard_fraction": 0.84, "s_ap": 0.05, "s_an": 0.3, "s_ap_rise": 0.0},
-    {"type": "stall_start", "iter": 94, "epoch": 1, "kind": "collapse", "start_iter": 75, "window": 20,
-     "hard_fraction": 0.98, "s_ap": 0.998, "s_an": 0.9995, "s_ap_rise": 0.001},
+    {
+        "type": "stall_start",
+        "iter": 29,
+        "epoch": 0,
+        "kind": "stall",
+        "start_iter": 10,
+        "window": 20,
+        "hard_fraction": 0.97,
+        "s_ap": 0.05,
+        "s_an": 0.3,
+        "s_ap_rise": 0.0,
+    },
+    {
+        "type": "stall_end",
+        "iter": 63,
+        "epoch": 1,
+        "kind": "stall",
+        "start_iter": 10,
+        "window": 20,
+        "hard_fraction": 0.84,
+        "s_ap": 0.05,
+        "s_an": 0.3,
+        "s_ap_rise": 0.0,
+    },
+    {
+        "type": "stall_start",
+        "iter": 94,
+        "epoch": 1,
+        "kind": "collapse",
+        "start_iter": 75,
+        "window": 20,
+        "hard_fraction": 0.98,
+        "s_ap": 0.998,
+        "s_an": 0.9995,
+        "s_ap_rise": 0.001,
+    },
 ]
 
 
@@ -205,13 +283,17 @@ def test_report_marks_stalled_runs_and_shades_their_stretches(tmp_path: Path, ca
     printed = capsys.readouterr().out.splitlines()
     assert "stalled at iterations: stall 10–63, collapse 75–end" in printed[0] and "stalled" not in printed[1]
     rows = {row["label"]: row for row in json.loads((out / "report.json").read_text())["runs"]}
-    assert rows["stalled"]["stalls"] == [{"kind": "stall", "start": 10, "end": 63},
-                                         {"kind": "collapse", "start": 75, "end": None}]
+    assert rows["stalled"]["stalls"] == [
+        {"kind": "stall", "start": 10, "end": 63},
+        {"kind": "collapse", "start": 75, "end": None},
+    ]
     assert rows["clean"]["stalls"] == []
     html = (out / "report.html").read_text()
-    stalled_row, clean_row = (html[html.index(f">{name}</td>"):].split("</tr>")[0] for name in ("stalled", "clean"))
-    assert ('<span class="stalled">stall 10–63</span>' in stalled_row
-            and '<span class="stalled">collapse 75–end</span>' in stalled_row)
+    stalled_row, clean_row = (html[html.index(f">{name}</td>") :].split("</tr>")[0] for name in ("stalled", "clean"))
+    assert (
+        '<span class="stalled">stall 10–63</span>' in stalled_row
+        and '<span class="stalled">collapse 75–end</span>' in stalled_row
+    )
     assert 'class="stalled"' not in clean_row
 
     # the curves shade exactly the stalled iterations, in the run's colour

@@ -1,5 +1,6 @@
 """benchmarks/gpu_speed.py runs end to end at smoke size on the CPU, so the GPU run it exists for cannot fail
 on a typo; its correctness check (the device's Recall@K against FAISS's) is live."""
+
 from __future__ import annotations
 
 import json
@@ -18,25 +19,46 @@ def test_smoke_run_records_every_measurement(tmp_path, capsys):
     assert status == 0
     table = results.read_text()
     assert table.startswith(gpu_speed.HEADER)
-    rows = table[len(gpu_speed.HEADER):].splitlines()
+    rows = table[len(gpu_speed.HEADER) :].splitlines()
     measured = [row.split(" | ")[4] for row in rows]
     assert len(rows) == 7, rows
-    for start in ("train in memory, bf16 + channels_last", "train from JPEG", "the training loader alone",
-                  "embed in memory", "embed from JPEG", "Recall@", "JPEG decode, Pillow"):
+    for start in (
+        "train in memory, bf16 + channels_last",
+        "train from JPEG",
+        "the training loader alone",
+        "embed in memory",
+        "embed from JPEG",
+        "Recall@",
+        "JPEG decode, Pillow",
+    ):
         assert any(m.startswith(start) for m in measured), start
     assert "equal to FAISS's" in table
-    assert all(row.split(" | ")[1] == f"`python -m benchmarks.gpu_speed --smoke --device cpu --results {results} "
-               f"--json {numbers}`" for row in rows)  # the command that reruns it
+    assert all(
+        row.split(" | ")[1] == f"`python -m benchmarks.gpu_speed --smoke --device cpu --results {results} "
+        f"--json {numbers}`"
+        for row in rows
+    )  # the command that reruns it
     out = json.loads(numbers.read_text())
     assert out["knn"]["agree_with_faiss"] is True
-    assert all(rate > 0 for rate in (out["train"]["official"], out["train"]["best_rate"], out["jpeg"]["training"],
-                                     out["jpeg"]["loader_only"], out["embed"]["fp32"], out["embed"]["from_jpeg"]))
+    assert all(
+        rate > 0
+        for rate in (
+            out["train"]["official"],
+            out["train"]["best_rate"],
+            out["jpeg"]["training"],
+            out["jpeg"]["loader_only"],
+            out["embed"]["fp32"],
+            out["embed"]["from_jpeg"],
+        )
+    )
     assert f"{100 * out['jpeg']['wait_fraction']:.0f}% of the time waiting for the loader" in table
     # the recorded recall is the one a FAISS evaluation of the same vectors gives
     args = gpu_speed.parse_args(["--smoke"])
     vectors, labels = gpu_speed.knn_data(args.knn_items, args.knn_dim)
     expected = evaluate(vectors, labels, ks=tuple(out["knn"]["ks"]))
-    assert {int(k): v for k, v in out["knn"]["recall"].items()} == {k: expected[f"recall@{k}"] for k in out["knn"]["ks"]}
+    assert {int(k): v for k, v in out["knn"]["recall"].items()} == {
+        k: expected[f"recall@{k}"] for k in out["knn"]["ks"]
+    }
     assert "train in memory" in capsys.readouterr().out  # the summary printed last
 
 
@@ -57,13 +79,15 @@ def test_the_wait_fraction_is_the_time_spent_waiting_for_batches(tmp_path, monke
         def slower(*step_args):
             time.sleep(delay)
             step(*step_args)
+
         return slower
 
     monkeypatch.setattr(gpu_speed, "forever", late)
     monkeypatch.setattr(gpu_speed, "training_step", slow_step)
     numbers = tmp_path / "out.json"
-    assert gpu_speed.main(["--smoke", "--device", "cpu", "--sections", "jpeg", "--no-record",
-                           "--json", str(numbers)]) == 0
+    assert (
+        gpu_speed.main(["--smoke", "--device", "cpu", "--sections", "jpeg", "--no-record", "--json", str(numbers)]) == 0
+    )
     jpeg = json.loads(numbers.read_text())["jpeg"]
     args = gpu_speed.parse_args(["--smoke"])
     steps = 2 * args.steps  # the timed steps of the JPEG run

@@ -27,9 +27,10 @@ def _digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.skipif(not all(folder.is_dir() for folder in zero_shot_sets.FONT_FOLDERS),
-                    reason="no DejaVu/Liberation fonts (apt-get install fonts-dejavu-core fonts-dejavu-extra "
-                           "fonts-liberation)")
+@pytest.mark.skipif(
+    not all(folder.is_dir() for folder in zero_shot_sets.FONT_FOLDERS),
+    reason="no DejaVu/Liberation fonts (apt-get install fonts-dejavu-core fonts-dejavu-extra " "fonts-liberation)",
+)
 def test_glyphs_are_many_disjoint_classes_and_reproducible(tmp_path):
     classes, images = zero_shot_sets.build_glyphs(tmp_path / "a", per_class=2, seed=0)
     assert classes >= 100 and images == 2 * classes
@@ -46,8 +47,9 @@ def test_glyphs_are_many_disjoint_classes_and_reproducible(tmp_path):
     assert _rows(tmp_path / "c") != rows  # another seed splits and draws otherwise
 
 
-needs_emoji_font = pytest.mark.skipif(not zero_shot_sets.EMOJI_FONT.is_file(),
-                                      reason="no Noto Color Emoji font (apt-get install fonts-noto-color-emoji)")
+needs_emoji_font = pytest.mark.skipif(
+    not zero_shot_sets.EMOJI_FONT.is_file(), reason="no Noto Color Emoji font (apt-get install fonts-noto-color-emoji)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,9 @@ def emoji_root(tmp_path_factory) -> Path:
 @needs_emoji_font
 def test_emoji_split_lists_exactly_the_files_in_disjoint_halves(emoji_root):
     rows = _rows(emoji_root)
-    assert sorted(row["path"] for row in rows) == sorted(p.relative_to(emoji_root).as_posix()
-                                                       for p in emoji_root.rglob("*.png"))
+    assert sorted(row["path"] for row in rows) == sorted(
+        p.relative_to(emoji_root).as_posix() for p in emoji_root.rglob("*.png")
+    )
     assert all(row["path"].split("/")[0] == row["label"] for row in rows)
     labels = {row["label"] for row in rows}
     assert len(labels) == 12 and all(sum(row["label"] == label for row in rows) == 3 for label in labels)
@@ -97,7 +100,7 @@ def test_emoji_classes_have_distinct_nonblank_renderings(emoji_root):
         sprites[label] = (sprite.size, sprite.tobytes())
     for (one, a), (two, b) in itertools.combinations(sprites.items(), 2):
         assert a != b, (one, two)
-    assert zero_shot_sets.render_emoji("\U0010FFFD", font) is None  # a code point the font lacks draws nothing
+    assert zero_shot_sets.render_emoji("\U0010fffd", font) is None  # a code point the font lacks draws nothing
     pool = zero_shot_sets.distinct_emoji(font)
     assert len(pool) >= 200
     renderings = set()
@@ -131,9 +134,13 @@ def test_the_command_line_passes_its_settings_to_the_builders(monkeypatch, tmp_p
     monkeypatch.setattr(zero_shot_sets, "build_emoji", lambda out, **kw: calls.append(("emoji", kw)) or (2, 4))
     assert zero_shot_sets.main(["glyphs", "--out", str(tmp_path)]) == 0
     assert zero_shot_sets.main(["emoji", "--out", str(tmp_path)]) == 0
-    assert zero_shot_sets.main(["emoji", "--out", str(tmp_path), "--classes", "12", "--per-class", "3",
-                                "--seed", "7"]) == 0
-    assert calls == [("glyphs", {"per_class": 60, "seed": 0}),
-                     ("emoji", {"classes": 200, "per_class": 60, "seed": 0}),
-                     ("emoji", {"classes": 12, "per_class": 3, "seed": 7})]
+    assert (
+        zero_shot_sets.main(["emoji", "--out", str(tmp_path), "--classes", "12", "--per-class", "3", "--seed", "7"])
+        == 0
+    )
+    assert calls == [
+        ("glyphs", {"per_class": 60, "seed": 0}),
+        ("emoji", {"classes": 200, "per_class": 60, "seed": 0}),
+        ("emoji", {"classes": 12, "per_class": 3, "seed": 7}),
+    ]
     assert capsys.readouterr().out.splitlines()[-1].startswith("emoji: 2 classes, 4 images in ")

@@ -1,4 +1,5 @@
 """benchmarks/zero_shot_study.py: the commands it runs and the table it makes from finished runs' metrics.jsonl."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,25 @@ def _run(folder: Path, recall: float, events: list[str]) -> Path:
     folder.mkdir(parents=True)
     (folder / "last.pt").write_bytes(b"")
     (folder / "seconds.txt").write_text("120\n")
-    lines = [{"iter": i, "epoch": 0, "loss": 1.0, "hard_fraction": 0.5, "mean_s_ap": 0.1, "mean_s_an": 0.2}
-             for i in range(30)]
+    lines = [
+        {"iter": i, "epoch": 0, "loss": 1.0, "hard_fraction": 0.5, "mean_s_ap": 0.1, "mean_s_an": 0.2}
+        for i in range(30)
+    ]
     lines += [{"type": kind, "iter": 10 + i} for i, kind in enumerate(events)]
-    lines.append({"type": "eval", "iter": 30, "recall@1": 0.0, "recall@2": 0.0, "recall@4": 0.0, "recall@8": 0.0,
-                  "map@r": 0.0})  # an earlier evaluation: the last one counts
-    lines.append({"type": "eval", "iter": 30, "recall@1": recall, "recall@2": recall + 0.1, "recall@4": 0.7,
-                  "recall@8": 0.8, "map@r": recall / 4})
+    lines.append(
+        {"type": "eval", "iter": 30, "recall@1": 0.0, "recall@2": 0.0, "recall@4": 0.0, "recall@8": 0.0, "map@r": 0.0}
+    )  # an earlier evaluation: the last one counts
+    lines.append(
+        {
+            "type": "eval",
+            "iter": 30,
+            "recall@1": recall,
+            "recall@2": recall + 0.1,
+            "recall@4": 0.7,
+            "recall@8": 0.8,
+            "map@r": recall / 4,
+        }
+    )
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return folder
 
@@ -35,8 +48,10 @@ def test_a_run_without_a_final_evaluation_is_not_finished(tmp_path: Path) -> Non
 def test_the_table_gives_mean_and_spread_over_seeds_and_which_runs_stalled(tmp_path: Path) -> None:
     recalls = [0.40, 0.43, 0.47]
     events = [["stall_start", "stall_end"], [], ["stall_start"]]
-    runs = [{"seed": seed, **study.final_result(_run(tmp_path / f"sct-seed{seed}", recall, stall))}
-            for seed, recall, stall in zip((1, 2, 3), recalls, events)]
+    runs = [
+        {"seed": seed, **study.final_result(_run(tmp_path / f"sct-seed{seed}", recall, stall))}
+        for seed, recall, stall in zip((1, 2, 3), recalls, events)
+    ]
     assert [r["stalls"] for r in runs] == [1, 0, 1]
     assert [r["stalled_at_the_end"] for r in runs] == [False, False, True]
     row = study.table({"glyphs": {"sct": runs}}).splitlines()[2]

@@ -29,9 +29,11 @@ def wait_for_results(page, count: int) -> None:
 
     Waiting on the images alone would pass at once before the results render: every() of no images is true.
     """
-    page.wait_for_function(f"() => {{ const images = [...document.querySelectorAll('#results img')];"
-                           f" return document.querySelectorAll('#results a.result').length === {count}"
-                           f" && images.length > 0 && images.every({LOADED}); }}")
+    page.wait_for_function(
+        f"() => {{ const images = [...document.querySelectorAll('#results img')];"
+        f" return document.querySelectorAll('#results a.result').length === {count}"
+        f" && images.length > 0 && images.every({LOADED}); }}"
+    )
 
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -123,8 +125,10 @@ def test_the_pages_work_under_their_content_security_policy(server, page, tmp_pa
             blocked.append(message.text)
 
     page.on("console", on_console)
-    page.add_init_script("document.addEventListener('securitypolicyviolation', event =>"
-                         " (window.violations ||= []).push(`${event.violatedDirective} ${event.blockedURI}`))")
+    page.add_init_script(
+        "document.addEventListener('securitypolicyviolation', event =>"
+        " (window.violations ||= []).push(`${event.violatedDirective} ${event.blockedURI}`))"
+    )
 
     def violations() -> list[str]:
         return page.evaluate("window.violations || []") + blocked

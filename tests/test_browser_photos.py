@@ -12,8 +12,12 @@ from benchmarks.load_test import build_color_gallery, running_server
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, sync_api
 
 #: A 15 MB camera JPEG, an EXIF-rotated phone JPEG, a 7 MB PNG with transparency and a 16-bit PNG scan.
-PHOTOS = ("camera-6000x4000.jpg", "phone-4032x3024-rotated.jpg", "transparent-2000x1500.png",
-          "scan-3000x2000-16bit.png")
+PHOTOS = (
+    "camera-6000x4000.jpg",
+    "phone-4032x3024-rotated.jpg",
+    "transparent-2000x1500.png",
+    "scan-3000x2000-16bit.png",
+)
 
 
 @pytest.fixture(scope="module")

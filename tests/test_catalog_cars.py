@@ -45,8 +45,9 @@ def _cell_array(strings: list[str]) -> np.ndarray:
     return array
 
 
-def write_mat(path: Path, *, annotations: list[dict] | None = None, class_names: list[str] | None = None,
-              compress: bool = True) -> Path:
+def write_mat(
+    path: Path, *, annotations: list[dict] | None = None, class_names: list[str] | None = None, compress: bool = True
+) -> Path:
     variables = {}
     if annotations is not None:
         variables["annotations"] = _struct_array(annotations)
@@ -177,8 +178,11 @@ def test_one_image_of_one_class(tmp_path):
     """A 1×1 struct array and a 1×1 cell array come back from loadmat squeezed; they still read."""
     directory = tmp_path / "cars"
     _image(directory / "car_ims/000001.jpg")
-    write_mat(directory / "cars_annos.mat", annotations=[{"relative_im_path": "car_ims/000001.jpg",
-                                                          "class": np.uint8(1)}], class_names=["Only Car 2012"])
+    write_mat(
+        directory / "cars_annos.mat",
+        annotations=[{"relative_im_path": "car_ims/000001.jpg", "class": np.uint8(1)}],
+        class_names=["Only Car 2012"],
+    )
     [record] = read_dataset("cars", directory)
     assert (record.label, record.split) == ("Only Car 2012", "train")
 
@@ -187,8 +191,9 @@ def test_one_image_of_one_class(tmp_path):
 def test_corrupt_mat_file_is_named(tmp_path, compress):
     directory = _make_devkit(tmp_path / "stanford_cars")
     annotations_file = directory / "devkit" / "cars_train_annos.mat"
-    write_mat(annotations_file, annotations=[{**_bbox(), "class": np.uint8(1), "fname": "00001.jpg"}] * 3,
-              compress=compress)
+    write_mat(
+        annotations_file, annotations=[{**_bbox(), "class": np.uint8(1), "fname": "00001.jpg"}] * 3, compress=compress
+    )
     annotations_file.write_bytes(annotations_file.read_bytes()[:-40])
     with pytest.raises(DatasetError, match=r"cars_train_annos.mat: cannot read this MAT-file, it may be corrupt"):
         read_dataset("cars", directory)

@@ -11,8 +11,12 @@ from PIL import Image
 from catalog import DatasetError, ImageRecord, read_dataset
 
 # (chain_id, hotel_id, source, image_id) of each training image
-TRAIN = [("5", "1001", "travel_website", "11"), ("5", "1001", "traffickcam", "12"),
-         ("5", "1002", "travel_website", "13"), ("88", "2001", "travel_website", "14")]
+TRAIN = [
+    ("5", "1001", "travel_website", "11"),
+    ("5", "1001", "traffickcam", "12"),
+    ("5", "1002", "travel_website", "13"),
+    ("88", "2001", "travel_website", "14"),
+]
 QUERY = [("5", "1001", "traffickcam", "91"), ("88", "2001", "traffickcam", "92")]  # fmt: skip
 HOTEL_INFO = (
     "hotel_id,hotel_name,chain_id,latitude,longitude\n"
@@ -41,8 +45,9 @@ def _write_csvs(root: Path, extra_rows: str = "") -> None:
     (dataset / "chain_info.csv").write_text("chain_id,chain_name\n5,Chain Five\n88,Chain Eighty-Eight\n")
     rows = [f"{image_id},{hotel},https://images.example/{image_id}/photo.jpg,{source},2016-05-01 10:00:00\n"
             for _, hotel, source, image_id in TRAIN]  # fmt: skip
-    (dataset / "train_set.csv").write_text("image_id,hotel_id,image_url,image_source,upload_timestamp\n"
-                                           + "".join(rows) + extra_rows)
+    (dataset / "train_set.csv").write_text(
+        "image_id,hotel_id,image_url,image_source,upload_timestamp\n" + "".join(rows) + extra_rows
+    )
 
 
 @pytest.mark.parametrize("with_source", [True, False])

@@ -1,5 +1,6 @@
 """catalog.registry: one spec per dataset, from which `sct index`, `sct eval`, `sct train` and the evaluation during
 training all take their splits, Ks and presets; each check here is also shown to catch a disagreement."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,12 @@ class _Evaluated(Exception):
 
 def _every_split(root: Path) -> list[ImageRecord]:
     """Records with every split name, two classes of two images each, every path distinct."""
-    return [ImageRecord(os.path.join(root, split, label, f"{i}.png"), label, split, chain="c")
-            for split in SPLITS for label in ("a", "b") for i in range(2)]
+    return [
+        ImageRecord(os.path.join(root, split, label, f"{i}.png"), label, split, chain="c")
+        for split in SPLITS
+        for label in ("a", "b")
+        for i in range(2)
+    ]
 
 
 def _sct_eval(argv: list[str], dataset: str, monkeypatch) -> tuple[list[int], list | None]:
@@ -56,8 +61,15 @@ def _sct_eval(argv: list[str], dataset: str, monkeypatch) -> tuple[list[int], li
     return evaluated.value.args
 
 
-def _cli_protocol(name: str, records: list[ImageRecord], root: Path, monkeypatch, *,
-                  index_flags: tuple[str, ...] = (), eval_flags: tuple[str, ...] | None = None) -> tuple:
+def _cli_protocol(
+    name: str,
+    records: list[ImageRecord],
+    root: Path,
+    monkeypatch,
+    *,
+    index_flags: tuple[str, ...] = (),
+    eval_flags: tuple[str, ...] | None = None,
+) -> tuple:
     """What `sct index --dataset NAME` embeds and `sct eval` queries: ("leave-one-out", gallery paths) or
     ("queries", query paths, gallery paths). ``eval_flags`` default: the commands docs/DATASETS.md gives, with
     ``--queries-split`` where the benchmark has a gallery split of its own."""
@@ -65,10 +77,23 @@ def _cli_protocol(name: str, records: list[ImageRecord], root: Path, monkeypatch
     from sct.cli import build_parser
 
     monkeypatch.setattr(catalog, "read_dataset", lambda dataset, data_root: records)
-    args = build_parser().parse_args(["index", "--model", "m.onnx", "--dataset", name, "--data-root", str(root),
-                                      "--out", str(root / "out"), *index_flags])
-    sources, _, _, _ = index_sources(dataset=args.dataset, data_root=args.data_root, split=args.split,
-                                     images=args.images)
+    args = build_parser().parse_args(
+        [
+            "index",
+            "--model",
+            "m.onnx",
+            "--dataset",
+            name,
+            "--data-root",
+            str(root),
+            "--out",
+            str(root / "out"),
+            *index_flags,
+        ]
+    )
+    sources, _, _, _ = index_sources(
+        dataset=args.dataset, data_root=args.data_root, split=args.split, images=args.images
+    )
     gallery = [path for path, _, _ in sources]
     if eval_flags is None:
         entry = catalog.spec(name)
@@ -101,12 +126,15 @@ def test_the_comparison_catches_a_gallery_split_that_disagrees(tmp_path, monkeyp
     leave-one-out where training used queries, the comparison above would fail."""
     root = Path(os.path.realpath(tmp_path))
     records = _every_split(root)
-    for name, index_flags, eval_flags in (("hotels50k", ("--split", "gallery"), None),
-                                          ("inshop", ("--split", "test"), None),
-                                          ("inshop", (), ()),
-                                          ("cub", ("--split", "train"), ())):
-        assert _training_protocol(name, records) != _cli_protocol(name, records, root, monkeypatch,
-                                                                  index_flags=index_flags, eval_flags=eval_flags)
+    for name, index_flags, eval_flags in (
+        ("hotels50k", ("--split", "gallery"), None),
+        ("inshop", ("--split", "test"), None),
+        ("inshop", (), ()),
+        ("cub", ("--split", "train"), ()),
+    ):
+        assert _training_protocol(name, records) != _cli_protocol(
+            name, records, root, monkeypatch, index_flags=index_flags, eval_flags=eval_flags
+        )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -153,8 +181,19 @@ def test_an_unknown_name_is_refused_with_the_valid_names(tmp_path):
         catalog.spec("imagenet")
     with pytest.raises(ValueError, match=listed):
         catalog.read_dataset("imagenet", tmp_path)
-    args = build_parser().parse_args(["index", "--model", "m.onnx", "--dataset", "imagenet",
-                                      "--data-root", str(tmp_path), "--out", str(tmp_path / "out")])
+    args = build_parser().parse_args(
+        [
+            "index",
+            "--model",
+            "m.onnx",
+            "--dataset",
+            "imagenet",
+            "--data-root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     with pytest.raises(ValueError, match=listed):
         index_sources(dataset=args.dataset, data_root=args.data_root, split=args.split, images=args.images)
     assert sorted(catalog.REGISTRY) == listed.removeprefix("valid names: ").removesuffix("$").split(", ")
@@ -187,9 +226,17 @@ def test_every_entry_has_a_reader_and_a_preset_that_resolves(name):
         assert from_preset == (set(plain) - on_cpu) | {"eval_ks"}
 
 
-@pytest.mark.parametrize("broken", [dict(reader=None), dict(training_preset={}), dict(recall_ks=()),
-                                    dict(recall_ks=(0, 1)), dict(gallery_split="test"),
-                                    dict(extra_label_sets=(catalog.LabelSet("brand", (1,)),))])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        dict(reader=None),
+        dict(training_preset={}),
+        dict(recall_ks=()),
+        dict(recall_ks=(0, 1)),
+        dict(gallery_split="test"),
+        dict(extra_label_sets=(catalog.LabelSet("brand", (1,)),)),
+    ],
+)
 def test_a_spec_without_a_reader_or_preset_or_with_bad_ks_or_splits_is_refused(broken):
     fields = dict(name="x", reader=catalog.DATASETS["folder"], training_preset=dict(dim=64))
     DatasetSpec(**fields)  # the fields above alone make a valid spec

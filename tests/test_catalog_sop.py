@@ -11,8 +11,12 @@ from catalog import DatasetError, ImageRecord, read_dataset
 
 HEADER = "image_id class_id super_class_id path\n"
 # (image_id, class_id, super_class_id, path) as in the real files
-TRAIN = [(1, 1, 1, "bicycle_final/111085122871_0.JPG"), (2, 1, 1, "bicycle_final/111085122871_1.JPG"),
-         (3, 2, 4, "chair_final/111265328556_0.JPG"), (4, 2, 4, "chair_final/111265328556_1.JPG")]
+TRAIN = [
+    (1, 1, 1, "bicycle_final/111085122871_0.JPG"),
+    (2, 1, 1, "bicycle_final/111085122871_1.JPG"),
+    (3, 2, 4, "chair_final/111265328556_0.JPG"),
+    (4, 2, 4, "chair_final/111265328556_1.JPG"),
+]
 TEST = [(1, 11319, 1, "bicycle_final/111085122871_9.JPG"), (2, 11319, 1, "bicycle_final/111085122871_8.JPG"),
         (3, 11320, 10, "stapler_final/111085122871_7.JPG")]  # fmt: skip
 

@@ -1,4 +1,5 @@
 """A validation split carved from the training classes never touches the test split."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -9,7 +10,9 @@ from catalog import ImageRecord, carve_validation
 
 
 def _records(train_classes: int, per_class: int, *, test_shares_classes: bool) -> list[ImageRecord]:
-    records = [ImageRecord(f"train/{c}/{i}.png", f"c{c}", "train") for c in range(train_classes) for i in range(per_class)]
+    records = [
+        ImageRecord(f"train/{c}/{i}.png", f"c{c}", "train") for c in range(train_classes) for i in range(per_class)
+    ]
     test_labels = [f"c{c}" for c in range(3)] if test_shares_classes else ["t0", "t1", "t2"]
     records += [ImageRecord(f"test/{label}/{i}.png", label, "test") for label in test_labels for i in range(4)]
     return records

@@ -1,9 +1,11 @@
 """`sct train`'s setting flags are generated from TrainConfig's fields; the flags several commands share
 (image source, --device, --precision, --workers) come from retrieval.cli_options; no flag of before went away."""
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
+
 import pytest
 
 from retrieval.cli_options import DEVICES, PRECISIONS
@@ -15,21 +17,21 @@ from training.config import OPTIMIZERS, TrainConfig, choices_of, resolve_config
 FLAGS_BEFORE = {
     "demo": "--augment --data-root --device --epochs --host --index-out --no-serve --port --run",
     "embed": "--batch-size --checkpoint --data-root --dataset --device --images --model --no-progress --out "
-             "--precision --shard --split --workers",
+    "--precision --shard --split --workers",
     "eval": "--batch-size --data-root --index --json --k --queries-images --queries-split",
     "export": "--checkpoint --out --parity-images",
     "index": "--batch-size --data-root --dataset --images --index-type --merge --model --nlist --nprobe --out "
-             "--shard --split --storage --workers",
+    "--shard --split --storage --workers",
     "report": "--data-root --device --iterations --max-images --no-model --out --title",
     "search": "--index --k",
     "serve": "--allowed-host --dev-server --host --index --max-upload-mb --port --threads --workers",
     "simulate-gradients": "--entanglement --grid --lam --loss --lr --out --projection --temperature",
     "train": "--arch --augment --batch-size --compile --config --data-root --dataset --device --dim --dist-backend "
-             "--embedding-bn --epochs --eval-every --eval-ks --gather-embeddings --hard-floor --hard-threshold "
-             "--htl-beta --htl-levels --htl-neighbours --htl-rebuild-every --htl-tree-images-per-class "
-             "--image-size --images-per-class --lam --loss --lr --margin --max-iters-per-epoch --no-augment "
-             "--no-compile --no-embedding-bn --no-progress --optimizer --out --precision --pretrained --resume "
-             "--sct-warm-loss --sct-warmup --seed --sync-bn --temperature --val-by --val-fraction --workers",
+    "--embedding-bn --epochs --eval-every --eval-ks --gather-embeddings --hard-floor --hard-threshold "
+    "--htl-beta --htl-levels --htl-neighbours --htl-rebuild-every --htl-tree-images-per-class "
+    "--image-size --images-per-class --lam --loss --lr --margin --max-iters-per-epoch --no-augment "
+    "--no-compile --no-embedding-bn --no-progress --optimizer --out --precision --pretrained --resume "
+    "--sct-warm-loss --sct-warmup --seed --sync-bn --temperature --val-by --val-fraction --workers",
 }
 #: TrainConfig fields that are not generated flags: hand-written (dataset, data_root, out) or no flag at all
 NOT_FLAGS = {"dataset", "data_root", "out", "milestones", "mean", "std", "cache_images", "provenance"}
@@ -85,8 +87,9 @@ def test_each_choice_list_is_the_same_in_the_parser_the_config_and_the_code() ->
     for command in ("train", "embed"):
         assert tuple(_actions(commands[command])["--precision"].choices) == PRECISIONS == choices_of("precision")
     for name in choices_of("loss"):  # every name builds
-        assert isinstance(losses.build_loss(name, lam=1.0, temperature=0.1, hard_threshold=None),
-                          losses.MinedTripletLoss)
+        assert isinstance(
+            losses.build_loss(name, lam=1.0, temperature=0.1, hard_threshold=None), losses.MinedTripletLoss
+        )
     with pytest.raises(ValueError, match="loss must be one of sct, hn, shn, ep, batch-all, htl, not 'nca'"):
         resolve_config("cub", "d", "o", overrides={"loss": "nca"})
     assert tuple(train["--optimizer"].choices) == choices_of("optimizer") == OPTIMIZERS
@@ -94,15 +97,21 @@ def test_each_choice_list_is_the_same_in_the_parser_the_config_and_the_code() ->
         resolve_config("cub", "d", "o", overrides={"optimizer": "adam"})
 
 
-@pytest.mark.parametrize(("argv", "flag"), [
-    (BASE + ["--loss", "nca"], "--loss"), (BASE + ["--device", "tpu"], "--device"),
-    (BASE + ["--workers", "-1"], "--workers"), (BASE + ["--epochs", "0"], "--epochs"),
-    (BASE + ["--images-per-class", "1"], "--images-per-class"), (BASE + ["--eval-ks", "0"], "--eval-ks"),
-    (["embed", "--checkpoint", "c", "--model", "m", "--images", "i", "--out", "o", "--workers", "-1"], "--workers"),
-    (["index", "--model", "m", "--images", "i", "--out", "o", "--workers", "-2"], "--workers"),
-    (["serve", "--index", "x", "--workers", "-1"], "--workers"),
-    (["demo", "--device", "tpu"], "--device"),
-])
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (BASE + ["--loss", "nca"], "--loss"),
+        (BASE + ["--device", "tpu"], "--device"),
+        (BASE + ["--workers", "-1"], "--workers"),
+        (BASE + ["--epochs", "0"], "--epochs"),
+        (BASE + ["--images-per-class", "1"], "--images-per-class"),
+        (BASE + ["--eval-ks", "0"], "--eval-ks"),
+        (["embed", "--checkpoint", "c", "--model", "m", "--images", "i", "--out", "o", "--workers", "-1"], "--workers"),
+        (["index", "--model", "m", "--images", "i", "--out", "o", "--workers", "-2"], "--workers"),
+        (["serve", "--index", "x", "--workers", "-1"], "--workers"),
+        (["demo", "--device", "tpu"], "--device"),
+    ],
+)
 def test_a_bad_choice_or_a_negative_count_is_a_usage_error_naming_the_flag(argv, flag, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(argv)
@@ -117,13 +126,18 @@ def test_workers_may_be_0_everywhere() -> None:
     assert parser.parse_args(["serve", "--index", "x"]).workers == 1
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    ([], {}),
-    (["--embedding-bn"], {"embedding_bn": True}), (["--no-embedding-bn"], {"embedding_bn": False}),
-    (["--eval-ks", "1", "5"], {"eval_ks": [1, 5]}), (["--sct-warmup", "0"], {"sct_warmup": 0.0}),
-    (["--no-sync-bn", "--gather-embeddings"], {"sync_batchnorm": False, "gather_embeddings": True}),
-    (["--hard-floor", "0.5", "--schedule", "cosine"], {"hard_floor": 0.5, "schedule": "cosine"}),
-])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], {}),
+        (["--embedding-bn"], {"embedding_bn": True}),
+        (["--no-embedding-bn"], {"embedding_bn": False}),
+        (["--eval-ks", "1", "5"], {"eval_ks": [1, 5]}),
+        (["--sct-warmup", "0"], {"sct_warmup": 0.0}),
+        (["--no-sync-bn", "--gather-embeddings"], {"sync_batchnorm": False, "gather_embeddings": True}),
+        (["--hard-floor", "0.5", "--schedule", "cosine"], {"hard_floor": 0.5, "schedule": "cosine"}),
+    ],
+)
 def test_parsed_flags_are_the_overrides_and_win_over_presets(flags, expected) -> None:
     overrides = overrides_from(build_parser().parse_args(BASE + ["--pretrained", "none", *flags]))
     assert set(overrides) == set(config_flags())

@@ -1,4 +1,5 @@
 """`sct --help` lists every subcommand, and each has its own --help with examples."""
+
 from __future__ import annotations
 
 import subprocess

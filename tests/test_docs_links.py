@@ -1,5 +1,6 @@
 """Every relative link and image of README.md and docs/ points at a file of the repository, and every #anchor at a
 heading of its page (GitHub's heading ids); no page points outside the repository."""
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,11 @@ def heading_ids(page: Path) -> set[str]:
 
 
 def relative_links(page: Path) -> list[str]:
-    return [target for target in LINK.findall(prose(page.read_text(encoding="utf-8")))
-            if not re.match(r"^[a-z][a-z0-9+.-]*:", target)]  # http:, https:, mailto:
+    return [
+        target
+        for target in LINK.findall(prose(page.read_text(encoding="utf-8")))
+        if not re.match(r"^[a-z][a-z0-9+.-]*:", target)
+    ]  # http:, https:, mailto:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
@@ -63,7 +67,10 @@ def test_relative_links_resolve(page: Path) -> None:
 
 def test_the_check_catches_a_broken_file_and_anchor(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
-    page.write_text("# Title\n\n## A `code` heading, too\n\n[ok](#a-code-heading-too) [bad](#nope) "
-                    "![img](missing.png) `[not](a-link)`\n```\n[nor](this)\n```\n", encoding="utf-8")
+    page.write_text(
+        "# Title\n\n## A `code` heading, too\n\n[ok](#a-code-heading-too) [bad](#nope) "
+        "![img](missing.png) `[not](a-link)`\n```\n[nor](this)\n```\n",
+        encoding="utf-8",
+    )
     assert relative_links(page) == ["#a-code-heading-too", "#nope", "missing.png"]
     assert heading_ids(page) == {"title", "a-code-heading-too"}

@@ -1,4 +1,5 @@
 """train → export → index → eval → search through the real CLI and Flask app, on synthetic images."""
+
 from __future__ import annotations
 
 import io
@@ -16,9 +17,14 @@ from webapp import create_app
 # Eight classes, each a distinct colour and stripe direction; the folder reader
 # trains on the first four and keeps the last four for testing.
 CLASSES = {
-    "a_red": ((210, 40, 40), 0), "b_green": ((40, 190, 60), 1), "c_blue": ((40, 60, 200), 0),
-    "d_yellow": ((220, 210, 50), 1), "e_cyan": ((40, 200, 210), 0), "f_magenta": ((200, 50, 200), 1),
-    "g_grey": ((128, 128, 128), 0), "h_orange": ((240, 140, 30), 1),
+    "a_red": ((210, 40, 40), 0),
+    "b_green": ((40, 190, 60), 1),
+    "c_blue": ((40, 60, 200), 0),
+    "d_yellow": ((220, 210, 50), 1),
+    "e_cyan": ((40, 200, 210), 0),
+    "f_magenta": ((200, 50, 200), 1),
+    "g_grey": ((128, 128, 128), 0),
+    "h_orange": ((240, 140, 30), 1),
 }
 
 
@@ -41,10 +47,41 @@ def test_pipeline_from_training_to_a_search_request(tmp_path: Path, capsys: pyte
     data, run, gallery_dir = tmp_path / "data", tmp_path / "run", tmp_path / "index_data" / "synthetic"
     _write_images(data)
 
-    assert main(["train", "--dataset", "folder", "--data-root", str(data), "--out", str(run), "--arch", "resnet18",
-                 "--pretrained", "none", "--dim", "16", "--image-size", "32", "--epochs", "2",
-                 "--batch-size", "8", "--images-per-class", "2", "--lr", "0.01", "--workers", "0",
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "folder",
+                "--data-root",
+                str(data),
+                "--out",
+                str(run),
+                "--arch",
+                "resnet18",
+                "--pretrained",
+                "none",
+                "--dim",
+                "16",
+                "--image-size",
+                "32",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--images-per-class",
+                "2",
+                "--lr",
+                "0.01",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt"):
         assert (run / name).is_file(), name
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -52,8 +89,24 @@ def test_pipeline_from_training_to_a_search_request(tmp_path: Path, capsys: pyte
     assert all(np.isfinite(line["loss"]) for line in lines if "loss" in line)
 
     assert main(["export", "--checkpoint", str(run / "best.pt"), "--out", str(run / "model.onnx")]) == 0
-    assert main(["index", "--model", str(run / "model.onnx"), "--dataset", "folder", "--data-root", str(data),
-                 "--split", "test", "--out", str(gallery_dir)]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "--model",
+                str(run / "model.onnx"),
+                "--dataset",
+                "folder",
+                "--data-root",
+                str(data),
+                "--split",
+                "test",
+                "--out",
+                str(gallery_dir),
+            ]
+        )
+        == 0
+    )
     assert main(["eval", "--index", str(gallery_dir), "--k", "1", "2"]) == 0
     evaluation = json.loads((gallery_dir / "eval.json").read_text())
     gallery = Gallery.load(gallery_dir)

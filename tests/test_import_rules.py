@@ -1,5 +1,6 @@
 """The serving side (retrieval/, webapp/) and the shared readers (catalog/) never import torch; the packages
 import each other only downwards, along LAYERS; training resolves a config without FAISS or ONNX Runtime."""
+
 from __future__ import annotations
 
 import ast
@@ -81,7 +82,8 @@ def _is_type_checking_block(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def imported_modules(module: str, path: Path, known: set[str]) -> set[str]:
@@ -101,7 +103,7 @@ def imported_modules(module: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".") if is_package else module.split(".")[:-1]
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -140,8 +142,11 @@ def layer_violations(graph: Mapping[str, set[str]], layers: Sequence[Sequence[st
 def module_cycles(graph: Mapping[str, set[str]], package: str) -> list[list[str]]:
     """The import cycles among the modules of ``package`` (each a strongly connected component of 2+ modules,
     or a module importing itself), found with Tarjan's algorithm."""
-    inside = {m: {t for t in ts if t.split(".")[0] == package and t in graph} for m, ts in graph.items()
-              if m.split(".")[0] == package}
+    inside = {
+        m: {t for t in ts if t.split(".")[0] == package and t in graph}
+        for m, ts in graph.items()
+        if m.split(".")[0] == package
+    }
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -186,8 +191,12 @@ def test_no_import_goes_up_a_layer_or_between_training_and_webapp() -> None:
 
 def test_nothing_but_sct_imports_sct() -> None:
     graph = import_graph(ROOT, ALL_PACKAGES)
-    importers = sorted(m for m, targets in graph.items() if any(t.split(".")[0] == "sct" for t in targets)
-                       and m.split(".")[0] not in ("sct", "benchmarks", "experiments", "tests"))
+    importers = sorted(
+        m
+        for m, targets in graph.items()
+        if any(t.split(".")[0] == "sct" for t in targets)
+        and m.split(".")[0] not in ("sct", "benchmarks", "experiments", "tests")
+    )
     assert importers == []
 
 
@@ -233,8 +242,9 @@ def test_the_architecture_table_lists_the_layers_in_order() -> None:
     assert _architecture_table_packages() == LIBRARY_PACKAGES
 
 
-def test_training_resolves_a_config_and_builds_its_parser_without_faiss_onnx_runtime_or_a_cli_of_another_package(
-) -> None:
+def test_training_resolves_a_config_and_builds_its_parser_without_faiss_onnx_runtime_or_a_cli_of_another_package() -> (
+    None
+):
     code = (
         "import argparse, sys\n"
         "import training.config, training.trainer\n"

@@ -23,8 +23,8 @@ import webapp.item_files
 from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from retrieval.embedder import file_sha256
 from retrieval.gallery import Gallery, GalleryItem, GalleryMismatchError, build_gallery
-from tests.test_webapp_api import png_bytes, post_search
 from sct.cli import main
+from tests.test_webapp_api import png_bytes, post_search
 from webapp import create_app
 
 SECRET = b"TOP-SECRET-MARKER"
@@ -79,17 +79,22 @@ def write_split(root: Path, extra_rows: list[str]) -> None:
 
 
 def index_dataset(model: Path, root: Path | str, out: Path, *extra: str) -> int:
-    return sct(["index", "--model", str(model), "--dataset", "folder", "--data-root", str(root), "--out", str(out),
-                *extra])
+    return sct(
+        ["index", "--model", str(model), "--dataset", "folder", "--data-root", str(root), "--out", str(out), *extra]
+    )
 
 
-@pytest.mark.parametrize(("listed", "reason"), [
-    ("x.html", "extension '.html' is not an image extension"),
-    ("../outside.png", "outside"),
-    ("escape.png", "outside"),  # a symlink to ../outside.png
-])
-def test_sct_index_refuses_files_that_are_not_images_inside_the_data_root(model, dataset, tmp_path, capsys,
-                                                                           listed, reason):
+@pytest.mark.parametrize(
+    ("listed", "reason"),
+    [
+        ("x.html", "extension '.html' is not an image extension"),
+        ("../outside.png", "outside"),
+        ("escape.png", "outside"),  # a symlink to ../outside.png
+    ],
+)
+def test_sct_index_refuses_files_that_are_not_images_inside_the_data_root(
+    model, dataset, tmp_path, capsys, listed, reason
+):
     (dataset / "x.html").write_bytes(gif_html_polyglot())  # decodes as a GIF: only its name gives it away
     (dataset / "escape.png").symlink_to(tmp_path / "outside.png")
     write_split(dataset, [f"{listed},blue,test"])
@@ -143,8 +148,13 @@ def indexed(model, tmp_path):
     assert sct(["index", "--model", str(model), "--images", str(images), "--out", str(tmp_path / "g")]) == 0
     app = create_app([tmp_path / "g"])
     link_id = next(item.id for item in Gallery.load(tmp_path / "g").items if item.path.endswith("link.png"))
-    return {"client": app.test_client(), "images": images, "link": images / "green" / "link.png", "id": link_id,
-            "secret": secret_png(tmp_path / "secret.png")}
+    return {
+        "client": app.test_client(),
+        "images": images,
+        "link": images / "green" / "link.png",
+        "id": link_id,
+        "secret": secret_png(tmp_path / "secret.png"),
+    }
 
 
 @pytest.mark.parametrize("target", ["secret", "/etc/passwd"])
@@ -190,8 +200,9 @@ def build_served(model: Path, tmp_path: Path, files: dict[str, bytes], *, edit: 
         (images / name).write_bytes(data)
         paths.append(images / name)
     items = [GalleryItem(i, str(path), "x") for i, path in enumerate(paths)]
-    folder = build_gallery(tmp_path / "g", unit_vectors(len(items)), items, model, dataset="d", split="s",
-                           image_roots=[images])
+    folder = build_gallery(
+        tmp_path / "g", unit_vectors(len(items)), items, model, dataset="d", split="s", image_roots=[images]
+    )
     if edit:
         lines = (folder / "items.csv").read_text().splitlines(keepends=True)
         for item, path in edit.items():
@@ -200,15 +211,22 @@ def build_served(model: Path, tmp_path: Path, files: dict[str, bytes], *, edit: 
     return create_app([folder]).test_client(), folder
 
 
-@pytest.mark.parametrize(("target", "message"), [
-    ("/etc/passwd", "is not a file inside the gallery's image folders"),
-    ("model.onnx", "is not a file inside the gallery's image folders"),
-    ("secret", "is not a file inside the gallery's image folders"),
-    ("NUL", "cannot be read (its path holds a NUL character)"),
-])
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("/etc/passwd", "is not a file inside the gallery's image folders"),
+        ("model.onnx", "is not a file inside the gallery's image folders"),
+        ("secret", "is not a file inside the gallery's image folders"),
+        ("NUL", "cannot be read (its path holds a NUL character)"),
+    ],
+)
 def test_items_csv_edited_to_point_elsewhere_is_not_served(model, tmp_path, target, message):
-    path = {"model.onnx": str(tmp_path / "g" / "model.onnx"), "/etc/passwd": "/etc/passwd",
-            "secret": str(secret_png(tmp_path / "secret.png")), "NUL": str(tmp_path / "images" / "a\0.png")}[target]
+    path = {
+        "model.onnx": str(tmp_path / "g" / "model.onnx"),
+        "/etc/passwd": "/etc/passwd",
+        "secret": str(secret_png(tmp_path / "secret.png")),
+        "NUL": str(tmp_path / "images" / "a\0.png"),
+    }[target]
     client, _ = build_served(model, tmp_path, {"a.png": png_bytes(), "b.png": png_bytes(seed=2)}, edit={1: path})
     assert client.get("/api/items/0/image").status_code == 200
     response = client.get("/api/items/1/image")
@@ -227,8 +245,7 @@ def test_an_html_polyglot_is_served_as_the_gif_it_is_and_cannot_run(model, tmp_p
     assert response.headers["Cache-Control"] == "private, max-age=300"
 
 
-@pytest.mark.parametrize("name", ['say "hi"\r\nX-Injected: yes.png', "new\nline.png", 'quote";x=.png',
-                                  "été 東京.png"])
+@pytest.mark.parametrize("name", ['say "hi"\r\nX-Injected: yes.png', "new\nline.png", 'quote";x=.png', "été 東京.png"])
 def test_any_file_name_gives_a_safe_content_disposition(model, tmp_path, name):
     client, _ = build_served(model, tmp_path, {name: png_bytes()})
     response = client.get("/api/items/0/image")
@@ -284,19 +301,23 @@ def test_a_swapped_model_with_its_sha256_edited_in_is_refused(gallery_folder):
 
 def test_a_format_1_gallery_is_refused_with_how_to_rebuild_it(gallery_folder):
     rewrite_manifest(gallery_folder, format_version=1, image_roots=None, probe_embedding=None)
-    with pytest.raises(GalleryMismatchError,
-                       match=r"format_version is 1; this version reads 2: rebuild the gallery with `sct index`"):
+    with pytest.raises(
+        GalleryMismatchError, match=r"format_version is 1; this version reads 2: rebuild the gallery with `sct index`"
+    ):
         Gallery.load(gallery_folder)
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"image_roots": []}, "image_roots must be a non-empty list of absolute folders, got []"),
-    ({"image_roots": ["images"]}, "image_roots must be a non-empty list of absolute folders, got ['images']"),
-    ({"image_roots": "/data"}, "image_roots must be a non-empty list"),
-    ({"probe_embedding": "0.1, 0.2"}, "probe_embedding must be a list of numbers"),
-    ({"probe_embedding": [0.5, True]}, "probe_embedding must be a list of numbers"),
-    ({"probe_embedding": [0.5, 0.5]}, "embedding dimension mismatch: manifest.json embedding_dim = 8, "),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image_roots": []}, "image_roots must be a non-empty list of absolute folders, got []"),
+        ({"image_roots": ["images"]}, "image_roots must be a non-empty list of absolute folders, got ['images']"),
+        ({"image_roots": "/data"}, "image_roots must be a non-empty list"),
+        ({"probe_embedding": "0.1, 0.2"}, "probe_embedding must be a list of numbers"),
+        ({"probe_embedding": [0.5, True]}, "probe_embedding must be a list of numbers"),
+        ({"probe_embedding": [0.5, 0.5]}, "embedding dimension mismatch: manifest.json embedding_dim = 8, "),
+    ],
+)
 def test_a_manifest_with_bad_image_roots_or_probe_is_refused(gallery_folder, changes, message):
     rewrite_manifest(gallery_folder, **changes)
     with pytest.raises(GalleryMismatchError) as error:

@@ -61,9 +61,11 @@ def test_300_searches_from_4_threads_no_error_and_flat_memory(setup):
     result = run_load(server, setup["queries"], threads=4, duration_s=60, max_requests=300, k=K)
     rss_after = server.rss_kib() / 1024
     first, last = result.rss_thirds_mib()
-    print(f"\n{result.requests} requests in {result.wall_s:.2f} s ({result.requests_per_s:.0f}/s), "
-          f"p50 {result.percentile_ms(50):.1f} ms, p99 {result.percentile_ms(99):.1f} ms, "
-          f"server RSS {rss_before:.1f} → {rss_after:.1f} MiB (thirds {first:.1f} → {last:.1f})")
+    print(
+        f"\n{result.requests} requests in {result.wall_s:.2f} s ({result.requests_per_s:.0f}/s), "
+        f"p50 {result.percentile_ms(50):.1f} ms, p99 {result.percentile_ms(99):.1f} ms, "
+        f"server RSS {rss_before:.1f} → {rss_after:.1f} MiB (thirds {first:.1f} → {last:.1f})"
+    )
     assert result.errors == []
     assert result.requests == 300 and result.statuses == {200: 300}
     assert last - first < RSS_GROWTH_LIMIT_MIB and rss_after - rss_before < RSS_GROWTH_LIMIT_MIB
@@ -114,16 +116,44 @@ def test_a_gallery_rebuilt_by_sct_index_under_load_is_swapped_in_without_a_failu
 
     stop = threading.Event()
     outcome = {}
-    load = threading.Thread(target=lambda: outcome.setdefault("result", run_load(
-        server, queries, threads=4, duration_s=120, max_requests=10**6, k=K, check=old_or_new,
-        keep_answers=True, stop=stop)))
+    load = threading.Thread(
+        target=lambda: outcome.setdefault(
+            "result",
+            run_load(
+                server,
+                queries,
+                threads=4,
+                duration_s=120,
+                max_requests=10**6,
+                k=K,
+                check=old_or_new,
+                keep_answers=True,
+                stop=stop,
+            ),
+        )
+    )
     load.start()
     try:
         time.sleep(0.7)
         rebuilding = time.monotonic()
         index = subprocess.run(
-            [sys.executable, "-m", "sct", "index", "--model", str(setup["model"]), "--images", str(new_images),
-             "--out", str(root / "colors")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "sct",
+                "index",
+                "--model",
+                str(setup["model"]),
+                "--images",
+                str(new_images),
+                "--out",
+                str(root / "colors"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
         swapped = time.monotonic()
         time.sleep(2.0)
     finally:
@@ -136,8 +166,10 @@ def test_a_gallery_rebuilt_by_sct_index_under_load_is_swapped_in_without_a_failu
     before = [answer for sent, answer in result.answers if sent < rebuilding]
     after = [answer for sent, answer in result.answers if sent > swapped + 1.0]
     is_new = [set(r["label"] for r in answer["results"]) <= new_label_set for answer in after]
-    print(f"\n{result.requests} searches, none failed; `sct index` took {swapped - rebuilding:.1f} s; "
-          f"{len(after)} sent a second after it returned, {sum(is_new)} of them answered from the new gallery")
+    print(
+        f"\n{result.requests} searches, none failed; `sct index` took {swapped - rebuilding:.1f} s; "
+        f"{len(after)} sent a second after it returned, {sum(is_new)} of them answered from the new gallery"
+    )
     assert after and all(is_new)
     assert before and not any(set(r["label"] for r in answer["results"]) & new_label_set for answer in before)
     status, body = Client(server).get("/healthz")
@@ -161,5 +193,6 @@ def test_the_server_stops_promptly_after_serving(tmp_path, stop_signal):
         server.process.wait(timeout=25)
         stopped_after = time.monotonic() - started
     assert workers and stopped_after < 10, f"stopping took {stopped_after:.1f} s:\n{server.log_tail()}"
-    assert not any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
-                   for pid in workers)
+    assert not any(
+        Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text() for pid in workers
+    )

@@ -49,8 +49,9 @@ def client(gallery):
 
 
 def _search(client, data: bytes, name: str):
-    return client.post("/api/search", data={"image": (io.BytesIO(data), name), "k": str(K)},
-                       content_type="multipart/form-data")
+    return client.post(
+        "/api/search", data={"image": (io.BytesIO(data), name), "k": str(K)}, content_type="multipart/form-data"
+    )
 
 
 def _bounded_embedding(gallery, data: bytes) -> np.ndarray:
@@ -68,8 +69,9 @@ def test_every_photo_is_accepted_and_scored_exactly(client, gallery):
         query = _bounded_embedding(gallery, photo.data)
         scores = gallery["embeddings"] @ query
         returned = [result["score"] for result in results]
-        np.testing.assert_allclose(returned, scores[[result["id"] for result in results]], atol=1e-5,
-                                   err_msg=photo.name)
+        np.testing.assert_allclose(
+            returned, scores[[result["id"] for result in results]], atol=1e-5, err_msg=photo.name
+        )
         np.testing.assert_allclose(returned, np.sort(scores)[::-1][:K], atol=1e-5, err_msg=photo.name)
         full = gallery["embedder"].embed_images([decode_rgb(photo.data)])[0]
         assert float(full @ query) >= 0.995, photo.name
@@ -137,8 +139,12 @@ def test_curl_uploads_photos_of_several_megabytes(gallery):
         for photo in photo_corpus():
             path = gallery["root"] / photo.name
             path.write_bytes(photo.data)
-            done = subprocess.run(["curl", "-sS", "-F", f"image=@{path}", "-w", "\n%{http_code}",
-                                   server.url + "/api/search"], capture_output=True, text=True, timeout=120)
+            done = subprocess.run(
+                ["curl", "-sS", "-F", f"image=@{path}", "-w", "\n%{http_code}", server.url + "/api/search"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             body, status = done.stdout.rsplit("\n", 1)
             assert status == "200", (photo.name, status, body, done.stderr)
             assert len(json.loads(body)["results"]) == 10, photo.name
@@ -167,8 +173,10 @@ def test_a_burst_of_amplifying_uploads_is_bounded_and_its_memory_returned(galler
         assert peak < PEAK_PER_DECODE_MIB, f"one decode took {peak:.0f} MiB"
 
         statuses: list[int] = []
-        burst = [threading.Thread(target=lambda: statuses.append(_http_search(server.url, amplifier, "a.png")[0]))
-                 for _ in range(4)]
+        burst = [
+            threading.Thread(target=lambda: statuses.append(_http_search(server.url, amplifier, "a.png")[0]))
+            for _ in range(4)
+        ]
         for thread in burst:
             thread.start()
         slowest = 0.0

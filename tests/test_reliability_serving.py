@@ -52,8 +52,10 @@ def _slow_body(port: int, stop: threading.Event, *, stall: bool) -> None:
     body = search_form(png_bytes()).body
     with socket.create_connection(("127.0.0.1", port)) as connection:
         try:
-            connection.sendall(b"POST /api/search HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
-                               b"boundary=hostile-boundary-7d1f\r\nContent-Length: %d\r\n\r\n" % len(body))
+            connection.sendall(
+                b"POST /api/search HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
+                b"boundary=hostile-boundary-7d1f\r\nContent-Length: %d\r\n\r\n" % len(body)
+            )
             for byte in body:
                 if stop.wait(0.3):
                     return
@@ -69,8 +71,11 @@ def test_more_slow_clients_than_threads_do_not_stop_healthz_or_searches(root):
     with running_server([model_root / "colors"], threads=THREADS, log_dir=root) as server:
         stop = threading.Event()
         clients = [threading.Thread(target=_slow_headers, args=(server.port, stop)) for _ in range(3 * THREADS)]
-        clients += [threading.Thread(target=_slow_body, args=(server.port, stop), kwargs={"stall": stall})
-                    for stall in (False, True) for _ in range(3 * THREADS)]
+        clients += [
+            threading.Thread(target=_slow_body, args=(server.port, stop), kwargs={"stall": stall})
+            for stall in (False, True)
+            for _ in range(3 * THREADS)
+        ]
         for client in clients:
             client.start()
         try:
@@ -82,8 +87,9 @@ def test_more_slow_clients_than_threads_do_not_stop_healthz_or_searches(root):
                 slowest = max(slowest, time.monotonic() - started)
                 time.sleep(0.5)
             form = search_form(png_bytes(), k="3")
-            request = urllib.request.Request(server.url + "/api/search", data=form.body,
-                                             headers={"Content-Type": form.content_type})
+            request = urllib.request.Request(
+                server.url + "/api/search", data=form.body, headers={"Content-Type": form.content_type}
+            )
             with urllib.request.urlopen(request, timeout=10) as response:
                 assert response.status == 200 and len(json.loads(response.read())["results"]) == 3
         finally:

@@ -25,8 +25,20 @@ from tests.test_training_trainer import _images
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, ITERS_PER_EPOCH = 3, 8  # 8 classes × 8 images: 4 training classes, 32 images, batches of 4
 #: Values that depend on the computation only (not images_per_s, seconds).
-COMPARED = ("loss", "hard_fraction", "mean_s_ap", "mean_s_an", "lr", "recall@1", "recall@2", "map@r",
-            "precision@1", "mean_similarity", "queries", "skipped")
+COMPARED = (
+    "loss",
+    "hard_fraction",
+    "mean_s_ap",
+    "mean_s_an",
+    "lr",
+    "recall@1",
+    "recall@2",
+    "map@r",
+    "precision@1",
+    "mean_similarity",
+    "queries",
+    "skipped",
+)
 
 
 def write_dataset(root: Path) -> Path:
@@ -34,11 +46,46 @@ def write_dataset(root: Path) -> Path:
 
 
 def start_training(data: Path, out: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "sct", "train", "--dataset", "folder", "--data-root", str(data),
-               "--out", str(out), "--arch", "resnet18", "--pretrained", "none", "--dim", "8", "--image-size", "16",
-               "--epochs", str(EPOCHS), "--batch-size", "4", "--images-per-class", "2", "--lr", "0.05",
-               "--workers", "0", "--device", "cpu", "--precision", "fp32", "--eval-every", "1", "--seed", "7",
-               "--no-progress", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "sct",
+        "train",
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(data),
+        "--out",
+        str(out),
+        "--arch",
+        "resnet18",
+        "--pretrained",
+        "none",
+        "--dim",
+        "8",
+        "--image-size",
+        "16",
+        "--epochs",
+        str(EPOCHS),
+        "--batch-size",
+        "4",
+        "--images-per-class",
+        "2",
+        "--lr",
+        "0.05",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--eval-every",
+        "1",
+        "--seed",
+        "7",
+        "--no-progress",
+        *extra,
+    ]
     out.mkdir(parents=True, exist_ok=True)
     log = (out.parent / f"{out.name}{'-resume' if '--resume' in extra else ''}.log").open("wb")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

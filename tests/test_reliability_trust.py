@@ -61,8 +61,9 @@ def add_an_item(folder: Path) -> None:
         items.write(f"{len((folder / 'items.csv').read_text().splitlines()) - 1},/etc/passwd,intruder\n")
 
 
-def replace_index(folder: Path, *, count: int | None = None, dim: int = DIM, metric=faiss.METRIC_INNER_PRODUCT,
-                  id_map: bool = False) -> None:
+def replace_index(
+    folder: Path, *, count: int | None = None, dim: int = DIM, metric=faiss.METRIC_INNER_PRODUCT, id_map: bool = False
+) -> None:
     original = faiss.read_index(str(folder / "index.faiss"))
     count = original.ntotal if count is None else count
     vectors = np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)
@@ -76,14 +77,19 @@ def replace_index(folder: Path, *, count: int | None = None, dim: int = DIM, met
     faiss.write_index(index, str(folder / "index.faiss"))
 
 
-def replace_model(folder: Path, *, dim: int = DIM, seed: int = 1, declared_dim: int | None = None,
-                  update_manifest: bool = True) -> None:
+def replace_model(
+    folder: Path, *, dim: int = DIM, seed: int = 1, declared_dim: int | None = None, update_manifest: bool = True
+) -> None:
     """Another tiny model; ``declared_dim`` makes its metadata claim another width, with a symbolic output shape."""
     path = make_tiny_model(folder / "model.onnx", image_size=32, dim=dim, seed=seed)
     if declared_dim is not None:  # W and b become overridable inputs of width "d": no static output width
         model = onnx.load(path)
-        model.graph.input.extend([helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, "d"]),
-                                  helper.make_tensor_value_info("b", TensorProto.FLOAT, ["d"])])
+        model.graph.input.extend(
+            [
+                helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, "d"]),
+                helper.make_tensor_value_info("b", TensorProto.FLOAT, ["d"]),
+            ]
+        )
         for output in model.graph.output:
             output.type.tensor_type.shape.dim[-1].dim_param = "d"
         for prop in model.metadata_props:
@@ -96,28 +102,50 @@ def replace_model(folder: Path, *, dim: int = DIM, seed: int = 1, declared_dim: 
 
 TAMPERING = {
     # name: (tamper, patterns the message must contain)
-    "items.csv lost a row": (drop_last_item, ["count mismatch", "manifest.json count = 12", "index.faiss ntotal = 12",
-                                              "items.csv rows = 11"]),
+    "items.csv lost a row": (
+        drop_last_item,
+        ["count mismatch", "manifest.json count = 12", "index.faiss ntotal = 12", "items.csv rows = 11"],
+    ),
     "items.csv gained a row": (add_an_item, ["count mismatch", "items.csv rows = 13"]),
-    "manifest count edited": (lambda f: edit_manifest(f, count=20), ["count mismatch", "manifest.json count = 20",
-                                                                      "index.faiss ntotal = 12"]),
-    "index.faiss has fewer vectors": (lambda f: replace_index(f, count=7), ["count mismatch",
-                                                                          "index.faiss ntotal = 7"]),
-    "index.faiss has another dimension": (lambda f: replace_index(f, dim=8), [
-        "embedding dimension mismatch", "manifest.json embedding_dim = 16", "index.faiss d = 8"]),
-    "manifest embedding_dim edited": (lambda f: edit_manifest(f, embedding_dim=32), [
-        "embedding dimension mismatch", "manifest.json embedding_dim = 32", "index.faiss d = 16"]),
+    "manifest count edited": (
+        lambda f: edit_manifest(f, count=20),
+        ["count mismatch", "manifest.json count = 20", "index.faiss ntotal = 12"],
+    ),
+    "index.faiss has fewer vectors": (
+        lambda f: replace_index(f, count=7),
+        ["count mismatch", "index.faiss ntotal = 7"],
+    ),
+    "index.faiss has another dimension": (
+        lambda f: replace_index(f, dim=8),
+        ["embedding dimension mismatch", "manifest.json embedding_dim = 16", "index.faiss d = 8"],
+    ),
+    "manifest embedding_dim edited": (
+        lambda f: edit_manifest(f, embedding_dim=32),
+        ["embedding dimension mismatch", "manifest.json embedding_dim = 32", "index.faiss d = 16"],
+    ),
     "index.faiss uses L2": (lambda f: replace_index(f, metric=faiss.METRIC_L2), ["metric"]),
     "index.faiss maps its own ids": (lambda f: replace_index(f, id_map=True), ["maps its own ids (IndexIDMap)"]),
-    "model.onnx swapped": (lambda f: replace_model(f, update_manifest=False), ["model sha256 mismatch",
-                                                                               "sha256 of model.onnx"]),
-    "manifest model_sha256 edited": (lambda f: edit_manifest(f, model_sha256="0" * 64), [
-        "model sha256 mismatch", "manifest.json model_sha256 = " + "0" * 64]),
-    "model.onnx of another width": (lambda f: replace_model(f, dim=8), [
-        "embedding dimension mismatch", "manifest.json embedding_dim = 16", "model.onnx embedding dim = 8"]),
-    "model.onnx claims 16 and outputs 24": (lambda f: replace_model(f, dim=24, declared_dim=16), [
-        "embedding dimension mismatch", "model.onnx embedding dim = 16", "model.onnx embedding output width = 24",
-        "model.onnx feature_map output width = 24"]),
+    "model.onnx swapped": (
+        lambda f: replace_model(f, update_manifest=False),
+        ["model sha256 mismatch", "sha256 of model.onnx"],
+    ),
+    "manifest model_sha256 edited": (
+        lambda f: edit_manifest(f, model_sha256="0" * 64),
+        ["model sha256 mismatch", "manifest.json model_sha256 = " + "0" * 64],
+    ),
+    "model.onnx of another width": (
+        lambda f: replace_model(f, dim=8),
+        ["embedding dimension mismatch", "manifest.json embedding_dim = 16", "model.onnx embedding dim = 8"],
+    ),
+    "model.onnx claims 16 and outputs 24": (
+        lambda f: replace_model(f, dim=24, declared_dim=16),
+        [
+            "embedding dimension mismatch",
+            "model.onnx embedding dim = 16",
+            "model.onnx embedding output width = 24",
+            "model.onnx feature_map output width = 24",
+        ],
+    ),
 }
 
 
@@ -158,8 +186,11 @@ def unsafe_deserialisation(source: str) -> list[str]:
             call = f"{owner}.{node.func.attr}"
             if call == "torch.load" and not _is_constant(keywords.get("weights_only"), True):
                 findings.append(f"line {node.lineno}: torch.load without weights_only=True")
-            elif call in ("np.load", "numpy.load") and "allow_pickle" in keywords \
-                    and not _is_constant(keywords["allow_pickle"], False):
+            elif (
+                call in ("np.load", "numpy.load")
+                and "allow_pickle" in keywords
+                and not _is_constant(keywords["allow_pickle"], False)
+            ):
                 findings.append(f"line {node.lineno}: {call} with allow_pickle")
             elif call in ("pd.read_pickle", "pandas.read_pickle", "yaml.unsafe_load", "yaml.full_load"):
                 findings.append(f"line {node.lineno}: {call}")
@@ -257,8 +288,11 @@ def spied(pristine, tmp_path, monkeypatch):
     app = create_app([pristine])
     opened: list[Path] = []
     open_image_file = webapp.item_files.open_image_file  # the one opener of gallery files (images, heatmaps)
-    monkeypatch.setattr(webapp.item_files, "open_image_file",
-                        lambda path, roots: opened.append(Path(path)) or open_image_file(path, roots))
+    monkeypatch.setattr(
+        webapp.item_files,
+        "open_image_file",
+        lambda path, roots: opened.append(Path(path)) or open_image_file(path, roots),
+    )
     client = app.test_client()
     item_files = {Path(item.path).resolve() for item in Gallery.load(pristine).items}
     request = search_form(Path(next(iter(item_files))).read_bytes(), k="2")

@@ -40,8 +40,10 @@ from tests.test_webapp_api import build_gallery_of, png_bytes
 from webapp import create_app
 
 #: Pillow warns about the broken files this module sends on purpose.
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:PIL"),
-              pytest.mark.filterwarnings("ignore:IM image format is deprecated:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:PIL"),
+    pytest.mark.filterwarnings("ignore:IM image format is deprecated:DeprecationWarning"),
+]
 
 MAX_UPLOAD = 256 << 10
 MAX_PIXELS = 250_000
@@ -63,8 +65,13 @@ def served(tmp_path_factory):
         "colors": build_gallery_of(root / "colors", model, paths, embedder),
         "reds": build_gallery_of(root / "reds", model, [p for p in paths if p.parent.name == "red"], embedder),
     }
-    app = create_app([root / "colors", root / "reds"], max_upload_bytes=MAX_UPLOAD, default_k=DEFAULT_K,
-                     max_k=MAX_K, max_pixels=MAX_PIXELS)
+    app = create_app(
+        [root / "colors", root / "reds"],
+        max_upload_bytes=MAX_UPLOAD,
+        default_k=DEFAULT_K,
+        max_k=MAX_K,
+        max_pixels=MAX_PIXELS,
+    )
     return {"client": app.test_client(), "embedder": embedder, "embeddings": embeddings}
 
 
@@ -86,8 +93,13 @@ def assert_correct(served, request, status, content_type, body) -> dict:
         name = request.index or "colors"
         k = DEFAULT_K if request.k is None or not request.k.strip() else int(request.k)
         gallery = served["embeddings"][name]
-        query = served["embedder"].embed_images([catalog.decode_rgb(
-            request.image, max_pixels=MAX_PIXELS, min_side=served["embedder"].preprocessing.decode_side)])[0]
+        query = served["embedder"].embed_images(
+            [
+                catalog.decode_rgb(
+                    request.image, max_pixels=MAX_PIXELS, min_side=served["embedder"].preprocessing.decode_side
+                )
+            ]
+        )[0]
         scores = gallery @ query
         expected = np.argsort(-scores, kind="stable")[: min(k, len(gallery))]
         assert [r["id"] for r in answer["results"]] == expected.tolist(), (request.kind, answer)
@@ -129,8 +141,11 @@ def test_every_corpus_image_gets_a_result_or_a_named_error(served, corpus):
     formats = {name.split("/")[0] for name in outcomes if "/" in name}  # "FORMAT/MODE"
     # ICNS stores its image at up to 1024 × 1024, beyond this app's max_pixels: refused by size, so readable
     too_large = "cannot read the uploaded image: image too large"
-    readable = {name.split("/")[0] for name, outcome in outcomes.items()
-                if "/" in name and (outcome == "ok" or outcome.startswith(too_large))}
+    readable = {
+        name.split("/")[0]
+        for name, outcome in outcomes.items()
+        if "/" in name and (outcome == "ok" or outcome.startswith(too_large))
+    }
     assert len(formats) >= 15 and readable == formats, f"formats never read: {formats - readable}"
     expected_errors = {
         "zero-byte": "empty upload",
@@ -145,9 +160,19 @@ def test_every_corpus_image_gets_a_result_or_a_named_error(served, corpus):
     assert len(regressions) >= 4
     for name in regressions:
         assert "corrupt or unsupported image data" in outcomes[name], (name, outcomes[name])
-    for name in ("animated GIF", "animated PNG", "CMYK JPEG", "16-bit PNG", "LA PNG", "RGBA PNG",
-                 "P PNG with transparency", "JPEG with corrupt EXIF", "PGM 200000×1 (extreme aspect ratio)",
-                 "PNG 1×200000 (extreme aspect ratio)", *[f"JPEG EXIF orientation {o}" for o in range(1, 9)]):
+    for name in (
+        "animated GIF",
+        "animated PNG",
+        "CMYK JPEG",
+        "16-bit PNG",
+        "LA PNG",
+        "RGBA PNG",
+        "P PNG with transparency",
+        "JPEG with corrupt EXIF",
+        "PGM 200000×1 (extreme aspect ratio)",
+        "PNG 1×200000 (extreme aspect ratio)",
+        *[f"JPEG EXIF orientation {o}" for o in range(1, 9)],
+    ):
         assert outcomes[name] == "ok", (name, outcomes[name])
     assert_still_serving(served)
 
@@ -160,8 +185,13 @@ def test_fuzzed_uploads_never_fail_and_memory_stays_bounded(served, corpus):
     rss_before = memory_kib("VmRSS")
     peak_tracked = reset_peak_memory()
 
-    @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, database=None, deadline=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.randoms(use_true_random=False))
     def fuzz(rng: random.Random) -> None:
         request = hostile_request(rng, corpus, MAX_UPLOAD, index_names=("colors", "reds"))
@@ -174,8 +204,10 @@ def test_fuzzed_uploads_never_fail_and_memory_stays_bounded(served, corpus):
     assert_still_serving(served)
     rss_growth = (memory_kib("VmRSS") - rss_before) / 1024
     peak_growth = (memory_kib("VmHWM") - rss_before) / 1024 if peak_tracked else float("nan")
-    print(f"\nfuzzed {sum(tried.values())} requests {dict(tried)}; statuses {dict(sorted(statuses.items()))}; "
-          f"RSS growth {rss_growth:.1f} MiB, peak above start {peak_growth:.1f} MiB")
+    print(
+        f"\nfuzzed {sum(tried.values())} requests {dict(tried)}; statuses {dict(sorted(statuses.items()))}; "
+        f"RSS growth {rss_growth:.1f} MiB, peak above start {peak_growth:.1f} MiB"
+    )
     assert sum(tried.values()) >= FUZZ_EXAMPLES
     refused = sum(count for status, count in statuses.items() if status >= 400)
     assert statuses[200] >= FUZZ_EXAMPLES // 10 and refused >= FUZZ_EXAMPLES // 3
@@ -244,8 +276,11 @@ def test_weird_k_and_index_values_are_named(served, value):
     for field in ("k", "index"):
         request = search_form(png_bytes(), **{field: value})
         status, content_type, body = post(served, request)
-        answer = assert_correct(served, request, status, content_type, body) if status == 200 else \
-            check_answer(status, content_type, body)
+        answer = (
+            assert_correct(served, request, status, content_type, body)
+            if status == 200
+            else check_answer(status, content_type, body)
+        )
         if status != 200:
             assert ("k must be" in answer["error"]) if field == "k" else ("unknown index" in answer["error"])
             assert len(answer["error"]) < 300  # the value is quoted, cut to 64 characters
@@ -269,8 +304,9 @@ def test_a_window_resize_matches_the_whole_resize(monkeypatch):
         size = new if width <= height else new[::-1]
         pixels = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32) / 255
         top, left = int(round((size[1] - crop) / 2)), int(round((size[0] - crop) / 2))
-        np.testing.assert_allclose(whole[-1], pixels[top : top + crop, left : left + crop].transpose(2, 0, 1),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            whole[-1], pixels[top : top + crop, left : left + crop].transpose(2, 0, 1), atol=1e-6
+        )
     for a, b in zip(windowed, whole):
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 2 / 255 + 1e-6
@@ -287,6 +323,7 @@ def test_an_extreme_aspect_ratio_is_preprocessed_in_bounded_memory():
         "for size in ((1, 200_000), (200_000, 1), (3, 150_000)):\n"
         "    assert preprocess(Image.new('RGB', size, 'white'), spec).shape == (3, 256, 256)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1]
+    )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -230,16 +230,26 @@ def test_bad_build_arguments_are_rejected(tmp_path, model):
 
 
 @pytest.mark.parametrize("index_type,storage", [("flat", "memory"), ("hnsw", "memory"), ("ivf-flat", "ondisk")])
-def test_stored_vectors_read_slices_and_ids_and_evaluation_streams_them(tmp_path, model, monkeypatch, index_type,
-                                                                         storage):
+def test_stored_vectors_read_slices_and_ids_and_evaluation_streams_them(
+    tmp_path, model, monkeypatch, index_type, storage
+):
     import retrieval.metrics as metrics
     from retrieval.evaluation import evaluate_gallery
     from retrieval.metrics import evaluate
 
     embeddings = unit_vectors(600)
     ivf = {"nlist": 4, "nprobe": 4} if index_type.startswith("ivf") else {}
-    directory = build_gallery(tmp_path / "g", embeddings, make_items(600), model, dataset="synthetic", split="test",
-                              index_type=index_type, storage=storage, **ivf)
+    directory = build_gallery(
+        tmp_path / "g",
+        embeddings,
+        make_items(600),
+        model,
+        dataset="synthetic",
+        split="test",
+        index_type=index_type,
+        storage=storage,
+        **ivf,
+    )
     gallery = Gallery.load(directory)
     vectors = gallery.vectors()
     assert vectors.shape == (600, DIM) and len(vectors) == 600

@@ -59,8 +59,11 @@ def test_grid_rows_follow_the_feature_map_order():
 
 @pytest.mark.parametrize(
     ("feature_map", "other", "message"),
-    [(np.ones((6, 4)), np.ones(4), "not a square grid"), (np.ones((4, 4)), np.ones(3), "must be"),
-     (np.ones(4), np.ones(4), "must be")],
+    [
+        (np.ones((6, 4)), np.ones(4), "not a square grid"),
+        (np.ones((4, 4)), np.ones(3), "must be"),
+        (np.ones(4), np.ones(4), "must be"),
+    ],
 )
 def test_contribution_grid_rejects_bad_shapes(feature_map, other, message):
     with pytest.raises(ValueError, match=message):

@@ -1,4 +1,5 @@
 """ItemTable: the compact items.csv rows behave exactly like the list of GalleryItem they replace."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,8 +53,10 @@ def test_ids_must_be_row_numbers_and_bad_files_are_named(tmp_path):
 
 def test_a_hundred_thousand_rows_cost_their_paths_plus_16_bytes_each(tmp_path):
     rng = np.random.default_rng(0)
-    items = [GalleryItem(i, f"hotels/train/{i % 92}/{rng.integers(10**9)}.jpg", f"hotel{i // 11}", f"c{i % 92}")
-             for i in range(100_000)]
+    items = [
+        GalleryItem(i, f"hotels/train/{i % 92}/{rng.integers(10**9)}.jpg", f"hotel{i // 11}", f"c{i % 92}")
+        for i in range(100_000)
+    ]
     write_items(tmp_path / "items.csv", items)
     table = read_items(tmp_path / "items.csv")
     path_bytes = sum(len(item.path.encode()) for item in items)

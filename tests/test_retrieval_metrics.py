@@ -195,8 +195,9 @@ def test_a_streamed_gallery_gives_the_in_memory_results(monkeypatch, tmp_path):
         # whole passes over the gallery, one per query chunk (plus the queries' own rows in leave-one-out)
         passes, partial = divmod(source.rows_read - (0 if kwargs else expected["queries"]), len(gallery))
         assert partial == 0 and (passes == 1 if kwargs else passes >= 2)  # 400 queries: one chunk
-    scores, ids = knn_exclude_self(CountingRows(gallery), gallery[:50], 10, query_ids=np.arange(50),
-                                   block_bytes=4 * 16 * 128)
+    scores, ids = knn_exclude_self(
+        CountingRows(gallery), gallery[:50], 10, query_ids=np.arange(50), block_bytes=4 * 16 * 128
+    )
     expected_scores, expected_ids = knn_exclude_self(gallery, gallery[:50], 10, query_ids=np.arange(50))
     assert ids.tolist() == expected_ids.tolist() and np.allclose(scores, expected_scores, atol=1e-6)
 

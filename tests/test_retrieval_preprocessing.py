@@ -16,12 +16,14 @@ IMAGENET = Preprocessing(image_size=32, resize_size=36, mean=(0.485, 0.456, 0.40
 
 
 def torchvision_transform(spec: Preprocessing):
-    return T.Compose([
-        T.Resize(spec.resize_size),
-        T.CenterCrop(spec.image_size),
-        T.ToTensor(),
-        T.Normalize(spec.mean, spec.std),
-    ])
+    return T.Compose(
+        [
+            T.Resize(spec.resize_size),
+            T.CenterCrop(spec.image_size),
+            T.ToTensor(),
+            T.Normalize(spec.mean, spec.std),
+        ]
+    )
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:

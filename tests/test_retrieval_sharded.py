@@ -19,11 +19,11 @@ import pytest
 
 from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from catalog import load_rgb
+from core.shards import ShardSpec
 from retrieval import index_files
 from retrieval.cli import INDEX_EPILOG
 from retrieval.embedder import file_sha256
 from retrieval.gallery import Gallery, GalleryItem, GalleryMismatchError, build_gallery
-from core.shards import ShardSpec
 from retrieval.shards import merge_shards, write_shard
 from tests.test_retrieval_cli import sct
 from webapp import create_app
@@ -98,8 +98,11 @@ def test_the_server_searches_an_ondisk_gallery_built_from_shards(workspace, tmp_
     client = create_app([ondisk]).test_client()
     single = Gallery.load(workspace["single"])
     for query in workspace["queries"]:
-        response = client.post("/api/search", data={"image": (io.BytesIO(query.read_bytes()), query.name), "k": "5"},
-                               content_type="multipart/form-data")
+        response = client.post(
+            "/api/search",
+            data={"image": (io.BytesIO(query.read_bytes()), query.name), "k": "5"},
+            content_type="multipart/form-data",
+        )
         assert response.status_code == 200, response.get_json()
         _, expected = single.search(single.embedder.embed_images([load_rgb(query)]), 5)
         assert [result["id"] for result in response.get_json()["results"]] == expected[0].tolist()
@@ -145,11 +148,24 @@ def write_test_shards(
     for index in range(count) if only is None else only:
         shard = ShardSpec(index, count)
         start, stop = shard.bounds(len(vectors))
-        items = [GalleryItem(local, f"img/{start + local}.jpg", f"class {(start + local) % 7}")
-                 for local in range(stop - start)]
-        folders.append(write_shard(parent, shard, vectors[start:stop], items, model, total_images=len(vectors),
-                                   image_list_sha256=sha, dataset="synthetic", split="test",
-                                   image_roots=[str(Path("img").resolve())]))
+        items = [
+            GalleryItem(local, f"img/{start + local}.jpg", f"class {(start + local) % 7}")
+            for local in range(stop - start)
+        ]
+        folders.append(
+            write_shard(
+                parent,
+                shard,
+                vectors[start:stop],
+                items,
+                model,
+                total_images=len(vectors),
+                image_list_sha256=sha,
+                dataset="synthetic",
+                split="test",
+                image_roots=[str(Path("img").resolve())],
+            )
+        )
     return folders
 
 
@@ -218,8 +234,13 @@ def test_cli_refuses_options_that_do_not_apply(workspace, tmp_path, capsys):
 
 
 def test_help_shows_the_distributed_examples():
-    for example in ("--workers 4", "--shard 0/2", "--shard env", "sct index --merge shards/sop/shard-*",
-                    "--index-type ivf-flat --storage ondisk"):
+    for example in (
+        "--workers 4",
+        "--shard 0/2",
+        "--shard env",
+        "sct index --merge shards/sop/shard-*",
+        "--index-type ivf-flat --storage ondisk",
+    ):
         assert example in INDEX_EPILOG
 
 
@@ -273,19 +294,35 @@ def test_ondisk_ivf_pq_and_single_process_builds(tmp_path, model):
     vectors = clustered_unit_vectors(2000, DIM)
     items = [GalleryItem(i, f"{i}.jpg", "x") for i in range(2000)]
     folders = {
-        index_type: build_gallery(tmp_path / index_type, vectors, items, model, dataset="d", split="s",
-                                  index_type=index_type, storage="ondisk", nlist=8)
+        index_type: build_gallery(
+            tmp_path / index_type,
+            vectors,
+            items,
+            model,
+            dataset="d",
+            split="s",
+            index_type=index_type,
+            storage="ondisk",
+            nlist=8,
+        )
         for index_type in ("ivf-flat", "ivf-pq")
     }
     pq = Gallery.load(folders["ivf-pq"])
     assert pq.manifest["faiss_factory"].startswith("IVF8,PQ") and index_files.ondisk_lists(pq.index) is not None
     assert np.mean(np.sum(pq.embeddings() * vectors, axis=1)) > 0.8  # lossy, but close
     # one array or its shards: the same on-disk index
-    sharded = merge_shards(write_test_shards(tmp_path / "shards", vectors, model, 2), tmp_path / "sharded",
-                           index_type="ivf-flat", storage="ondisk", nlist=8)
+    sharded = merge_shards(
+        write_test_shards(tmp_path / "shards", vectors, model, 2),
+        tmp_path / "sharded",
+        index_type="ivf-flat",
+        storage="ondisk",
+        nlist=8,
+    )
     queries = clustered_unit_vectors(50, DIM, seed=3)
-    assert (Gallery.load(sharded).search(queries, 10)[1].tolist()
-            == Gallery.load(folders["ivf-flat"]).search(queries, 10)[1].tolist())
+    assert (
+        Gallery.load(sharded).search(queries, 10)[1].tolist()
+        == Gallery.load(folders["ivf-flat"]).search(queries, 10)[1].tolist()
+    )
 
 
 def test_tampered_ondisk_galleries_are_refused(ondisk_parts, model):
@@ -331,8 +368,14 @@ def test_tampered_ondisk_galleries_are_refused(ondisk_parts, model):
 
 
 def test_galleries_without_a_storage_field_still_load(tmp_path, model):
-    out = build_gallery(tmp_path / "old", unit_vectors(20), [GalleryItem(i, f"{i}.jpg", "x") for i in range(20)],
-                        model, dataset="d", split="s")
+    out = build_gallery(
+        tmp_path / "old",
+        unit_vectors(20),
+        [GalleryItem(i, f"{i}.jpg", "x") for i in range(20)],
+        model,
+        dataset="d",
+        split="s",
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest.pop("storage") == "memory"
     (out / "manifest.json").write_text(json.dumps(manifest))  # as written before on-disk storage existed

@@ -1,5 +1,6 @@
 """Distributed training on CPU with gloo: sharded sampling, gathered mining with exact gradients, and `sct train`
 under torchrun matching one process on the same global batches."""
+
 from __future__ import annotations
 
 import os
@@ -114,8 +115,10 @@ def test_command_line_flags_reach_the_config() -> None:
     from training.config import resolve_config
 
     base = ["train", "--dataset", "folder", "--data-root", "d", "--out", "o"]
-    for flags, expected in (([], (False, False, "auto")),
-                            (["--gather-embeddings", "--sync-bn", "--dist-backend", "nccl"], (True, True, "nccl"))):
+    for flags, expected in (
+        ([], (False, False, "auto")),
+        (["--gather-embeddings", "--sync-bn", "--dist-backend", "nccl"], (True, True, "nccl")),
+    ):
         args = build_parser().parse_args(base + flags)
         config = resolve_config("folder", "d", "o", overrides=overrides_from(args))
         assert (config.gather_embeddings, config.sync_batchnorm, config.dist_backend) == expected
@@ -124,8 +127,12 @@ def test_command_line_flags_reach_the_config() -> None:
 # ------------------------------------------------------------------ gradients over two gloo processes
 FEATURES, CLASSES, PER_CLASS, P, K = 12, 8, 5, 4, 3
 # (loss, gather the embeddings, BatchNorm in the model: synchronised across the processes)
-CASES = [(name, True, False) for name in sorted(LOSSES)] + [("hn", False, False), ("sct", False, False),
-                                                          ("sct", True, True), ("sct-warm", True, False)]
+CASES = [(name, True, False) for name in sorted(LOSSES)] + [
+    ("hn", False, False),
+    ("sct", False, False),
+    ("sct", True, True),
+    ("sct-warm", True, False),
+]
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +150,9 @@ def _model(batchnorm: bool) -> nn.Sequential:
 
 
 def _loss(name: str):
-    loss_fn = build_loss(name.removesuffix("-warm"), lam=1.0, temperature=0.1, hard_threshold=None, margin=0.2,
-                         htl_beta=0.1)
+    loss_fn = build_loss(
+        name.removesuffix("-warm"), lam=1.0, temperature=0.1, hard_threshold=None, margin=0.2, htl_beta=0.1
+    )
     if name == "sct-warm":  # part-way through SCT's warm start: EP and SCT blended
         loss_fn.sct_weight = 0.4
     if name == "htl":  # a real tree, so that the margins depend on the (anchor, negative) classes
@@ -169,9 +177,12 @@ def _step(model: nn.Module, trained: nn.Module, name: str, rows: list[int], gath
     else:
         loss = loss_fn(embeddings, labels[rows])
     loss.backward()
-    return {"grads": {key: p.grad.clone() for key, p in model.named_parameters()},
-            "loss": float(distributed.all_reduce_sum(loss.detach())) / distributed.world_size(),
-            "triplets": loss_fn.stats.triplets, "buffers": {key: b.clone() for key, b in model.named_buffers()}}
+    return {
+        "grads": {key: p.grad.clone() for key, p in model.named_parameters()},
+        "loss": float(distributed.all_reduce_sum(loss.detach())) / distributed.world_size(),
+        "triplets": loss_fn.stats.triplets,
+        "buffers": {key: b.clone() for key, b in model.named_buffers()},
+    }
 
 
 def _gradient_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -199,8 +210,9 @@ def two_process_results(tmp_path_factory) -> list[list[dict]]:
     return [list(case) for case in zip(*per_rank)]
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{n}-{'gather' if g else 'local'}{'-syncbn' if b else ''}"
-                                                         for n, g, b in CASES])
+@pytest.mark.parametrize(
+    "case", range(len(CASES)), ids=[f"{n}-{'gather' if g else 'local'}{'-syncbn' if b else ''}" for n, g, b in CASES]
+)
 def test_ddp_gradients_equal_one_process(case: int, two_process_results) -> None:
     """With --gather-embeddings, DDP's averaged gradient is the single-process gradient of the global batch's loss.
     Without it each process mines within its own share, and the gradient is the mean of the shares' gradients."""
@@ -228,8 +240,9 @@ def test_ddp_gradients_equal_one_process(case: int, two_process_results) -> None
             for key, buffer in expected["buffers"].items():
                 torch.testing.assert_close(result["buffers"][key], buffer, atol=1e-6, rtol=1e-5, msg=key)
     own = [set(range(r * len(shards[0]), (r + 1) * len(shards[0]))) for r in range(WORLD)]
-    negatives_elsewhere = sum(int(n) not in own[r] for r, result in enumerate(ranks)
-                              for _, _, n in result["triplets"].tolist())
+    negatives_elsewhere = sum(
+        int(n) not in own[r] for r, result in enumerate(ranks) for _, _, n in result["triplets"].tolist()
+    )
     if gather:  # rows of the global batch: anchors are the process's own rows, negatives from anywhere
         assert all(int(a) in own[r] for r, result in enumerate(ranks) for a in result["triplets"][:, 0])
         if name == "hn":
@@ -255,25 +268,67 @@ def test_gathering_changes_the_gradient(two_process_results) -> None:
 # to two on resume (the blended loss is checked under DDP by test_ddp_gradients_equal_one_process, "sct-warm").
 # The paper's linear head: a BatchNorm over 8 images' 8-d embeddings divides rounding by their spread and takes it
 # past 1e-4 (a synchronised BatchNorm1d is checked by test_ddp_gradients_equal_one_process, batchnorm=True).
-TRAIN_SETTINGS = dict(arch="resnet18", pretrained="none", dim=8, image_size=16, batch_size=8, images_per_class=2,
-                      lr=1e-5, workers=0, device="cpu", precision="fp32", augment=False, eval_every=1,
-                      triplets_every=2, milestones=[], gather_embeddings=True, sync_batchnorm=True,
-                      optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="step", warmup_iters=0,
-                      sct_warmup=0.0, embedding_bn=False)
+TRAIN_SETTINGS = dict(
+    arch="resnet18",
+    pretrained="none",
+    dim=8,
+    image_size=16,
+    batch_size=8,
+    images_per_class=2,
+    lr=1e-5,
+    workers=0,
+    device="cpu",
+    precision="fp32",
+    augment=False,
+    eval_every=1,
+    triplets_every=2,
+    milestones=[],
+    gather_embeddings=True,
+    sync_batchnorm=True,
+    optimizer="sgd",
+    momentum=0.0,
+    weight_decay=0.0,
+    schedule="step",
+    warmup_iters=0,
+    sct_warmup=0.0,
+    embedding_bn=False,
+)
 
 
 def _torchrun(data: Path, run: Path, config_file: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-addr",
-               "127.0.0.1", "--master-port", str(port), "-m", "sct", "train", "--dataset", "folder", "--data-root",
-               str(data), "--out", str(run), "--config", str(config_file), "--no-progress", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(WORLD),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "sct",
+        "train",
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(data),
+        "--out",
+        str(run),
+        "--config",
+        str(config_file),
+        "--no-progress",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=150)
 
 
 def _write_settings(path: Path, settings: dict) -> Path:
     """The settings as a YAML file for --config, less those the test passes as flags."""
-    path.write_text(yaml.safe_dump({k: v for k, v in settings.items()
-                                    if k not in ("gather_embeddings", "sync_batchnorm")}))
+    path.write_text(
+        yaml.safe_dump({k: v for k, v in settings.items() if k not in ("gather_embeddings", "sync_batchnorm")})
+    )
     return path
 
 
@@ -328,8 +383,15 @@ def test_torchrun_htl_trains_on_rank_zeros_class_tree(tmp_path: Path) -> None:
     groups of the same global batches, and the epoch matches one process's."""
     data = _images(tmp_path / "data", classes=8, per_class=4)
     settings = dict(TRAIN_SETTINGS, loss="htl", htl_neighbours=2)  # 2 groups of 2 classes × 2 images: one each
-    result = _torchrun(data, tmp_path / "ddp", _write_settings(tmp_path / "settings.yaml", settings), _free_port(),
-                       *DISTRIBUTED_FLAGS, "--epochs", "1")
+    result = _torchrun(
+        data,
+        tmp_path / "ddp",
+        _write_settings(tmp_path / "settings.yaml", settings),
+        _free_port(),
+        *DISTRIBUTED_FLAGS,
+        "--epochs",
+        "1",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("HTL class tree over 4 classes") == 1
     single = Trainer(_config(data, tmp_path / "single", epochs=1, **settings), progress=False).fit()
@@ -340,17 +402,24 @@ def test_torchrun_htl_trains_on_rank_zeros_class_tree(tmp_path: Path) -> None:
 def test_torchrun_evaluation_is_shared_and_scores_rank_zeros_model(tmp_path: Path) -> None:
     """Without --sync-bn the processes' BatchNorm statistics drift apart; each process embeds half of the test
     images, with rank 0's statistics, and the Recall@K logged is that of rank 0's checkpoint evaluated alone."""
+    import catalog
     from retrieval.metrics import evaluate
     from training.data import embed_records
     from training.export import load_checkpoint_model
     from training.trainer import evaluation_splits, preprocessing_of
 
-    import catalog
-
     data = _images(tmp_path / "data", classes=8, per_class=5)
     settings = dict(TRAIN_SETTINGS, sync_batchnorm=False)
-    result = _torchrun(data, tmp_path / "ddp", _write_settings(tmp_path / "settings.yaml", settings), _free_port(),
-                       "--dist-backend", "gloo", "--epochs", "1")
+    result = _torchrun(
+        data,
+        tmp_path / "ddp",
+        _write_settings(tmp_path / "settings.yaml", settings),
+        _free_port(),
+        "--dist-backend",
+        "gloo",
+        "--epochs",
+        "1",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     logged = [m for m in _metrics(tmp_path / "ddp") if m.get("type") == "eval"]
     assert len(logged) == 1 and logged[0]["queries"] == 20  # 4 test classes × 5 images, each counted once
@@ -393,8 +462,19 @@ def test_torchrun_training_leaves_no_gloo_threads_behind(tmp_path: Path) -> None
     config_file.write_text(yaml.safe_dump(settings))
     script = tmp_path / "train_then_list_threads.py"
     script.write_text(LEFT_THREADS_SCRIPT.replace("THREADS", repr(GLOO_THREADS)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), str(script), str(config_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(WORLD),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(script),
+        str(config_file),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=150)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,4 +1,5 @@
 """``sct embed``: torch-embedded shards merge into the gallery ``sct index`` builds with the ONNX model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,8 @@ from training.config import resolve_config
 from training.data import embed_records, embed_records_kept
 from training.export import export_onnx
 from training.model import EmbeddingNet
-from training.transforms import eval_transform
 from training.trainer import preprocessing_of
+from training.transforms import eval_transform
 
 DIM, SIZE = 16, 32
 CLASSES = {"a_red": (210, 40, 40), "b_green": (40, 190, 60), "c_blue": (40, 60, 200)}
@@ -36,8 +37,9 @@ def _write_images(root: Path) -> None:
 def _save_checkpoint(path: Path, *, seed: int, **overrides) -> Path:
     """A checkpoint in the trainer's format ({"model": state dict, "config": config dict, ...})."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    settings = dict(arch="resnet18", dim=DIM, image_size=SIZE, pretrained="none", mean=[0.5, 0.4, 0.3],
-                    std=[0.2, 0.25, 0.3])
+    settings = dict(
+        arch="resnet18", dim=DIM, image_size=SIZE, pretrained="none", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]
+    )
     config = resolve_config("folder", "unused", str(path.parent), overrides={**settings, **overrides})
     torch.manual_seed(seed)
     model = EmbeddingNet(config.arch, config.dim, config.embedding_bn)
@@ -62,9 +64,27 @@ def onnx_gallery(work) -> Path:
 
 
 def _embed(work, out: Path, *extra: str) -> int:
-    return main(["embed", "--checkpoint", str(work["checkpoint"]), "--model", str(work["model"]),
-                 "--images", str(work["images"]), "--out", str(out), "--device", "cpu", "--precision", "fp32",
-                 "--batch-size", "5", "--no-progress", *extra])
+    return main(
+        [
+            "embed",
+            "--checkpoint",
+            str(work["checkpoint"]),
+            "--model",
+            str(work["model"]),
+            "--images",
+            str(work["images"]),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--batch-size",
+            "5",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +129,36 @@ def test_two_shards_merge_into_the_same_gallery(work, torch_gallery, tmp_path, m
     assert np.abs(Gallery.load(out).embeddings() - Gallery.load(torch_gallery).embeddings()).max() <= 1e-5
 
 
-@pytest.mark.parametrize("overrides, says", [
-    ({"seed": 1}, "cosine"),
-    ({"seed": 0, "mean": [0.485, 0.456, 0.406]}, "preprocessing"),
-    ({"seed": 0, "dim": 8}, "embedding size"),
-])
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        ({"seed": 1}, "cosine"),
+        ({"seed": 0, "mean": [0.485, 0.456, 0.406]}, "preprocessing"),
+        ({"seed": 0, "dim": 8}, "embedding size"),
+    ],
+)
 def test_a_checkpoint_that_is_not_the_onnx_models_is_refused(work, tmp_path, capsys, overrides, says) -> None:
     other = _save_checkpoint(tmp_path / "other" / "best.pt", **overrides)
     out = tmp_path / "shards"
-    status = main(["embed", "--checkpoint", str(other), "--model", str(work["model"]), "--images",
-                   str(work["images"]), "--out", str(out), "--device", "cpu", "--precision", "fp32", "--workers", "0"])
+    status = main(
+        [
+            "embed",
+            "--checkpoint",
+            str(other),
+            "--model",
+            str(work["model"]),
+            "--images",
+            str(work["images"]),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2 and not out.exists()
     assert err.startswith(f"error: {other} is not the model {work['model']} was exported from: ")
@@ -134,16 +174,18 @@ def test_the_cosine_check_uses_its_threshold(work, tmp_path, capsys, monkeypatch
     assert "cosine" in err and str(work["images"]) in err and not (tmp_path / "shards").exists()
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--checkpoint", "{root}/missing.pt"], "missing.pt does not exist"),
-    (["--model", "{root}/missing.onnx"], "missing.onnx does not exist"),
-    (["--split", "test"], "--data-root and --split go with --dataset, not --images"),
-    (["--shard", "2/2"], "a shard is I/N with 0 <= I < N"),
-    (["--images", "{root}/nowhere"], "image folder not found"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--checkpoint", "{root}/missing.pt"], "missing.pt does not exist"),
+        (["--model", "{root}/missing.onnx"], "missing.onnx does not exist"),
+        (["--split", "test"], "--data-root and --split go with --dataset, not --images"),
+        (["--shard", "2/2"], "a shard is I/N with 0 <= I < N"),
+        (["--images", "{root}/nowhere"], "image folder not found"),
+    ],
+)
 def test_bad_input_is_one_line_and_status_2(work, tmp_path, capsys, argv, says) -> None:
-    options = {"--checkpoint": str(work["checkpoint"]), "--model": str(work["model"]),
-               "--images": str(work["images"])}
+    options = {"--checkpoint": str(work["checkpoint"]), "--model": str(work["model"]), "--images": str(work["images"])}
     extra = []
     for flag, value in zip(argv[::2], argv[1::2]):
         value = value.format(root=tmp_path)
@@ -152,16 +194,38 @@ def test_bad_input_is_one_line_and_status_2(work, tmp_path, capsys, argv, says) 
         else:
             extra += [flag, value]
     out = tmp_path / "shards"
-    status = main(["embed", *[part for pair in options.items() for part in pair], "--out", str(out),
-                   "--device", "cpu", "--workers", "0", *extra])
+    status = main(
+        [
+            "embed",
+            *[part for pair in options.items() for part in pair],
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("error: ") and says in err and err.count("\n") == 1
     assert not out.exists()
 
 
 def test_dataset_needs_data_root_and_only_readable_images_are_indexed(work, tmp_path, capsys) -> None:
-    common = ["embed", "--checkpoint", str(work["checkpoint"]), "--model", str(work["model"]), "--out",
-              str(tmp_path / "shards"), "--device", "cpu", "--workers", "0"]
+    common = [
+        "embed",
+        "--checkpoint",
+        str(work["checkpoint"]),
+        "--model",
+        str(work["model"]),
+        "--out",
+        str(tmp_path / "shards"),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    ]
     assert main([*common, "--dataset", "folder"]) == 2
     assert "--dataset needs --data-root" in capsys.readouterr().err
     broken = tmp_path / "broken" / "x"
@@ -193,8 +257,11 @@ def test_embed_records_kept_says_which_record_each_row_is(work) -> None:
     paths.append(str(work["images"] / "missing.png"))
     records = [ImageRecord(path, f"c{i % 2}", "test") for i, path in enumerate(paths)]
     model = EmbeddingNet("resnet18", DIM).eval()
-    spec = preprocessing_of(resolve_config("folder", "unused", "unused", overrides=dict(
-        arch="resnet18", dim=DIM, image_size=SIZE, pretrained="none")))
+    spec = preprocessing_of(
+        resolve_config(
+            "folder", "unused", "unused", overrides=dict(arch="resnet18", dim=DIM, image_size=SIZE, pretrained="none")
+        )
+    )
     transform = eval_transform(spec)  # the float pipeline, image by image: an independent reference
     result = embed_records_kept(model, records, spec, torch.device("cpu"), batch_size=2)
     assert result.kept.tolist() == [0, 2, 3, 4, 5]
@@ -202,8 +269,10 @@ def test_embed_records_kept_says_which_record_each_row_is(work) -> None:
     assert result.labels.tolist() == [records[i].label for i in result.kept]
     embeddings, labels, failures = embed_records(model, records, spec, torch.device("cpu"), batch_size=3)
     assert np.abs(embeddings - result.embeddings).max() <= 1e-5 and labels.tolist() == result.labels.tolist()
-    assert failures == [f"cannot load image {paths[1]}: {result.unreadable[0].reason}",
-                        f"cannot load image {paths[6]}: file not found"]
+    assert failures == [
+        f"cannot load image {paths[1]}: {result.unreadable[0].reason}",
+        f"cannot load image {paths[6]}: file not found",
+    ]
     with torch.no_grad():  # independent of the loader: one forward pass over the kept images
         from catalog import load_rgb
 

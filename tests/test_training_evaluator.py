@@ -1,5 +1,6 @@
 """The evaluator (training/evaluator.py) on its own: Recall@K and MAP@R of a model whose embeddings are known by
 construction, checked against a brute-force count in numpy; the eval line; the collapse warning."""
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,13 @@ def _records(root: Path, split: str, sizes: dict[str, int], seed: int) -> tuple[
     return records, np.array(expected)
 
 
-def brute_force(queries: np.ndarray, query_labels: list[str], gallery: np.ndarray | None,
-                gallery_labels: list[str] | None, ks: tuple[int, ...]) -> dict[str, float]:
+def brute_force(
+    queries: np.ndarray,
+    query_labels: list[str],
+    gallery: np.ndarray | None,
+    gallery_labels: list[str] | None,
+    ks: tuple[int, ...],
+) -> dict[str, float]:
     """Recall@K and MAP@R by sorting every query's similarities; leave-one-out when there is no gallery."""
     leave_one_out = gallery is None
     if leave_one_out:
@@ -70,13 +76,19 @@ def brute_force(queries: np.ndarray, query_labels: list[str], gallery: np.ndarra
             found[k].append(any(hits[:k]))
         average_precisions.append(sum(sum(hits[:n]) / n for n in range(1, relevant + 1) if hits[n - 1]) / relevant)
     results = {f"recall@{k}": float(np.mean(found[k])) for k in ks}
-    results.update({"map@r": float(np.mean(average_precisions)), "queries": len(average_precisions),
-                    "skipped": len(queries) - len(average_precisions)})
+    results.update(
+        {
+            "map@r": float(np.mean(average_precisions)),
+            "queries": len(average_precisions),
+            "skipped": len(queries) - len(average_precisions),
+        }
+    )
     return results
 
 
-def _evaluator(tmp_path: Path, queries: list[ImageRecord], gallery: list[ImageRecord] | None,
-               split: str = "test") -> tuple[Evaluator, UnreadableImages]:
+def _evaluator(
+    tmp_path: Path, queries: list[ImageRecord], gallery: list[ImageRecord] | None, split: str = "test"
+) -> tuple[Evaluator, UnreadableImages]:
     unreadable = UnreadableImages()
     embed = SharedEmbedder(SPEC, torch.device("cpu"), dim=3, workers=0, amp_dtype=None, unreadable=unreadable)
     run = RunFolder(tmp_path / "run")
@@ -95,14 +107,27 @@ def test_leave_one_out_recall_and_map_match_a_brute_force_count(tmp_path: Path, 
     records, expected = _records(tmp_path, "test", {"a": 5, "b": 4, "c": 3, "lonely": 1}, seed=0)
     broken = tmp_path / "test" / "a" / "broken.png"
     broken.write_bytes(b"not an image")
-    evaluator, unreadable = _evaluator(tmp_path, records[:3] + [ImageRecord(str(broken), "a", "test")] + records[3:],
-                                       None)
+    evaluator, unreadable = _evaluator(
+        tmp_path, records[:3] + [ImageRecord(str(broken), "a", "test")] + records[3:], None
+    )
     recall = evaluator.evaluate(MeanColour(), epoch=2, iteration=30)
     want = brute_force(expected, [r.label for r in records], None, None, KS)
     assert want["skipped"] == 1 and 0 < want["recall@1"] < want["recall@4"] < 1  # not a trivial set
     line = _lines(evaluator)[-1]
-    assert list(line) == ["type", "epoch", "iter", "split", "recall@1", "recall@2", "recall@4", "map@r",
-                          "precision@1", "queries", "skipped", "mean_similarity"]
+    assert list(line) == [
+        "type",
+        "epoch",
+        "iter",
+        "split",
+        "recall@1",
+        "recall@2",
+        "recall@4",
+        "map@r",
+        "precision@1",
+        "queries",
+        "skipped",
+        "mean_similarity",
+    ]
     assert (line["type"], line["epoch"], line["iter"], line["split"]) == ("eval", 2, 30, "test")
     for key, value in want.items():
         assert line[key] == pytest.approx(value), key
@@ -112,8 +137,10 @@ def test_leave_one_out_recall_and_map_match_a_brute_force_count(tmp_path: Path, 
     assert line["mean_similarity"] == pytest.approx(mean_similarity, abs=1e-6)  # from float32 embeddings
     assert recall == pytest.approx(want["recall@1"]) and unreadable.count == 1
     out = capsys.readouterr().out
-    assert f"epoch 3: R@1 {want['recall@1']:.4f}  R@2 {want['recall@2']:.4f}  R@4 {want['recall@4']:.4f}  " \
-           f"MAP@R {want['map@r']:.4f}  ({want['queries']} queries)" in out
+    assert (
+        f"epoch 3: R@1 {want['recall@1']:.4f}  R@2 {want['recall@2']:.4f}  R@4 {want['recall@4']:.4f}  "
+        f"MAP@R {want['map@r']:.4f}  ({want['queries']} queries)" in out
+    )
     assert "collapsed" not in out
 
 

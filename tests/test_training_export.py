@@ -1,4 +1,5 @@
 """ONNX export: metadata, dynamic batch, parity with torch, and the heatmap identity of the second output."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,9 +19,20 @@ from training.model import EmbeddingNet
 @pytest.fixture(scope="module", params=[False, True], ids=["linear-head", "embedding-bn"])
 def exported(tmp_path_factory: pytest.TempPathFactory, request) -> tuple[Path, EmbeddingNet]:
     directory = tmp_path_factory.mktemp("export")
-    config = resolve_config("folder", "unused", str(directory), overrides=dict(
-        arch="resnet18", dim=16, image_size=64, pretrained="none", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3],
-        embedding_bn=request.param))
+    config = resolve_config(
+        "folder",
+        "unused",
+        str(directory),
+        overrides=dict(
+            arch="resnet18",
+            dim=16,
+            image_size=64,
+            pretrained="none",
+            mean=[0.5, 0.4, 0.3],
+            std=[0.2, 0.25, 0.3],
+            embedding_bn=request.param,
+        ),
+    )
     torch.manual_seed(0)
     model = EmbeddingNet("resnet18", 16, config.embedding_bn)
     if model.embedding_bn is not None:  # statistics and an affine map far from the identity

@@ -1,4 +1,5 @@
 """Hierarchical Triplet Loss: the class tree, anchor-neighbour batches, the dynamic margin, the loss, a short run."""
+
 from __future__ import annotations
 
 import functools
@@ -88,10 +89,23 @@ def test_merge_levels_follow_average_linkage_of_class_distances() -> None:
     ab_cd = np.mean([between[A, C], between[A, D], between[B, C], between[B, D]])
     abcd_e = np.mean([between[A, E], between[B, E], between[C, E], between[D, E]])
     level = functools.partial(_first_level_reaching, d0=tree.d0)
-    expected = {(A, B): level(between[A, B]), (C, D): level(between[C, D]), (A, C): level(ab_cd), (B, D): level(ab_cd),
-                (A, E): level(abcd_e), (D, E): level(abcd_e), (A, ABSENT): LEVELS, (E, ABSENT): LEVELS, (C, C): 0}
+    expected = {
+        (A, B): level(between[A, B]),
+        (C, D): level(between[C, D]),
+        (A, C): level(ab_cd),
+        (B, D): level(ab_cd),
+        (A, E): level(abcd_e),
+        (D, E): level(abcd_e),
+        (A, ABSENT): LEVELS,
+        (E, ABSENT): LEVELS,
+        (C, C): 0,
+    }
     assert {pair: expected[pair] for pair in [(A, B), (C, D), (A, C), (A, E)]} == {
-        (A, B): 1, (C, D): 1, (A, C): 10, (A, E): 13}  # worked out by hand from the angles
+        (A, B): 1,
+        (C, D): 1,
+        (A, C): 10,
+        (A, E): 13,
+    }  # worked out by hand from the angles
     for (p, q), level in expected.items():
         assert merge_level(tree, p, q) == level == merge_level(tree, q, p), (p, q)
     assert tree.nodes_per_level()[:2] == [6, 4]  # {A,B} {C,D} {E} {absent}
@@ -142,16 +156,25 @@ def test_building_a_tree_over_ten_thousand_classes_completes() -> None:
 # ------------------------------------------------------------------ margins and the loss
 def _small_tree() -> ClassTree:
     """Four classes: {0, 1} merge at level 1, {0, 1, 2} at level 2, class 3 only at level 3 = L."""
-    return ClassTree(level_ids=np.array([[0, 1, 2, 3], [5, 5, 6, 7], [5, 5, 5, 7], [0, 0, 0, 0]]),
-                     thresholds=np.array([0.4, 1.6, 2.8, 4.0]), within=np.array([0.3, 0.5, 3.1, 0.4]), d0=0.4,
-                     neighbours=np.array([[1, 2], [0, 2], [1, 0], [2, 1]]))
+    return ClassTree(
+        level_ids=np.array([[0, 1, 2, 3], [5, 5, 6, 7], [5, 5, 5, 7], [0, 0, 0, 0]]),
+        thresholds=np.array([0.4, 1.6, 2.8, 4.0]),
+        within=np.array([0.3, 0.5, 3.1, 0.4]),
+        d0=0.4,
+        neighbours=np.array([[1, 2], [0, 2], [1, 0], [2, 1]]),
+    )
 
 
 def test_margins_match_the_formula_by_hand() -> None:
     tree, beta = _small_tree(), 0.1
-    by_hand = {(0, 1): 0.1 + 1.6 - 0.3, (1, 0): 0.1 + 1.6 - 0.5, (0, 2): 0.1 + 2.8 - 0.3, (1, 3): 0.1 + 4.0 - 0.5,
-               (2, 0): 0.0,  # 0.1 + 2.8 − 3.1 < 0: clamped
-               (2, 3): 0.1 + 4.0 - 3.1}
+    by_hand = {
+        (0, 1): 0.1 + 1.6 - 0.3,
+        (1, 0): 0.1 + 1.6 - 0.5,
+        (0, 2): 0.1 + 2.8 - 0.3,
+        (1, 3): 0.1 + 4.0 - 0.5,
+        (2, 0): 0.0,  # 0.1 + 2.8 − 3.1 < 0: clamped
+        (2, 3): 0.1 + 4.0 - 3.1,
+    }
     anchors, negatives = (np.array(side) for side in zip(*by_hand))
     assert merge_level(tree, anchors, negatives).tolist() == [1, 1, 2, 3, 2, 3]
     assert np.allclose(margins(tree, anchors, negatives, beta), list(by_hand.values()))
@@ -168,8 +191,11 @@ def reference_htl(embeddings: torch.Tensor, labels: list[int], tree: ClassTree |
             continue
         alpha = beta
         if tree is not None:
-            level = next(lv for lv in range(len(tree.thresholds))
-                         if tree.level_ids[lv][labels[a]] == tree.level_ids[lv][labels[n]])
+            level = next(
+                lv
+                for lv in range(len(tree.thresholds))
+                if tree.level_ids[lv][labels[a]] == tree.level_ids[lv][labels[n]]
+            )
             alpha = max(beta + tree.thresholds[level] - tree.within[labels[a]], 0.0)
         terms.append(torch.relu(((unit[a] - unit[p]) ** 2).sum() - ((unit[a] - unit[n]) ** 2).sum() + alpha))
     return torch.stack(terms).mean() if terms else embeddings.sum() * 0
@@ -194,9 +220,13 @@ def test_loss_and_gradient_match_explicit_loop_over_all_triplets(with_tree: bool
     stats = loss_fn.stats  # logged like every other loss: each anchor's easiest positive and hardest negative
     unit = torch.nn.functional.normalize(embeddings.float(), dim=1)
     sims = unit @ unit.T
-    pairs = [(max(float(sims[a, p]) for p in range(len(labels)) if p != a and labels[p] == labels[a]),
-              max(float(sims[a, n]) for n in range(len(labels)) if labels[n] != labels[a]))
-             for a in range(len(labels))]
+    pairs = [
+        (
+            max(float(sims[a, p]) for p in range(len(labels)) if p != a and labels[p] == labels[a]),
+            max(float(sims[a, n]) for n in range(len(labels)) if labels[n] != labels[a]),
+        )
+        for a in range(len(labels))
+    ]
     assert stats.valid_anchors == len(labels) and torch.allclose(stats.pairs, torch.tensor(pairs), atol=1e-6)
     assert stats.hard_fraction == pytest.approx(sum(s_an > s_ap for s_ap, s_an in pairs) / len(pairs))
 
@@ -241,7 +271,7 @@ def _clique_neighbours() -> np.ndarray:
 def _groups(batch: list[int], labels: list[int], m: int, t: int) -> list[list[int]]:
     classes = [labels[i] for i in batch[::t]]
     assert all(labels[i] == classes[j // t] for j, i in enumerate(batch))  # t images of a class in a row
-    return [classes[g:g + m] for g in range(0, len(classes), m)]
+    return [classes[g : g + m] for g in range(0, len(classes), m)]
 
 
 def test_batches_are_groups_of_a_class_and_its_nearest_classes() -> None:
@@ -330,8 +360,15 @@ def test_train_help_lists_htl_and_its_options(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for text in ("htl", "--htl-levels", "--htl-beta", "--htl-neighbours", "--htl-rebuild-every",
-                 "--htl-tree-images-per-class", "--loss htl"):
+    for text in (
+        "htl",
+        "--htl-levels",
+        "--htl-beta",
+        "--htl-neighbours",
+        "--htl-rebuild-every",
+        "--htl-tree-images-per-class",
+        "--loss htl",
+    ):
         assert text in out, text
 
 
@@ -339,11 +376,34 @@ def test_train_help_lists_htl_and_its_options(capsys: pytest.CaptureFixture[str]
 @pytest.mark.timeout(120)
 def test_htl_recall_on_unseen_classes_rises_and_trees_are_logged(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "data")
-    config = resolve_config("folder", str(data), str(tmp_path / "run"), overrides=dict(
-        loss="htl", htl_neighbours=2, arch="resnet18", pretrained="none", dim=32, image_size=32, epochs=6,
-        batch_size=24, images_per_class=4, optimizer="adamw", lr=0.002, weight_decay=1e-4, schedule="cosine",
-        warmup_iters=5, augment=False, workers=0, device="cpu", precision="fp32", eval_every=0, triplets_every=0,
-        seed=0))
+    config = resolve_config(
+        "folder",
+        str(data),
+        str(tmp_path / "run"),
+        overrides=dict(
+            loss="htl",
+            htl_neighbours=2,
+            arch="resnet18",
+            pretrained="none",
+            dim=32,
+            image_size=32,
+            epochs=6,
+            batch_size=24,
+            images_per_class=4,
+            optimizer="adamw",
+            lr=0.002,
+            weight_decay=1e-4,
+            schedule="cosine",
+            warmup_iters=5,
+            augment=False,
+            workers=0,
+            device="cpu",
+            precision="fp32",
+            eval_every=0,
+            triplets_every=0,
+            seed=0,
+        ),
+    )
     trainer = Trainer(config, progress=False)
     trainer.evaluate(-1)  # at initialisation
     trainer.fit()
@@ -354,11 +414,19 @@ def test_htl_recall_on_unseen_classes_rises_and_trees_are_logged(tmp_path: Path)
     assert after["map@r"] >= 1.5 * before["map@r"], (before, after)
     trees = [line for line in lines if line.get("type") == "htl_tree"]
     assert [t["epoch"] for t in trees] == list(range(6))
-    assert all(t["classes"] == CLASSES // 2 and len(t["nodes_per_level"]) == LEVELS + 1 and t["d0"] > 0
-               and t["nodes_per_level"][0] == CLASSES // 2 and t["nodes_per_level"][-1] == 1 for t in trees)
+    assert all(
+        t["classes"] == CLASSES // 2
+        and len(t["nodes_per_level"]) == LEVELS + 1
+        and t["d0"] > 0
+        and t["nodes_per_level"][0] == CLASSES // 2
+        and t["nodes_per_level"][-1] == 1
+        for t in trees
+    )
     steps = [line for line in lines if "type" not in line]
-    assert steps and all(set(s) == {"iter", "epoch", "loss", "hard_fraction", "mean_s_ap", "mean_s_an", "lr",
-                                    "images_per_s"} for s in steps)
+    assert steps and all(
+        set(s) == {"iter", "epoch", "loss", "hard_fraction", "mean_s_ap", "mean_s_an", "lr", "images_per_s"}
+        for s in steps
+    )
 
 
 @pytest.mark.timeout(120)
@@ -367,8 +435,15 @@ def test_htl_resume_matches_an_unbroken_run(tmp_path: Path, rebuild_every: int, 
     """Rebuilt every epoch, the resumed run rebuilds from the checkpoint's model; built once, it goes on with
     the tree saved in the checkpoint. Either way its log matches the unbroken run's."""
     data = _images(tmp_path / "data")  # 3 training classes × 4 images
-    settings = dict(loss="htl", htl_neighbours=2, htl_rebuild_every=rebuild_every,
-                    htl_tree_images_per_class=images_per_class, epochs=3, eval_every=0, triplets_every=0)
+    settings = dict(
+        loss="htl",
+        htl_neighbours=2,
+        htl_rebuild_every=rebuild_every,
+        htl_tree_images_per_class=images_per_class,
+        epochs=3,
+        eval_every=0,
+        triplets_every=0,
+    )
     Trainer(_config(data, tmp_path / "whole", **settings), progress=False).fit()
 
     kill_after_first_checkpoint_then_resume(_config(data, tmp_path / "broken", **settings))

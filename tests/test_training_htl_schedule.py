@@ -1,5 +1,6 @@
 """The HTL class-tree schedule (training/htl_schedule.py) on its own: which epochs rebuild, what a rebuild
 builds, logs and hands to the loss and the sampler, the images it is built from, and its checkpoint state."""
+
 from __future__ import annotations
 
 import io
@@ -25,12 +26,15 @@ SPEC = Preprocessing(image_size=8, resize_size=8, mean=(0.5, 0.5, 0.5), std=(0.2
 CLASSES, PER_CLASS = 5, 4
 
 
-@pytest.mark.parametrize("every,holding_tree,due", [
-    (0, True, [0]),  # built once, before the first epoch
-    (1, True, [0, 1, 2, 3, 4, 5, 6]),
-    (3, True, [0, 3, 6]),
-    (3, False, [0, 1, 2, 3, 4, 5, 6]),  # no tree held (a resume from a checkpoint without one): build one
-])
+@pytest.mark.parametrize(
+    "every,holding_tree,due",
+    [
+        (0, True, [0]),  # built once, before the first epoch
+        (1, True, [0, 1, 2, 3, 4, 5, 6]),
+        (3, True, [0, 3, 6]),
+        (3, False, [0, 1, 2, 3, 4, 5, 6]),  # no tree held (a resume from a checkpoint without one): build one
+    ],
+)
 def test_which_epochs_rebuild(every: int, holding_tree: bool, due: list[int]) -> None:
     assert [epoch for epoch in range(7) if rebuild_due(epoch, every, holding_tree)] == due
 
@@ -55,8 +59,14 @@ def _schedule(tmp_path: Path, **settings) -> tuple[HTLSchedule, np.ndarray]:
             records.append(ImageRecord(str(path), f"class_{c}", "train"))
             vector = (colour / 255 - 0.5) / 0.25
             expected.append(vector / np.linalg.norm(vector))
-    config = resolve_config("folder", str(tmp_path / "data"), str(tmp_path / "run"), overrides=dict(
-        loss="htl", htl_neighbours=2, htl_levels=4, images_per_class=2, batch_size=8, seed=3, **settings))
+    config = resolve_config(
+        "folder",
+        str(tmp_path / "data"),
+        str(tmp_path / "run"),
+        overrides=dict(
+            loss="htl", htl_neighbours=2, htl_levels=4, images_per_class=2, batch_size=8, seed=3, **settings
+        ),
+    )
     class_index = {f"class_{c}": c for c in range(CLASSES)}
     labels = [class_index[r.label] for r in records]
     loss_fn = build_loss("htl", lam=1.0, temperature=0.1, hard_threshold=None, margin=0.2, htl_beta=0.1)
@@ -82,11 +92,18 @@ def test_a_rebuild_builds_logs_and_hands_the_tree_to_the_loss_and_the_sampler(tm
     line = json.loads(schedule.run.metrics_path.read_text())
     assert list(line) == ["type", "epoch", "iter", "d0", "classes", "images", "seconds", "nodes_per_level"]
     assert (line["type"], line["epoch"], line["iter"], line["classes"], line["images"]) == (
-        "htl_tree", 0, 0, CLASSES, CLASSES * PER_CLASS)
+        "htl_tree",
+        0,
+        0,
+        CLASSES,
+        CLASSES * PER_CLASS,
+    )
     assert line["nodes_per_level"] == tree.nodes_per_level() and line["nodes_per_level"][-1] == 1
     printed = capsys.readouterr().out
-    assert f"epoch 1: HTL class tree over {CLASSES} classes from {CLASSES * PER_CLASS} images, d0 {tree.d0:.3f}, " \
-           f"nodes per level {' '.join(map(str, tree.nodes_per_level()))}" in printed
+    assert (
+        f"epoch 1: HTL class tree over {CLASSES} classes from {CLASSES * PER_CLASS} images, d0 {tree.d0:.3f}, "
+        f"nodes per level {' '.join(map(str, tree.nodes_per_level()))}" in printed
+    )
 
 
 def test_the_tree_is_built_from_at_most_n_images_per_class_drawn_per_epoch(tmp_path: Path) -> None:
@@ -104,10 +121,17 @@ def test_the_tree_is_built_from_at_most_n_images_per_class_drawn_per_epoch(tmp_p
     assert json.loads(schedule.run.metrics_path.read_text())["images"] == CLASSES * 3
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
-def test_the_tree_goes_through_a_checkpoint_and_back_to_the_loss_and_the_sampler(tmp_path: Path,
-                                                                                  device: str) -> None:
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
+def test_the_tree_goes_through_a_checkpoint_and_back_to_the_loss_and_the_sampler(tmp_path: Path, device: str) -> None:
     """--resume loads the checkpoint onto the training device, the GPU's included."""
     schedule, _ = _schedule(tmp_path, htl_rebuild_every=0)
     tree = schedule.rebuild(MeanColour(), epoch=0, iteration=0)

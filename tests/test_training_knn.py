@@ -1,4 +1,5 @@
 """The torch exact kNN (Recall@K on the training GPU) against FAISS and a brute-force numpy ranking."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,8 +59,14 @@ def test_evaluate_gives_the_same_metrics_with_either_search():
     gallery, gallery_labels = embeddings[:300], labels[:300]
     for kwargs in ({}, {"query_emb": embeddings[300:], "query_labels": labels[300:]}):
         with_faiss = evaluate(gallery, gallery_labels, ks=(1, 2, 4, 8), **kwargs, chunk_size=64)
-        with_torch = evaluate(gallery, gallery_labels, ks=(1, 2, 4, 8), **kwargs, chunk_size=64,
-                              knn=TorchKnn("cpu", max_block_bytes=4 * 300 * 10))
+        with_torch = evaluate(
+            gallery,
+            gallery_labels,
+            ks=(1, 2, 4, 8),
+            **kwargs,
+            chunk_size=64,
+            knn=TorchKnn("cpu", max_block_bytes=4 * 300 * 10),
+        )
         assert with_torch == with_faiss
         assert 0.2 < with_torch["recall@1"] < 1.0  # neither trivial nor degenerate
 

@@ -1,4 +1,5 @@
 """A short CPU run of SCT raises Recall@1 on classes it never saw, above its value at initialisation."""
+
 from __future__ import annotations
 
 import json
@@ -41,18 +42,41 @@ def _dataset(root: Path) -> Path:
 @pytest.mark.timeout(240)
 def test_sct_recall_on_unseen_classes_rises(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "data")
-    config = resolve_config("folder", str(data), str(tmp_path / "run"), overrides=dict(
-        arch="resnet18", pretrained="none", dim=32, image_size=32, epochs=6, batch_size=32, images_per_class=4,
-        optimizer="adamw", lr=0.002, weight_decay=1e-4, schedule="cosine", warmup_iters=5, augment=False,
-        workers=0, device="cpu", precision="fp32", eval_every=0, triplets_every=0, seed=0,
-        # the linear head: on these 8 training classes, in 36 steps, the embedding BatchNorm of the from-scratch
-        # defaults reached Recall@1 0.76 against 0.86 (docs/hard-negatives/ZERO_SHOT.md, Limits)
-        embedding_bn=False))
+    config = resolve_config(
+        "folder",
+        str(data),
+        str(tmp_path / "run"),
+        overrides=dict(
+            arch="resnet18",
+            pretrained="none",
+            dim=32,
+            image_size=32,
+            epochs=6,
+            batch_size=32,
+            images_per_class=4,
+            optimizer="adamw",
+            lr=0.002,
+            weight_decay=1e-4,
+            schedule="cosine",
+            warmup_iters=5,
+            augment=False,
+            workers=0,
+            device="cpu",
+            precision="fp32",
+            eval_every=0,
+            triplets_every=0,
+            seed=0,
+            # the linear head: on these 8 training classes, in 36 steps, the embedding BatchNorm of the from-scratch
+            # defaults reached Recall@1 0.76 against 0.86 (docs/hard-negatives/ZERO_SHOT.md, Limits)
+            embedding_bn=False,
+        ),
+    )
     trainer = Trainer(config, progress=False)
     trainer.evaluate(-1)  # at initialisation
     trainer.fit()
-    before, after = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-                     if '"eval"' in line]
+    before, after = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
+    ]
     assert after["queries"] == CLASSES // 2 * PER_CLASS
     assert after["recall@1"] >= before["recall@1"] + 0.05, (before, after)
     assert after["map@r"] >= 1.5 * before["map@r"], (before, after)

@@ -1,4 +1,5 @@
 """Every loss recomputed with an explicit Python loop over anchors: values and gradients."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,14 @@ def _anchors(unit: list[torch.Tensor], labels: list[int]):
             yield a, sims, max(positives, key=lambda j: sims[j]), negatives
 
 
-def reference_loss(embeddings: torch.Tensor, labels: list[int], kind: str, lam: float = 1.0,
-                   threshold: float | None = None, floor: float | None = None) -> torch.Tensor:
+def reference_loss(
+    embeddings: torch.Tensor,
+    labels: list[int],
+    kind: str,
+    lam: float = 1.0,
+    threshold: float | None = None,
+    floor: float | None = None,
+) -> torch.Tensor:
     """The batch loss written out anchor by anchor, straight from the paper's definitions."""
     unit = [e / e.norm() for e in embeddings]
     per_anchor = []
@@ -102,8 +109,12 @@ LOSSES = {
     "batch-all": lambda: BatchAllTripletLoss(margin=0.2),
 }
 REFERENCE = {
-    "sct": dict(kind="sct"), "sct-lam0.1": dict(kind="sct", lam=0.1),
-    "sct-threshold": dict(kind="sct", threshold=0.5), "sct-floor": dict(kind="sct", floor=0.6), "hn": dict(kind="hn"), "shn": dict(kind="shn"),
+    "sct": dict(kind="sct"),
+    "sct-lam0.1": dict(kind="sct", lam=0.1),
+    "sct-threshold": dict(kind="sct", threshold=0.5),
+    "sct-floor": dict(kind="sct", floor=0.6),
+    "hn": dict(kind="hn"),
+    "shn": dict(kind="shn"),
 }
 REFERENCE_FUNCTIONS = {"ep": reference_easy_positive, "batch-all": reference_batch_all}
 
@@ -132,8 +143,11 @@ def test_the_threshold_and_the_floor_change_the_loss_of_the_test_batches(name: s
     """On how many of the 6 batches of test_loss_and_gradient_match_explicit_loop the option changes SCT's loss:
     on none, its cases there would only repeat plain SCT's."""
     batches = [_batch(k, seed) for k in (2, 4) for seed in (0, 1, 2)]
-    differ = [LOSSES[name]()(embeddings.float(), torch.tensor(labels)).item()
-              != LOSSES["sct"]()(embeddings.float(), torch.tensor(labels)).item() for embeddings, labels in batches]
+    differ = [
+        LOSSES[name]()(embeddings.float(), torch.tensor(labels)).item()
+        != LOSSES["sct"]()(embeddings.float(), torch.tensor(labels)).item()
+        for embeddings, labels in batches
+    ]
     assert sum(differ) == changed
 
 
@@ -195,8 +209,9 @@ def test_stats_describe_the_batch() -> None:
 # ------------------------------------------------------------------ SCT's warm start
 
 
-def reference_warm_start(embeddings: torch.Tensor, labels: list[int], w: float, warm: str,
-                         lam: float = 1.0) -> torch.Tensor:
+def reference_warm_start(
+    embeddings: torch.Tensor, labels: list[int], w: float, warm: str, lam: float = 1.0
+) -> torch.Tensor:
     """SCT's warm start anchor by anchor: "ep": (1 − w)·EP + w·SCT; "shn": a hard triplet adds (1 − w)·NCA
     against its hardest negative not closer than the positive (nothing when there is none)."""
     unit = [e / e.norm() for e in embeddings]
@@ -262,10 +277,11 @@ def test_during_the_warm_start_a_hard_triplet_pulls_its_positive() -> None:
     assert d_loss_d_s_ap(0.5) < 0  # the loss falls as the positive comes closer
 
 
-@pytest.mark.parametrize(("progress", "warmup", "expected"), [
-    (0.0, 0.5, 0.0), (0.25, 0.5, 0.5), (0.5, 0.5, 1.0), (0.9, 0.5, 1.0), (0.0, 0.0, 1.0), (0.3, 1.0, 0.3)])
-def test_the_weight_of_sct_rises_linearly_over_the_warm_start(progress: float, warmup: float,
-                                                             expected: float) -> None:
+@pytest.mark.parametrize(
+    ("progress", "warmup", "expected"),
+    [(0.0, 0.5, 0.0), (0.25, 0.5, 0.5), (0.5, 0.5, 1.0), (0.9, 0.5, 1.0), (0.0, 0.0, 1.0), (0.3, 1.0, 0.3)],
+)
+def test_the_weight_of_sct_rises_linearly_over_the_warm_start(progress: float, warmup: float, expected: float) -> None:
     assert warm_start_weight(progress, warmup) == pytest.approx(expected)
 
 

@@ -1,4 +1,5 @@
 """Backbones, embedding head, and ImageNet weights from local files only (never a download)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -95,8 +96,9 @@ def test_a_checkpoint_of_sct_train_starts_the_trunk_and_not_the_head(tmp_path: P
     """`--pretrained runs/old/best.pt`: the previous run's trunk, a new head (the embedding size may differ)."""
     previous = EmbeddingNet("resnet18", 32)
     torch.nn.init.normal_(previous.trunk.layer2[0].conv1.weight)
-    torch.save({"model": previous.state_dict(), "epoch": 3, "config": {"arch": "resnet18", "dim": 32}},
-               tmp_path / "best.pt")
+    torch.save(
+        {"model": previous.state_dict(), "epoch": 3, "config": {"arch": "resnet18", "dim": 32}}, tmp_path / "best.pt"
+    )
     model = build_model("resnet18", 16, str(tmp_path / "best.pt"))
     for name, value in previous.trunk.state_dict().items():
         assert torch.equal(model.trunk.state_dict()[name], value), name

@@ -1,5 +1,6 @@
 """The run folder (training/run_folder.py) on its own: what rank 0 writes and the others do not, checkpoints
 (last.pt every epoch, best.pt on a better recall, never half-written), resume reading back, metrics truncation."""
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,24 @@ def _config(out: Path):
 
 
 def _state(epoch: int, best_recall: float, weight: float = 0.0) -> dict:
-    return {"model": {"w": torch.full((2,), weight)}, "epoch": epoch, "iteration": 4 * (epoch + 1),
-            "best_recall": best_recall, "config": {"dim": 8}, "recall@1": None}
+    return {
+        "model": {"w": torch.full((2,), weight)},
+        "epoch": epoch,
+        "iteration": 4 * (epoch + 1),
+        "best_recall": best_recall,
+        "config": {"dim": 8},
+        "recall@1": None,
+    }
 
 
 def _snapshot() -> dict[str, np.ndarray]:
-    return {"s_ap": np.array([0.5, 0.25], np.float32), "s_an": np.array([0.75, 0.0], np.float32),
-            "triplets": np.array([[0, 1, 2], [1, 0, 3]]), "s_ap_after": np.array([0.625, 0.25], np.float32),
-            "s_an_after": np.array([0.5, 0.125], np.float32)}
+    return {
+        "s_ap": np.array([0.5, 0.25], np.float32),
+        "s_an": np.array([0.75, 0.0], np.float32),
+        "triplets": np.array([[0, 1, 2], [1, 0, 3]]),
+        "s_ap_after": np.array([0.625, 0.25], np.float32),
+        "s_an_after": np.array([0.5, 0.125], np.float32),
+    }
 
 
 def test_create_writes_the_folder_config_and_an_empty_log(tmp_path: Path) -> None:
@@ -39,7 +50,9 @@ def test_create_writes_the_folder_config_and_an_empty_log(tmp_path: Path) -> Non
     run.log({"iter": 0, "loss": 1.5})
     run.log({"type": "eval", "iter": 1, "recall@1": 0.25})
     assert [json.loads(line) for line in run.metrics_path.read_text().splitlines()] == [
-        {"iter": 0, "loss": 1.5}, {"type": "eval", "iter": 1, "recall@1": 0.25}]
+        {"iter": 0, "loss": 1.5},
+        {"type": "eval", "iter": 1, "recall@1": 0.25},
+    ]
     run.start_metrics()  # a fresh run in the same folder starts a fresh log
     assert run.metrics_path.read_text() == ""
 
@@ -120,9 +133,18 @@ def test_load_checkpoint_reads_back_what_was_saved_and_names_what_is_missing(tmp
 def test_truncation_keeps_what_the_checkpoint_had_seen(tmp_path: Path) -> None:
     """Checkpoint at iteration 3: steps 0–2 and the evaluation after them stay; the next epoch's class tree
     (logged at iteration 3), its steps and a stall its step 4 showed go, as does a line cut short."""
-    lines = [{"iter": 0}, {"iter": 1}, {"type": "stall_start", "iter": 2}, {"iter": 2},
-             {"type": "eval", "iter": 3, "recall@1": 0.5}, {"type": "htl_tree", "iter": 3}, {"iter": 3},
-             {"iter": 4}, {"type": "stall_end", "iter": 4}, {"type": "eval", "iter": 5}]
+    lines = [
+        {"iter": 0},
+        {"iter": 1},
+        {"type": "stall_start", "iter": 2},
+        {"iter": 2},
+        {"type": "eval", "iter": 3, "recall@1": 0.5},
+        {"type": "htl_tree", "iter": 3},
+        {"iter": 3},
+        {"iter": 4},
+        {"type": "stall_end", "iter": 4},
+        {"type": "eval", "iter": 5},
+    ]
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"iter": 5, "lo')
     kept = RunFolder(tmp_path).truncate_metrics(3)

@@ -1,5 +1,6 @@
 """SCT trained from scratch with the default settings does not stall on a small many-class set, where the
 paper's SCT with the pretrained-trunk recipe does (docs/hard-negatives/ZERO_SHOT.md)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -44,9 +45,27 @@ def many_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _train(data: Path, out: Path, **settings) -> tuple[list[dict], str]:
     """A run of SCT from scratch with the folder dataset's defaults and ``settings``; its iterations and output.
     The stall rule's window is cut from 20 iterations to 10 to keep the run short."""
-    config = resolve_config("folder", str(data), str(out), overrides=dict(
-        loss="sct", pretrained="none", arch="resnet18", dim=16, image_size=SIZE, epochs=EPOCHS, batch_size=32,
-        workers=0, device="cpu", precision="fp32", eval_every=0, triplets_every=0, seed=0, **settings))
+    config = resolve_config(
+        "folder",
+        str(data),
+        str(out),
+        overrides=dict(
+            loss="sct",
+            pretrained="none",
+            arch="resnet18",
+            dim=16,
+            image_size=SIZE,
+            epochs=EPOCHS,
+            batch_size=32,
+            workers=0,
+            device="cpu",
+            precision="fp32",
+            eval_every=0,
+            triplets_every=0,
+            seed=0,
+            **settings,
+        ),
+    )
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         trainer = Trainer(config, progress=False)
@@ -56,7 +75,7 @@ def _train(data: Path, out: Path, **settings) -> tuple[list[dict], str]:
 
 
 def _windows(steps: list[dict], key: str) -> list[float]:
-    return [float(np.mean([step[key] for step in steps[i:i + WINDOW]])) for i in range(0, len(steps), WINDOW)]
+    return [float(np.mean([step[key] for step in steps[i : i + WINDOW]])) for i in range(0, len(steps), WINDOW)]
 
 
 @pytest.mark.timeout(120)
@@ -76,7 +95,15 @@ def test_the_papers_sct_with_the_pretrained_recipe_stalls_there(many_classes: Pa
     """The same run with the folder preset's settings for a pretrained trunk (SGD, lr 0.009, no momentum), the
     paper's linear head and no warm start, as `sct train --pretrained none` gave before it had its own defaults:
     the stall is caught."""
-    lines, printed = _train(many_classes, tmp_path / "paper", optimizer="sgd", lr=0.009,
-                            momentum=0.0, weight_decay=0.0, sct_warmup=0.0, embedding_bn=False)
+    lines, printed = _train(
+        many_classes,
+        tmp_path / "paper",
+        optimizer="sgd",
+        lr=0.009,
+        momentum=0.0,
+        weight_decay=0.0,
+        sct_warmup=0.0,
+        embedding_bn=False,
+    )
     assert [line["type"] for line in lines if line.get("type", "").startswith("stall")][:1] == ["stall_start"]
     assert printed.count("warning: training has stalled") == 1

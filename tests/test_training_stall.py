@@ -1,4 +1,5 @@
 """Stall detection (training/stall.py): the rule on synthetic sequences, then a real SCT run that stalls."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.test_training_trainer import _metrics, kill_after_first_checkpoint_then_resume
 from training.analysis.runs import Stall, load_run
 from training.config import resolve_config
 from training.stall import StallDetector, StallWatch, stall_window
 from training.trainer import Trainer
-
-from tests.test_training_trainer import _metrics, kill_after_first_checkpoint_then_resume
 
 
 def changes(hard: np.ndarray, s_ap: np.ndarray, s_an: np.ndarray, window: int) -> list[tuple[bool, str, int, int]]:
@@ -43,8 +43,7 @@ def test_a_pinned_hard_fraction_with_flat_s_ap_fires_once_after_the_grace_period
         rng = np.random.default_rng(seed)
         n = 1000
         hard = np.clip(0.97 + rng.normal(0, 0.02, n), 0, 1)
-        assert changes(hard, noisy(0.04, 0.05, n, rng), noisy(0.31, 0.05, n, rng), 50) == [
-            (True, "stall", 50, 99)]
+        assert changes(hard, noisy(0.04, 0.05, n, rng), noisy(0.31, 0.05, n, rng), 50) == [(True, "stall", 50, 99)]
 
 
 def test_a_stall_after_a_healthy_stretch_fires_when_the_window_is_mostly_stalled() -> None:
@@ -60,8 +59,12 @@ def test_a_falling_hard_fraction_or_a_rising_s_ap_does_not_fire() -> None:
     rng = np.random.default_rng(0)
     n = 200
     learning = 0.2 + 0.77 * np.exp(-np.arange(n) / 15)  # from 0.97, as a run that learns from its first steps
-    assert changes(np.clip(learning + rng.normal(0, 0.03, n), 0, 1), noisy(0.3, 0.05, n, rng),
-                   noisy(0.3, 0.05, n, rng), 20) == []
+    assert (
+        changes(
+            np.clip(learning + rng.normal(0, 0.03, n), 0, 1), noisy(0.3, 0.05, n, rng), noisy(0.3, 0.05, n, rng), 20
+        )
+        == []
+    )
     climbing = np.linspace(0.05, 0.9, 100)  # pinned hard fraction, but the positives come closer every step
     assert changes(np.full(100, 0.97), noisy(climbing, 0.03, 100, rng), noisy(0.95, 0.03, 100, rng), 20) == []
 
@@ -80,8 +83,9 @@ def test_noise_neither_restarts_a_stall_nor_ends_it(hard_level: float, sigma: fl
 def test_a_healthy_noisy_run_never_fires() -> None:
     rng = np.random.default_rng(1)
     n = 3000
-    assert changes(np.clip(0.6 + rng.normal(0, 0.1, n), 0, 1), noisy(0.5, 0.1, n, rng), noisy(0.4, 0.1, n, rng),
-                   50) == []
+    assert (
+        changes(np.clip(0.6 + rng.normal(0, 0.1, n), 0, 1), noisy(0.5, 0.1, n, rng), noisy(0.4, 0.1, n, rng), 50) == []
+    )
 
 
 def test_a_stall_ends_when_the_run_recovers_and_can_start_again() -> None:
@@ -91,11 +95,16 @@ def test_a_stall_ends_when_the_run_recovers_and_can_start_again() -> None:
     s_ap = np.concatenate([np.full(100, 0.05), np.linspace(0.05, 0.8, 40), np.full(100, 0.8), np.full(100, 0.05)])
     hard = np.concatenate([np.full(140, 0.97), np.full(100, 0.3), np.full(100, 0.97)])
     assert changes(hard, s_ap, np.full(len(s_ap), 0.3), 20) == [
-        (True, "stall", 20, 39), (False, "stall", 20, 108), (True, "stall", 238, 257)]
+        (True, "stall", 20, 39),
+        (False, "stall", 20, 108),
+        (True, "stall", 238, 257),
+    ]
     # a hard fraction that drops to 0.3 ends it once the window's mean is below 0.85: 4 iterations in
     hard = np.concatenate([np.full(100, 0.97), np.full(100, 0.3)])
-    assert changes(hard, np.full(200, 0.05), np.full(200, 0.3), 20) == [(True, "stall", 20, 39),
-                                                                          (False, "stall", 20, 103)]
+    assert changes(hard, np.full(200, 0.05), np.full(200, 0.3), 20) == [
+        (True, "stall", 20, 39),
+        (False, "stall", 20, 103),
+    ]
 
 
 def test_the_collapse_variant_is_its_own_kind() -> None:
@@ -109,9 +118,17 @@ def test_the_collapse_variant_is_its_own_kind() -> None:
     change = [detector.update(i, 0.98, 0.998, 0.9995) for i in range(40)][-1]
     assert "collapsing" in change.message() and "--lr" in change.message()
     assert change.log_line(epoch=3) == {
-        "type": "stall_start", "iter": 39, "epoch": 3, "kind": "collapse", "start_iter": 20, "window": 20,
-        "hard_fraction": pytest.approx(0.98), "s_ap": pytest.approx(0.998), "s_an": pytest.approx(0.9995),
-        "s_ap_rise": pytest.approx(0.0, abs=1e-9)}
+        "type": "stall_start",
+        "iter": 39,
+        "epoch": 3,
+        "kind": "collapse",
+        "start_iter": 20,
+        "window": 20,
+        "hard_fraction": pytest.approx(0.98),
+        "s_ap": pytest.approx(0.998),
+        "s_an": pytest.approx(0.9995),
+        "s_ap_rise": pytest.approx(0.0, abs=1e-9),
+    }
 
 
 def test_only_rank_zero_logs_and_prints_a_stall(capsys) -> None:
@@ -121,9 +138,18 @@ def test_only_rank_zero_logs_and_prints_a_stall(capsys) -> None:
         for i in range(40):  # the grace period, then the window
             watch.step({"iter": i, "epoch": 0, "hard_fraction": 1.0, "mean_s_ap": 0.0, "mean_s_an": 0.3})
     assert logged[1] == [] and [line["type"] for line in logged[0]] == ["stall_start"]
-    assert logged[0][0] == {"type": "stall_start", "iter": 39, "epoch": 0, "kind": "stall", "start_iter": 20,
-                            "window": 20, "hard_fraction": 1.0, "s_ap": 0.0, "s_an": pytest.approx(0.3),
-                            "s_ap_rise": 0.0}
+    assert logged[0][0] == {
+        "type": "stall_start",
+        "iter": 39,
+        "epoch": 0,
+        "kind": "stall",
+        "start_iter": 20,
+        "window": 20,
+        "hard_fraction": 1.0,
+        "s_ap": 0.0,
+        "s_an": pytest.approx(0.3),
+        "s_ap_rise": 0.0,
+    }
     assert capsys.readouterr().out.count("warning: training has stalled") == 1
 
 
@@ -166,11 +192,34 @@ def _noise_images(root: Path) -> Path:
 
 
 def _stalling_config(data: Path, out: Path):
-    return resolve_config("folder", str(data), str(out), overrides=dict(
-        arch="resnet18", pretrained="none", dim=8, image_size=16, epochs=EPOCHS, batch_size=32, images_per_class=2,
-        augment=False, workers=0, device="cpu", precision="fp32", eval_every=0, triplets_every=0, seed=0,
-        # the folder preset's recipe for a pretrained trunk and the paper's SCT, not the from-scratch defaults
-        optimizer="sgd", lr=0.009, momentum=0.0, weight_decay=0.0, schedule="step", sct_warmup=0.0))
+    return resolve_config(
+        "folder",
+        str(data),
+        str(out),
+        overrides=dict(
+            arch="resnet18",
+            pretrained="none",
+            dim=8,
+            image_size=16,
+            epochs=EPOCHS,
+            batch_size=32,
+            images_per_class=2,
+            augment=False,
+            workers=0,
+            device="cpu",
+            precision="fp32",
+            eval_every=0,
+            triplets_every=0,
+            seed=0,
+            # the folder preset's recipe for a pretrained trunk and the paper's SCT, not the from-scratch defaults
+            optimizer="sgd",
+            lr=0.009,
+            momentum=0.0,
+            weight_decay=0.0,
+            schedule="step",
+            sct_warmup=0.0,
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +243,11 @@ def test_a_stalling_run_logs_the_stall_and_warns_once(stalled_run: tuple[Path, P
     lines = _metrics(run)
     stalls = [line for line in lines if line.get("type", "").startswith("stall")]
     assert [(s["type"], s["kind"], s["start_iter"], s["iter"]) for s in stalls] == [
-        ("stall_start", "stall", WINDOW, 2 * WINDOW - 1)]
+        ("stall_start", "stall", WINDOW, 2 * WINDOW - 1)
+    ]
     steps = [line for line in lines if line.get("type") is None]
     assert len(steps) == EPOCHS * 4
-    window = steps[WINDOW:2 * WINDOW]  # the event reports the window's means, as logged per iteration
+    window = steps[WINDOW : 2 * WINDOW]  # the event reports the window's means, as logged per iteration
     assert stalls[0]["hard_fraction"] == pytest.approx(np.mean([s["hard_fraction"] for s in window]))
     assert stalls[0]["s_ap"] == pytest.approx(np.mean([s["mean_s_ap"] for s in window]))
     assert stalls[0]["hard_fraction"] > 0.9 and stalls[0]["s_ap"] < stalls[0]["s_an"]
@@ -215,8 +265,9 @@ def test_a_low_similarity_stall_does_not_also_warn_of_a_collapse(stalled_run: tu
     assert "collapsed" not in printed and "collapsing" not in printed
 
 
-def test_a_run_resumed_before_the_stall_logs_it_as_an_unbroken_run_does(stalled_run: tuple[Path, Path, str],
-                                                                        tmp_path: Path, capsys) -> None:
+def test_a_run_resumed_before_the_stall_logs_it_as_an_unbroken_run_does(
+    stalled_run: tuple[Path, Path, str], tmp_path: Path, capsys
+) -> None:
     """Killed after epoch 1 (iteration 4), before the stall shows at iteration 9: the resumed run refills the
     detector's window from the logged iterations and reports the same stall at the same iteration."""
     data, whole, _ = stalled_run
@@ -226,5 +277,6 @@ def test_a_run_resumed_before_the_stall_logs_it_as_an_unbroken_run_does(stalled_
     assert [(e.get("type"), e["iter"]) for e in got] == [(e.get("type"), e["iter"]) for e in expected]
     for a, b in zip(expected, got):
         if a.get("type") == "stall_start":
-            assert b == {key: pytest.approx(value, abs=1e-5) if isinstance(value, float) else value
-                         for key, value in a.items()}
+            assert b == {
+                key: pytest.approx(value, abs=1e-5) if isinstance(value, float) else value for key, value in a.items()
+            }

@@ -1,5 +1,6 @@
 """A step's logged statistics and its triplet snapshot (training/step_stats.py), in one process; under torchrun
 they are checked against one process in tests/test_training_distributed.py."""
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,12 @@ def test_one_process_logs_its_own_loss_and_statistics() -> None:
     stats = loss_fn.stats
     summary = step_summary(loss, stats, CPU)
     assert list(summary) == ["loss", "hard_fraction", "mean_s_ap", "mean_s_an"]
-    assert summary == {"loss": pytest.approx(float(loss.detach())), "hard_fraction": stats.hard_fraction,
-                       "mean_s_ap": stats.mean_s_ap, "mean_s_an": stats.mean_s_an}
+    assert summary == {
+        "loss": pytest.approx(float(loss.detach())),
+        "hard_fraction": stats.hard_fraction,
+        "mean_s_ap": stats.mean_s_ap,
+        "mean_s_an": stats.mean_s_an,
+    }
     s_ap, s_an = stats.pairs.unbind(dim=1)
     assert summary["hard_fraction"] == pytest.approx(float((s_an > s_ap).float().mean()))
 
@@ -63,5 +68,6 @@ def test_the_snapshot_remeasures_the_triplets_with_the_model_given_and_leaves_ba
     for row, (a, p, n) in enumerate(snapshot["triplets"]):
         assert snapshot["s_ap_after"][row] == pytest.approx(float(unit[a] @ unit[p]), abs=1e-5)
         assert snapshot["s_an_after"][row] == pytest.approx(float(unit[a] @ unit[n]), abs=1e-5)
-    assert not torch.allclose(torch.from_numpy(snapshot["s_an_after"]), torch.from_numpy(snapshot["s_an"]),
-                              atol=1e-3), "the step moves the similarities"
+    assert not torch.allclose(
+        torch.from_numpy(snapshot["s_an_after"]), torch.from_numpy(snapshot["s_an"]), atol=1e-3
+    ), "the step moves the similarities"

@@ -1,4 +1,5 @@
 """The trainer on tiny synthetic data: files written, resume reproduces an unbroken run, bad settings refused."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.config import load_config_file, resolve_config
 import training.trainer as trainer_module
+from training.config import load_config_file, resolve_config
 from training.trainer import Trainer, lr_factor
 
 
@@ -29,8 +30,20 @@ def _images(root: Path, classes: int = 6, per_class: int = 4) -> Path:
 
 
 def _config(data: Path, out: Path, **overrides):
-    settings = dict(arch="resnet18", pretrained="none", dim=8, image_size=16, epochs=2, batch_size=4,
-                    images_per_class=2, lr=0.05, workers=0, device="cpu", eval_every=1, triplets_every=2)
+    settings = dict(
+        arch="resnet18",
+        pretrained="none",
+        dim=8,
+        image_size=16,
+        epochs=2,
+        batch_size=4,
+        images_per_class=2,
+        lr=0.05,
+        workers=0,
+        device="cpu",
+        eval_every=1,
+        triplets_every=2,
+    )
     settings.update(overrides)
     return resolve_config("folder", str(data), str(out), overrides=settings)
 
@@ -48,8 +61,9 @@ def test_resume_after_an_interruption_matches_an_unbroken_run(tmp_path: Path) ->
         with open(trainer.run.metrics_path, "a") as metrics:
             metrics.write(json.dumps({"iter": trainer.iteration, "epoch": 1, "loss": 123.0}) + "\n")
 
-    kill_after_first_checkpoint_then_resume(_config(data, tmp_path / "broken"),
-                                            before_dying=log_a_line_of_the_next_epoch)
+    kill_after_first_checkpoint_then_resume(
+        _config(data, tmp_path / "broken"), before_dying=log_a_line_of_the_next_epoch
+    )
 
     whole, resumed = _metrics(tmp_path / "whole"), _metrics(tmp_path / "broken")
     assert [m["iter"] for m in whole] == [m["iter"] for m in resumed]
@@ -62,6 +76,7 @@ def test_resume_after_an_interruption_matches_an_unbroken_run(tmp_path: Path) ->
 def kill_after_first_checkpoint_then_resume(config, *, before_dying=None, prepare=None) -> None:
     """Train ``config`` until its first checkpoint is written, die there, then finish it with --resume.
     ``prepare(trainer)`` runs on both Trainers before they start; ``before_dying(trainer)`` just before dying."""
+
     class Killed(Exception):
         pass
 
@@ -102,7 +117,12 @@ def test_constructing_a_trainer_writes_nothing_until_it_starts(tmp_path: Path) -
     lines = _metrics(tmp_path / "run")
     assert lines[0]["type"] == "eval" and lines[0]["epoch"] == -1  # the log the first evaluation began goes on
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "best.pt", "config.yaml", "last.pt", "metrics.jsonl", "triplets"]
+        "best.pt",
+        "config.yaml",
+        "last.pt",
+        "metrics.jsonl",
+        "triplets",
+    ]
 
 
 def test_run_folder_contents(tmp_path: Path) -> None:
@@ -115,8 +135,9 @@ def test_run_folder_contents(tmp_path: Path) -> None:
     assert state["epoch"] == 0 and state["config"]["dim"] == 8
     lines = _metrics(run)
     steps = [m for m in lines if "loss" in m]
-    assert steps and all({"loss", "hard_fraction", "mean_s_ap", "mean_s_an", "lr", "images_per_s"} <= set(m)
-                          for m in steps)
+    assert steps and all(
+        {"loss", "hard_fraction", "mean_s_ap", "mean_s_an", "lr", "images_per_s"} <= set(m) for m in steps
+    )
     evaluation = [m for m in lines if m.get("type") == "eval"]
     assert len(evaluation) == 1 and 0 <= evaluation[0]["recall@1"] <= 1
     saved = sorted((run / "triplets").glob("*.npz"))
@@ -135,10 +156,15 @@ def test_learning_rate_schedules() -> None:
     assert lr_factor(20, cosine, 10) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("override,message", [
-    ({"batch_size": 5}, "not a multiple"), ({"optimizer": "rmsprop"}, "optimizer"),
-    ({"precision": "fp8"}, "precision"), ({"epochs": 0}, "epochs"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"batch_size": 5}, "not a multiple"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"precision": "fp8"}, "precision"),
+        ({"epochs": 0}, "epochs"),
+    ],
+)
 def test_bad_settings_are_refused_with_a_message(override: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _config(Path("."), Path("."), **override)
@@ -201,8 +227,16 @@ def test_saved_triplets_carry_their_similarities_one_step_later(tmp_path: Path) 
     from training.trainer import training_loader
 
     data = _images(tmp_path / "data")
-    config = _config(data, tmp_path / "run", epochs=1, max_iters_per_epoch=1, triplets_every=1, precision="fp32",
-                     augment=False, eval_every=0)
+    config = _config(
+        data,
+        tmp_path / "run",
+        epochs=1,
+        max_iters_per_epoch=1,
+        triplets_every=1,
+        precision="fp32",
+        augment=False,
+        eval_every=0,
+    )
     trainer = Trainer(config, progress=False)
     loader = training_loader(trainer.dataset, trainer.sampler, config, torch.device("cpu"))
     loader.batch_sampler.set_epoch(0)
@@ -244,8 +278,11 @@ def test_bad_validation_settings_are_named(override: dict, message: str) -> None
 CAN_BUILD_CPP = shutil.which("g++") is not None and Path(sysconfig.get_paths()["include"], "Python.h").exists()
 
 
-@pytest.mark.skipif(not CAN_BUILD_CPP, reason="torch.compile on the CPU needs g++ and the Python headers "
-                                              "(apt install g++ python3-dev; ./dev.sh test installs them)")
+@pytest.mark.skipif(
+    not CAN_BUILD_CPP,
+    reason="torch.compile on the CPU needs g++ and the Python headers "
+    "(apt install g++ python3-dev; ./dev.sh test installs them)",
+)
 def test_compiled_training_computes_the_same_gradients_and_saves_a_plain_checkpoint(tmp_path: Path) -> None:
     data = _images(tmp_path / "data")
     settings = dict(epochs=2, max_iters_per_epoch=2, eval_every=1, triplets_every=0, precision="fp32", augment=False)
@@ -277,11 +314,13 @@ def test_compiled_training_computes_the_same_gradients_and_saves_a_plain_checkpo
         assert torch.allclose(ours_.grad, theirs.grad, rtol=1e-3, atol=2e-3 * scale), name
 
 
-def test_augmentations_do_not_depend_on_worker_processes_which_persist_across_epochs(tmp_path: Path,
-                                                                                      monkeypatch) -> None:
+def test_augmentations_do_not_depend_on_worker_processes_which_persist_across_epochs(
+    tmp_path: Path, monkeypatch
+) -> None:
     made, make = [], trainer_module.training_loader
-    monkeypatch.setattr(trainer_module, "training_loader", lambda *args, **kwargs: made.append(make(*args, **kwargs))
-                        or made[-1])
+    monkeypatch.setattr(
+        trainer_module, "training_loader", lambda *args, **kwargs: made.append(make(*args, **kwargs)) or made[-1]
+    )
     data = _images(tmp_path / "data", per_class=6)
     settings = dict(epochs=3, eval_every=0, triplets_every=0, precision="fp32", augment=True)
     Trainer(_config(data, tmp_path / "main", workers=0, **settings), progress=False).fit()

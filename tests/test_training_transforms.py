@@ -1,4 +1,5 @@
 """uint8 pixels from the loaders + normalisation on the device == torchvision's ToTensor + Normalize, exactly."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,9 @@ def _image(seed: int, size=(41, 33)) -> Image.Image:
 
 def _reference(image: Image.Image) -> torch.Tensor:
     """The official recipe's float pipeline, written with torchvision's own ToTensor and Normalize."""
-    return T.Compose([T.Resize(SPEC.resize_size), T.CenterCrop(SPEC.image_size), T.ToTensor(),
-                      T.Normalize(SPEC.mean, SPEC.std)])(image)
+    return T.Compose(
+        [T.Resize(SPEC.resize_size), T.CenterCrop(SPEC.image_size), T.ToTensor(), T.Normalize(SPEC.mean, SPEC.std)]
+    )(image)
 
 
 def test_batched_uint8_normalised_equals_totensor_normalize_bit_for_bit():

@@ -40,8 +40,9 @@ def served(tmp_path_factory):
     embedder = OnnxEmbedder(model)
     galleries = {
         "colors": build_gallery_of(root / "index_data" / "colors", model, paths, embedder),
-        "reds": build_gallery_of(root / "index_data" / "reds", model, [p for p in paths if p.parent.name == "red"],
-                                 embedder),
+        "reds": build_gallery_of(
+            root / "index_data" / "reds", model, [p for p in paths if p.parent.name == "red"], embedder
+        ),
     }
     app = create_app(
         [root / "index_data" / "colors", root / "index_data" / "reds"],

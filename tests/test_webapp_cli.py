@@ -72,9 +72,9 @@ def test_mismatched_index_is_error_2(tmp_path, capsys):
 
 def test_gunicorn_loads_the_documented_factory_call(tmp_path, monkeypatch):
     util = pytest.importorskip("gunicorn.util")
-    from retrieval.gallery import GalleryItem, build_gallery
-    from retrieval.embedder import OnnxEmbedder
     from catalog import load_rgb
+    from retrieval.embedder import OnnxEmbedder
+    from retrieval.gallery import GalleryItem, build_gallery
 
     model = make_tiny_model(tmp_path / "model.onnx")
     paths = make_color_images(tmp_path / "images", per_class=1)
@@ -98,8 +98,10 @@ def test_gunicorn_server_builds_the_app_from_the_factory():
     from webapp.server import GunicornServer
 
     built = []
-    server = GunicornServer(lambda: built.append(Flask("x")) or built[-1],
-                            {"bind": "127.0.0.1:0", "workers": 3, "threads": 2, "worker_class": "gthread"})
+    server = GunicornServer(
+        lambda: built.append(Flask("x")) or built[-1],
+        {"bind": "127.0.0.1:0", "workers": 3, "threads": 2, "worker_class": "gthread"},
+    )
     assert (server.cfg.workers, server.cfg.threads, server.cfg.bind) == (3, 2, ["127.0.0.1:0"])
     assert not built  # nothing is built before a worker asks for it
     assert server.load() is built[0]

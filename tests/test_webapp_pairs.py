@@ -170,9 +170,17 @@ def test_pairs_work_outside_a_flask_request_on_the_settings_given(served):
     from webapp.served import SearchSettings, load_indexes
 
     compute = ComputePool(1)
-    settings = SearchSettings(indexes=load_indexes([served["root"] / "index_data" / "colors"], compute), default_k=3,
-                              max_k=10, max_pixels=1_000_000, max_upload_bytes=1 << 20, queries=LruCache(2, 60.0),
-                              item_views=LruCache(4, 60.0), metrics=Metrics(), compute=compute)
+    settings = SearchSettings(
+        indexes=load_indexes([served["root"] / "index_data" / "colors"], compute),
+        default_k=3,
+        max_k=10,
+        max_pixels=1_000_000,
+        max_upload_bytes=1 << 20,
+        queries=LruCache(2, 60.0),
+        item_views=LruCache(4, 60.0),
+        metrics=Metrics(),
+        compute=compute,
+    )
     assert not flask.has_app_context()
     _, gallery = settings.gallery(None, unknown_status=404)
     view = embedded_view(png_bytes(), gallery, settings.max_pixels)

@@ -195,7 +195,6 @@ def test_the_recall_curve_is_drawn_once_per_eval_json(served, monkeypatch):
     assert len(figures) == 2
 
 
-
 # --- bounded echoes and server paths ---------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
 """``sct train``, ``sct export`` and ``sct embed``. torch is imported only when a command runs."""
+
 from __future__ import annotations
 
 import argparse
@@ -91,9 +92,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="train an embedding with SCT (or a baseline loss)", epilog=TRAIN_EPILOG,
+        "train",
+        help="train an embedding with SCT (or a baseline loss)",
+        epilog=TRAIN_EPILOG,
         description="Train a ResNet embedding on a dataset's training split and evaluate Recall@K on its test split.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dataset", required=True, choices=sorted(catalog.DATASETS), help="dataset layout to read")
     parser.add_argument("--data-root", required=True, metavar="PATH", help="folder holding the dataset")
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder for config, metrics and checkpoints")
@@ -106,36 +110,56 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export", help="export a checkpoint to ONNX", epilog=EXPORT_EPILOG,
+        "export",
+        help="export a checkpoint to ONNX",
+        epilog=EXPORT_EPILOG,
         description="Export a checkpoint to an ONNX model for `sct index`, `sct eval` and `sct serve`.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="best.pt or last.pt of a run")
     parser.add_argument("--out", required=True, metavar="ONNX", help="where to write the model")
-    parser.add_argument("--parity-images", type=int, default=8, metavar="N",
-                        help="also check parity on N test images of the run's dataset (default: %(default)s)")
+    parser.add_argument(
+        "--parity-images",
+        type=int,
+        default=8,
+        metavar="N",
+        help="also check parity on N test images of the run's dataset (default: %(default)s)",
+    )
     parser.set_defaults(func=run_export)
 
 
 def _register_embed(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "embed", help="embed a gallery's images with the torch checkpoint (GPU, bf16) into index shards",
-        epilog=EMBED_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "embed",
+        help="embed a gallery's images with the torch checkpoint (GPU, bf16) into index shards",
+        epilog=EMBED_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Embed a dataset split or a folder of images with a checkpoint on the GPU and write the shard "
-                    "folders that `sct index --merge` turns into a gallery, checked first against the ONNX model.")
+        "folders that `sct index --merge` turns into a gallery, checked first against the ONNX model.",
+    )
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="best.pt or last.pt of a run")
-    parser.add_argument("--model", required=True, metavar="ONNX",
-                        help="the model `sct export` wrote from that checkpoint; the gallery serves queries with it")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="ONNX",
+        help="the model `sct export` wrote from that checkpoint; the gallery serves queries with it",
+    )
     add_image_source(parser, verb="embed")
     parser.add_argument("--out", required=True, metavar="DIR", help="parent folder of the shard folders")
-    parser.add_argument("--shard", metavar="I/N",
-                        help="embed slice I of N (I from 0); 'env': RANK/WORLD_SIZE (default: env under torchrun, "
-                             "else 0/1, one shard holding every image)")
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="embed slice I of N (I from 0); 'env': RANK/WORLD_SIZE (default: env under torchrun, "
+        "else 0/1, one shard holding every image)",
+    )
     add_device(parser, default="auto", help="default: cuda when present (GPU LOCAL_RANK under torchrun)")
     add_precision(parser, default="auto")
-    parser.add_argument("--batch-size", type=positive_int, default=256,
-                        help="images per batch (default: %(default)s)")
-    add_workers(parser, help="image-decoding processes (default: min(16, usable CPUs / processes on this "
-                             "machine); 0: decode in this process)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per batch (default: %(default)s)")
+    add_workers(
+        parser,
+        help="image-decoding processes (default: min(16, usable CPUs / processes on this "
+        "machine); 0: decode in this process)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_embed)
 
@@ -143,8 +167,11 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
 def config_flags() -> dict[str, str]:
     """The `sct train` flag of each ``TrainConfig`` setting that has one (a field made with
     ``training.config.setting``), by setting name: ``--name-with-dashes`` unless the field names its own."""
-    return {f.name: f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-            for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
+    return {
+        f.name: f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        for f in dataclasses.fields(TrainConfig)
+        if "help" in f.metadata
+    }
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -212,8 +239,14 @@ def run_train(args: argparse.Namespace) -> int:
     from training.trainer import train
 
     try:
-        config = resolve_config(args.dataset, args.data_root, args.out, config_file=args.config,
-                                overrides=overrides_from(args), cuda_available=torch.cuda.is_available())
+        config = resolve_config(
+            args.dataset,
+            args.data_root,
+            args.out,
+            config_file=args.config,
+            overrides=overrides_from(args),
+            cuda_available=torch.cuda.is_available(),
+        )
     except (ValueError, FileNotFoundError) as error:  # a bad setting (flag or --config file), a missing --config
         raise UserError(str(error)) from error
     if distributed.is_main():
@@ -229,9 +262,11 @@ def run_export(args: argparse.Namespace) -> int:
 
     images = parity_sample(args.checkpoint, args.parity_images)
     report = export_onnx(args.checkpoint, args.out, parity_images=images)
-    print(f"wrote {report.path}: onnx.checker passed; ONNX Runtime vs torch on {report.images_checked} images: "
-          f"max |diff| {report.max_abs_diff_embedding:.1e} (embedding), {report.max_abs_diff_feature_map:.1e} "
-          "(feature map, relative)")
+    print(
+        f"wrote {report.path}: onnx.checker passed; ONNX Runtime vs torch on {report.images_checked} images: "
+        f"max |diff| {report.max_abs_diff_embedding:.1e} (embedding), {report.max_abs_diff_feature_map:.1e} "
+        "(feature map, relative)"
+    )
     return 0
 
 

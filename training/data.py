@@ -1,4 +1,5 @@
 """Torch datasets over catalog records: unreadable images are skipped and counted, never fatal."""
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,9 @@ class RecordImages(Dataset):
     main process: small datasets trained without augmentation on CPU.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], class_index: dict[str, int], transform: Callable,
-                 *, cache: bool = False) -> None:
+    def __init__(
+        self, records: Sequence[ImageRecord], class_index: dict[str, int], transform: Callable, *, cache: bool = False
+    ) -> None:
         self.records, self.class_index, self.transform = records, class_index, transform
         self.cache: dict[int, Tensor] | None = {} if cache else None
 
@@ -132,8 +134,9 @@ def collate_skipping_failures(items: list[tuple[Tensor, int] | Unreadable]) -> B
     if not kept:
         return Batch(torch.zeros(0), torch.zeros(0, dtype=torch.long), kept, unreadable)
     good = [items[i] for i in kept]
-    return Batch(torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good]), kept,
-                 unreadable)
+    return Batch(
+        torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good]), kept, unreadable
+    )
 
 
 def drop_small_classes(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[str]]:
@@ -157,20 +160,37 @@ class EmbeddedRecords:
     unreadable: list[Unreadable]  # the records skipped, in input order
 
 
-def embed_records(model: torch.nn.Module, records: Sequence[ImageRecord], spec: Preprocessing,
-                  device: torch.device, *, batch_size: int = 256, workers: int = 0,
-                  amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def embed_records(
+    model: torch.nn.Module,
+    records: Sequence[ImageRecord],
+    spec: Preprocessing,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Unit embeddings and labels of the readable records (preprocessed as ``spec`` says), plus the failures."""
-    result = embed_records_kept(model, records, spec, device, batch_size=batch_size, workers=workers,
-                                amp_dtype=amp_dtype)
+    result = embed_records_kept(
+        model, records, spec, device, batch_size=batch_size, workers=workers, amp_dtype=amp_dtype
+    )
     return result.embeddings, result.labels, [str(failure) for failure in result.unreadable]
 
 
 @torch.no_grad()
-def embed_records_kept(model: torch.nn.Module, records: Sequence[ImageRecord], spec: Preprocessing,
-                       device: torch.device, *, batch_size: int = 256, workers: int = 0,
-                       amp_dtype: torch.dtype | None = None, prefetch_factor: int | None = None,
-                       progress: bool = False, desc: str = "embedding") -> EmbeddedRecords:
+def embed_records_kept(
+    model: torch.nn.Module,
+    records: Sequence[ImageRecord],
+    spec: Preprocessing,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    prefetch_factor: int | None = None,
+    progress: bool = False,
+    desc: str = "embedding",
+) -> EmbeddedRecords:
     """``embed_records``, also saying which record each row is; optionally with a progress bar (images/s).
 
     The records are read in order (one pass, no shuffling), so the positions of
@@ -181,16 +201,21 @@ def embed_records_kept(model: torch.nn.Module, records: Sequence[ImageRecord], s
     class_index = class_index_of(records)
     names = np.array(sorted(class_index))
     normalize = Normalizer(spec)
-    loader = DataLoader(RecordImages(records, class_index, eval_pixels(spec)), batch_size=batch_size,
-                        num_workers=workers,
-                        collate_fn=collate_skipping_failures, pin_memory=device.type == "cuda",
-                        prefetch_factor=prefetch_factor if workers else None)
+    loader = DataLoader(
+        RecordImages(records, class_index, eval_pixels(spec)),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_skipping_failures,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=prefetch_factor if workers else None,
+    )
     was_training = model.training
     model.eval()
     embeddings, labels, kept, unreadable = [], [], [], []
     offset = 0
-    with tqdm(total=len(records), unit="img", desc=desc, disable=not progress, dynamic_ncols=True,
-              mininterval=0.5) as bar:
+    with tqdm(
+        total=len(records), unit="img", desc=desc, disable=not progress, dynamic_ncols=True, mininterval=0.5
+    ) as bar:
         for batch in loader:
             kept.extend(offset + i for i in batch.kept)
             unreadable.extend(batch.unreadable)
@@ -207,7 +232,7 @@ def embed_records_kept(model: torch.nn.Module, records: Sequence[ImageRecord], s
             labels.append(names[batch.labels.numpy()])
     model.train(was_training)
     if not embeddings:
-        return EmbeddedRecords(np.zeros((0, 0), np.float32), np.array([], dtype=str), np.zeros(0, np.int64),
-                               unreadable)
-    return EmbeddedRecords(np.concatenate(embeddings), np.concatenate(labels), np.asarray(kept, dtype=np.int64),
-                           unreadable)
+        return EmbeddedRecords(np.zeros((0, 0), np.float32), np.array([], dtype=str), np.zeros(0, np.int64), unreadable)
+    return EmbeddedRecords(
+        np.concatenate(embeddings), np.concatenate(labels), np.asarray(kept, dtype=np.int64), unreadable
+    )

@@ -11,6 +11,7 @@ parameter gradients over the processes. ``global_batch_loss`` mines from the
 gathered global batch and scales each process's share of the loss so that this
 average is exactly the gradient one process would compute on the whole batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,9 @@ def init(backend: str, device: torch.device) -> str:
     name = choose_backend(backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(name, init_method="env://", timeout=TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        name, init_method="env://", timeout=TIMEOUT, device_id=device if device.type == "cuda" else None
+    )
     return name
 
 
@@ -151,7 +153,7 @@ def all_gather_with_grad(tensor: Tensor) -> tuple[Tensor, slice]:
 
 
 def _own_rows(sizes: list[int]) -> slice:
-    start = sum(sizes[:rank()])
+    start = sum(sizes[: rank()])
     return slice(start, start + sizes[rank()])
 
 
@@ -160,7 +162,7 @@ def _gather(tensor: Tensor, sizes: list[int]) -> Tensor:
         return tensor
     longest = max(sizes)
     padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[:len(tensor)] = tensor
+    padded[: len(tensor)] = tensor
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
@@ -221,8 +223,9 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def _replace_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlooSyncBatchNorm):
-        replacement = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                        module.track_running_stats)
+        replacement = GlooSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         replacement.load_state_dict(module.state_dict())
         replacement.train(module.training)
         return replacement

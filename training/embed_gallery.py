@@ -8,6 +8,7 @@ is embedded the checkpoint is checked to be that model: same preprocessing and
 embedding size, and the same embeddings (cosine ≥ ``FP32_MIN_COSINE`` or
 ``BF16_MIN_COSINE``) of the first ``CHECK_IMAGES`` readable images of the shard.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ BF16_MIN_COSINE = 0.99
 #: Images of the shard embedded both ways before the rest are embedded.
 CHECK_IMAGES = 8
 
+
 class ModelMismatchError(UserError, ValueError):
     """The checkpoint is not the model the ONNX file was exported from."""
 
@@ -74,13 +76,31 @@ def as_records(sources: Sequence[Source]) -> list[ImageRecord]:
     return [ImageRecord(path=path, label=label, split="gallery", chain=chain) for path, label, chain in sources]
 
 
-def embed_sources(model: EmbeddingNet, config: TrainConfig, sources: Sequence[Source], device: torch.device, *,
-                  amp_dtype: torch.dtype | None, batch_size: int, workers: int, progress: bool = False,
-                  desc: str = "embedding") -> EmbeddedRecords:
+def embed_sources(
+    model: EmbeddingNet,
+    config: TrainConfig,
+    sources: Sequence[Source],
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None,
+    batch_size: int,
+    workers: int,
+    progress: bool = False,
+    desc: str = "embedding",
+) -> EmbeddedRecords:
     """``training.data.embed_records_kept`` of the sources with the checkpoint's evaluation transform."""
-    return embed_records_kept(model, as_records(sources), preprocessing_of(config), device,
-                              batch_size=batch_size, workers=workers, amp_dtype=amp_dtype,
-                              prefetch_factor=4 if workers else None, progress=progress, desc=desc)
+    return embed_records_kept(
+        model,
+        as_records(sources),
+        preprocessing_of(config),
+        device,
+        batch_size=batch_size,
+        workers=workers,
+        amp_dtype=amp_dtype,
+        prefetch_factor=4 if workers else None,
+        progress=progress,
+        desc=desc,
+    )
 
 
 def first_readable(sources: Sequence[Source], count: int) -> list[Source]:
@@ -97,9 +117,16 @@ def first_readable(sources: Sequence[Source], count: int) -> list[Source]:
     return found
 
 
-def check_same_model(model: EmbeddingNet, config: TrainConfig, embedder: OnnxEmbedder, sources: Sequence[Source],
-                     device: torch.device, amp_dtype: torch.dtype | None, *, checkpoint: str | os.PathLike[str],
-                     ) -> Check | None:
+def check_same_model(
+    model: EmbeddingNet,
+    config: TrainConfig,
+    embedder: OnnxEmbedder,
+    sources: Sequence[Source],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    *,
+    checkpoint: str | os.PathLike[str],
+) -> Check | None:
     """Raise ModelMismatchError unless the checkpoint and the ONNX model are the same model; None: no image to try.
 
     Compares the preprocessing and embedding size, then embeds the first
@@ -108,11 +135,13 @@ def check_same_model(model: EmbeddingNet, config: TrainConfig, embedder: OnnxEmb
     mismatch = f"{checkpoint} is not the model {embedder.model_path} was exported from"
     spec = preprocessing_of(config)
     if embedder.preprocessing != spec:
-        raise ModelMismatchError(f"{mismatch}: preprocessing {embedder.preprocessing} in the ONNX model, "
-                                 f"{spec} in the checkpoint")
+        raise ModelMismatchError(
+            f"{mismatch}: preprocessing {embedder.preprocessing} in the ONNX model, " f"{spec} in the checkpoint"
+        )
     if embedder.dim != config.dim:
-        raise ModelMismatchError(f"{mismatch}: embedding size {embedder.dim} in the ONNX model, "
-                                 f"{config.dim} in the checkpoint")
+        raise ModelMismatchError(
+            f"{mismatch}: embedding size {embedder.dim} in the ONNX model, " f"{config.dim} in the checkpoint"
+        )
     sample = first_readable(sources, CHECK_IMAGES)
     if not sample:
         return None
@@ -124,9 +153,11 @@ def check_same_model(model: EmbeddingNet, config: TrainConfig, embedder: OnnxEmb
     worst = int(np.argmin(cosines))
     check = Check(float(cosines[worst]), sample[worst][0], len(sample))
     if check.min_cosine < min_cosine_for(amp_dtype):
-        raise ModelMismatchError(f"{mismatch}: cosine {check.min_cosine:.4f} on {check.path} (torch "
-                                 f"{precision_name(amp_dtype)} vs ONNX Runtime; at least {min_cosine_for(amp_dtype)} "
-                                 f"expected)")
+        raise ModelMismatchError(
+            f"{mismatch}: cosine {check.min_cosine:.4f} on {check.path} (torch "
+            f"{precision_name(amp_dtype)} vs ONNX Runtime; at least {min_cosine_for(amp_dtype)} "
+            f"expected)"
+        )
     return check
 
 
@@ -141,8 +172,9 @@ def _embed(args: argparse.Namespace) -> int:
     for flag, path in (("--checkpoint", args.checkpoint), ("--model", args.model)):
         if not Path(path).is_file():
             raise UserFileNotFoundError(f"{flag} {path} does not exist")
-    sources, dataset, split, root = index_sources(dataset=args.dataset, data_root=args.data_root,
-                                                  split=args.split, images=args.images)
+    sources, dataset, split, root = index_sources(
+        dataset=args.dataset, data_root=args.data_root, split=args.split, images=args.images
+    )
     start, stop = shard.bounds(len(sources))
     mine = sources[start:stop]
     device = pick_device(args.device, distributed.local_rank())  # GPU LOCAL_RANK (0 outside torchrun)
@@ -153,38 +185,65 @@ def _embed(args: argparse.Namespace) -> int:
     model = model.to(device).to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch but the last has one shape
-    embedder = OnnxEmbedder(args.model, providers=["CPUExecutionProvider"],
-                            threads=cpu_share())
+    embedder = OnnxEmbedder(args.model, providers=["CPUExecutionProvider"], threads=cpu_share())
     check = check_same_model(model, config, embedder, mine, device, amp_dtype, checkpoint=args.checkpoint)
     _report_check(check, args, amp_dtype, shard)
     what = f"{len(sources):,} images of {dataset} {split}".rstrip()
-    print(f"embedding images [{start:,}, {stop:,}) (shard {shard}) of {what} with torch "
-          f"{precision_name(amp_dtype)} on {device}", file=sys.stderr)
+    print(
+        f"embedding images [{start:,}, {stop:,}) (shard {shard}) of {what} with torch "
+        f"{precision_name(amp_dtype)} on {device}",
+        file=sys.stderr,
+    )
     started = time.perf_counter()
-    result = embed_sources(model, config, mine, device, amp_dtype=amp_dtype, batch_size=args.batch_size,
-                           workers=default_workers() if args.workers is None else args.workers,
-                           progress=not args.no_progress and distributed.local_rank() == 0, desc=f"shard {shard}")
+    result = embed_sources(
+        model,
+        config,
+        mine,
+        device,
+        amp_dtype=amp_dtype,
+        batch_size=args.batch_size,
+        workers=default_workers() if args.workers is None else args.workers,
+        progress=not args.no_progress and distributed.local_rank() == 0,
+        desc=f"shard {shard}",
+    )
     seconds = time.perf_counter() - started
     report_unreadable([(failure.path, failure.reason) for failure in result.unreadable])
     items = [GalleryItem(row, *mine[position]) for row, position in enumerate(result.kept.tolist())]
     if not items and shard.count == 1:
         raise UserError("none of the images could be read; nothing to index")
     embeddings = result.embeddings if items else np.zeros((0, config.dim), np.float32)
-    folder = write_shard(args.out, shard, embeddings, items, args.model, total_images=len(sources),
-                         image_list_sha256=list_sha256(sources), unreadable=len(result.unreadable),
-                         dataset=dataset, split=split, image_roots=[root])
+    folder = write_shard(
+        args.out,
+        shard,
+        embeddings,
+        items,
+        args.model,
+        total_images=len(sources),
+        image_list_sha256=list_sha256(sources),
+        unreadable=len(result.unreadable),
+        dataset=dataset,
+        split=split,
+        image_roots=[root],
+    )
     rate = len(mine) / max(seconds, 1e-9)
-    print(f"wrote shard {shard} to {folder}: {len(items):,} items; {len(mine):,} images in {seconds:.1f} s "
-          f"({rate:,.0f} images/s); once all {shard.count} are written: sct index --merge {args.out} --out GALLERY")
+    print(
+        f"wrote shard {shard} to {folder}: {len(items):,} items; {len(mine):,} images in {seconds:.1f} s "
+        f"({rate:,.0f} images/s); once all {shard.count} are written: sct index --merge {args.out} --out GALLERY"
+    )
     return 0
 
 
-def _report_check(check: Check | None, args: argparse.Namespace, amp_dtype: torch.dtype | None,
-                  shard: ShardSpec) -> None:
+def _report_check(
+    check: Check | None, args: argparse.Namespace, amp_dtype: torch.dtype | None, shard: ShardSpec
+) -> None:
     if check is None:
-        print(f"note: shard {shard} has no readable image to check {args.checkpoint} against {args.model} on",
-              file=sys.stderr)
+        print(
+            f"note: shard {shard} has no readable image to check {args.checkpoint} against {args.model} on",
+            file=sys.stderr,
+        )
         return
-    print(f"{args.checkpoint} matches {args.model}: minimum cosine {check.min_cosine:.5f} on {check.images} "
-          f"images (torch {precision_name(amp_dtype)}; at least {min_cosine_for(amp_dtype)} required)",
-          file=sys.stderr)
+    print(
+        f"{args.checkpoint} matches {args.model}: minimum cosine {check.min_cosine:.5f} on {check.images} "
+        f"images (torch {precision_name(amp_dtype)}; at least {min_cosine_for(amp_dtype)} required)",
+        file=sys.stderr,
+    )

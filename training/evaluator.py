@@ -10,6 +10,7 @@ not say why; the mean pairwise similarity does, so it is logged with every evalu
 to try when it is above ``COLLAPSE_SIMILARITY``. A stall with low similarities is the stall detector's
 (training.stall), which watches every iteration instead.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -32,8 +33,15 @@ class Evaluator:
     """Scores a model on ``queries`` (against ``gallery``, or leave-one-out when it is None) of split ``split``,
     at ``ks``; writes an ``eval`` line to ``run``."""
 
-    def __init__(self, queries: list[catalog.ImageRecord], gallery: list[catalog.ImageRecord] | None, split: str,
-                 ks: Sequence[int], embed: SharedEmbedder, run: RunFolder) -> None:
+    def __init__(
+        self,
+        queries: list[catalog.ImageRecord],
+        gallery: list[catalog.ImageRecord] | None,
+        split: str,
+        ks: Sequence[int],
+        embed: SharedEmbedder,
+        run: RunFolder,
+    ) -> None:
         self.queries, self.gallery, self.split, self.ks = queries, gallery, split, tuple(ks)
         self.embed, self.run = embed, run
 
@@ -45,8 +53,9 @@ class Evaluator:
         gallery_emb, gallery_labels = self.embed(model, self.gallery) if self.gallery is not None else (None, None)
         if distributed.rank() != 0:
             return None
-        results = scores(query_emb, query_labels, gallery_emb, gallery_labels, self.ks,
-                         knn=knn_for(self.embed.device))  # exact search on the GPU when training there
+        results = scores(
+            query_emb, query_labels, gallery_emb, gallery_labels, self.ks, knn=knn_for(self.embed.device)
+        )  # exact search on the GPU when training there
         self.run.log({"type": "eval", "epoch": epoch, "iter": iteration, "split": self.split, **results})
         shown = "  ".join(f"R@{k} {results[f'recall@{k}']:.4f}" for k in self.ks)
         print(f"epoch {epoch + 1}: {shown}  MAP@R {results['map@r']:.4f}  ({results['queries']} queries)")
@@ -55,22 +64,31 @@ class Evaluator:
         return float(results[f"recall@{self.ks[0]}"])
 
 
-def scores(query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb: np.ndarray | None,
-           gallery_labels: np.ndarray | None, ks: Sequence[int], **kwargs: Any) -> dict[str, Any]:
+def scores(
+    query_emb: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_emb: np.ndarray | None,
+    gallery_labels: np.ndarray | None,
+    ks: Sequence[int],
+    **kwargs: Any,
+) -> dict[str, Any]:
     """``retrieval.metrics.evaluate``'s results (leave-one-out over the queries when ``gallery_emb`` is None) and
     the queries' mean pairwise similarity; ``kwargs`` go to ``evaluate`` (``knn``)."""
     if gallery_emb is None:
         results = evaluate(query_emb, query_labels, ks=tuple(ks), **kwargs)
     else:
-        results = evaluate(gallery_emb, gallery_labels, ks=tuple(ks), query_emb=query_emb, query_labels=query_labels,
-                           **kwargs)
+        results = evaluate(
+            gallery_emb, gallery_labels, ks=tuple(ks), query_emb=query_emb, query_labels=query_labels, **kwargs
+        )
     results["mean_similarity"] = mean_pairwise_similarity(query_emb)
     return results
 
 
 def collapse_warning(mean_similarity: float, split: str) -> str:
-    return (f"warning: the embedding looks collapsed: mean pairwise similarity "
-            f"{mean_similarity:.3f} over the {split} images. Every triplet is then "
-            "hard; with SGD, SCT's push on hard triplets (λ·S_an) is about 1/τ times weaker than NCA's and "
-            "may never escape. Try a larger --lr (SCT's tuned lr is several times SHN's), or for SCT a larger --lam; "
-            "see docs/hard-negatives/README.md.")
+    return (
+        f"warning: the embedding looks collapsed: mean pairwise similarity "
+        f"{mean_similarity:.3f} over the {split} images. Every triplet is then "
+        "hard; with SGD, SCT's push on hard triplets (λ·S_an) is about 1/τ times weaker than NCA's and "
+        "may never escape. Try a larger --lr (SCT's tuned lr is several times SHN's), or for SCT a larger --lam; "
+        "see docs/hard-negatives/README.md."
+    )

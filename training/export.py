@@ -3,6 +3,7 @@
 The export is checked twice: ``onnx.checker`` on the graph, then ONNX Runtime
 against torch on random and real images (max |diff| ≤ 1e-4).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -17,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 import catalog
-from core.errors import UserFileNotFoundError, UserValueError
 from core.atomic import atomic_file
+from core.errors import UserFileNotFoundError, UserValueError
 from retrieval.preprocessing import preprocess_batch
 from training.config import TrainConfig
 from training.model import EmbeddingNet
@@ -75,13 +76,24 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, parity_images: Seque
     with tempfile.TemporaryDirectory() as scratch:
         raw = Path(scratch) / "raw.onnx"
         torch.onnx.export(
-            wrapper, (example,), str(raw), input_names=["image"], output_names=["embedding", "feature_map"],
+            wrapper,
+            (example,),
+            str(raw),
+            input_names=["image"],
+            output_names=["embedding", "feature_map"],
             dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
-            opset_version=OPSET, dynamo=True, external_data=False,
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
         )
         graph = onnx.load(str(raw))
-        metadata = {**spec.to_metadata(), "embedding_dim": str(config.dim), "arch": config.arch,
-                    "dataset": config.dataset, "loss": config.loss}
+        metadata = {
+            **spec.to_metadata(),
+            "embedding_dim": str(config.dim),
+            "arch": config.arch,
+            "dataset": config.dataset,
+            "loss": config.loss,
+        }
         onnx.helper.set_model_props(graph, metadata)
         onnx.checker.check_model(graph, full_check=True)
         with atomic_file(out) as temporary:

@@ -16,6 +16,7 @@ pair given the same weight, so a class with many images does not dominate its
 node. Cuts of one average-linkage tree at increasing thresholds are nested
 (average linkage has no inversions), so the levels form a tree.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,9 @@ def class_means(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) ->
     embeddings = np.asarray(embeddings, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=num_classes)
-    one_hot = sparse.csr_matrix((np.ones(len(labels)), (labels, np.arange(len(labels)))),
-                                shape=(num_classes, len(labels)))
+    one_hot = sparse.csr_matrix(
+        (np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(num_classes, len(labels))
+    )
     sums = one_hot @ embeddings
     return sums / np.maximum(counts, 1)[:, None], counts
 
@@ -100,10 +102,10 @@ def condensed_class_distances(means: np.ndarray) -> np.ndarray:
     condensed = np.empty(count * (count - 1) // 2)
     offset = 0
     for start in range(0, count, ROW_BLOCK):
-        block = class_distances(means[start:start + ROW_BLOCK], means[start:])
+        block = class_distances(means[start : start + ROW_BLOCK], means[start:])
         for row, distances in enumerate(block):
-            tail = distances[row + 1:]
-            condensed[offset:offset + len(tail)] = tail
+            tail = distances[row + 1 :]
+            condensed[offset : offset + len(tail)] = tail
             offset += len(tail)
     return condensed
 
@@ -129,14 +131,15 @@ def nearest_classes(means: np.ndarray, count: int) -> np.ndarray:
     _, ids = index.search(vectors, searched)
     # a class is not always its own best match (μ_p·μ_q can exceed ‖μ_p‖²): drop it wherever it appears
     others = ids != np.arange(len(vectors))[:, None]
-    order = np.argsort(~others, axis=1, kind="stable")[:, :searched - 1]
+    order = np.argsort(~others, axis=1, kind="stable")[:, : searched - 1]
     kept = np.take_along_axis(ids, order, axis=1)[:, :count]
-    found[:, :kept.shape[1]] = kept
+    found[:, : kept.shape[1]] = kept
     return found
 
 
-def build_tree(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, *, levels: int = 16,
-               neighbours: int = 3) -> ClassTree:
+def build_tree(
+    embeddings: np.ndarray, labels: np.ndarray, num_classes: int, *, levels: int = 16, neighbours: int = 3
+) -> ClassTree:
     """The class tree of unit ``embeddings`` [N, D] with class indices ``labels`` [N] in 0..num_classes − 1.
 
     Classes without images get s = d0, stay their own node below level L, and

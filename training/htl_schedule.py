@@ -7,6 +7,7 @@ class groups. A resumed run goes on with the tree saved in the checkpoint, unles
 With several processes each embeds a slice of the images with rank 0's BatchNorm statistics, rank 0 builds the
 tree, logs it and sends it to the others, so that all of them draw the same global batches.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,8 +36,16 @@ class HTLSchedule:
     """The class tree of one run: ``due`` says which epochs rebuild it, ``rebuild`` builds it and hands it to
     ``loss_fn`` and ``sampler``, ``state``/``load_state`` carry it through a checkpoint."""
 
-    def __init__(self, config: TrainConfig, train_records: list[catalog.ImageRecord], class_index: dict[str, int],
-                 loss_fn: HTLLoss, sampler: HTLBatchSampler, embed: SharedEmbedder, run: RunFolder) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_records: list[catalog.ImageRecord],
+        class_index: dict[str, int],
+        loss_fn: HTLLoss,
+        sampler: HTLBatchSampler,
+        embed: SharedEmbedder,
+        run: RunFolder,
+    ) -> None:
         self.config, self.train_records, self.class_index = config, train_records, class_index
         self.loss_fn, self.sampler, self.embed, self.run = loss_fn, sampler, embed, run
         self.tree: ClassTree | None = None
@@ -55,18 +64,34 @@ class HTLSchedule:
         self.use(tree)
         return tree
 
-    def _build(self, epoch: int, iteration: int, embeddings: np.ndarray, names: np.ndarray,
-               started: float) -> ClassTree:
+    def _build(
+        self, epoch: int, iteration: int, embeddings: np.ndarray, names: np.ndarray, started: float
+    ) -> ClassTree:
         labels = np.array([self.class_index[name] for name in names], dtype=np.int64)
         m = self.config.htl_neighbours
-        tree = build_tree(embeddings, labels, len(self.class_index), levels=self.config.htl_levels,
-                          neighbours=min(2 * m, len(self.class_index) - 1))
+        tree = build_tree(
+            embeddings,
+            labels,
+            len(self.class_index),
+            levels=self.config.htl_levels,
+            neighbours=min(2 * m, len(self.class_index) - 1),
+        )
         seconds = time.perf_counter() - started
-        line = {"type": "htl_tree", "epoch": epoch, "iter": iteration, "d0": tree.d0, "classes": tree.num_classes,
-                "images": len(labels), "seconds": seconds, "nodes_per_level": tree.nodes_per_level()}
+        line = {
+            "type": "htl_tree",
+            "epoch": epoch,
+            "iter": iteration,
+            "d0": tree.d0,
+            "classes": tree.num_classes,
+            "images": len(labels),
+            "seconds": seconds,
+            "nodes_per_level": tree.nodes_per_level(),
+        }
         self.run.log(line)
-        print(f"epoch {epoch + 1}: HTL class tree over {tree.num_classes} classes from {len(labels)} images, "
-              f"d0 {tree.d0:.3f}, nodes per level {' '.join(map(str, line['nodes_per_level']))} ({seconds:.1f} s)")
+        print(
+            f"epoch {epoch + 1}: HTL class tree over {tree.num_classes} classes from {len(labels)} images, "
+            f"d0 {tree.d0:.3f}, nodes per level {' '.join(map(str, line['nodes_per_level']))} ({seconds:.1f} s)"
+        )
         return tree
 
     def use(self, tree: ClassTree) -> None:
@@ -84,8 +109,11 @@ class HTLSchedule:
         by_class: dict[str, list[int]] = {}
         for i, record in enumerate(self.train_records):
             by_class.setdefault(record.label, []).append(i)
-        kept = sorted(i for members in by_class.values()
-                      for i in (members if len(members) <= limit else rng.choice(members, limit, replace=False)))
+        kept = sorted(
+            i
+            for members in by_class.values()
+            for i in (members if len(members) <= limit else rng.choice(members, limit, replace=False))
+        )
         return [self.train_records[i] for i in kept]
 
     def state(self) -> dict[str, Any] | None:
@@ -98,12 +126,21 @@ class HTLSchedule:
 
 def tree_state(tree: ClassTree) -> dict[str, Any]:
     """The class tree as tensors and numbers, which ``torch.load(weights_only=True)`` reads back."""
-    return {"level_ids": torch.from_numpy(tree.level_ids), "thresholds": torch.from_numpy(tree.thresholds),
-            "within": torch.from_numpy(tree.within), "d0": tree.d0, "neighbours": torch.from_numpy(tree.neighbours)}
+    return {
+        "level_ids": torch.from_numpy(tree.level_ids),
+        "thresholds": torch.from_numpy(tree.thresholds),
+        "within": torch.from_numpy(tree.within),
+        "d0": tree.d0,
+        "neighbours": torch.from_numpy(tree.neighbours),
+    }
 
 
 def tree_from_state(state: dict[str, Any]) -> ClassTree:
     # .cpu(): --resume on CUDA loads the checkpoint onto the GPU
-    return ClassTree(level_ids=state["level_ids"].cpu().numpy(), thresholds=state["thresholds"].cpu().numpy(),
-                     within=state["within"].cpu().numpy(), d0=float(state["d0"]),
-                     neighbours=state["neighbours"].cpu().numpy())
+    return ClassTree(
+        level_ids=state["level_ids"].cpu().numpy(),
+        thresholds=state["thresholds"].cpu().numpy(),
+        within=state["within"].cpu().numpy(),
+        d0=float(state["d0"]),
+        neighbours=state["neighbours"].cpu().numpy(),
+    )

@@ -9,6 +9,7 @@ inside the search, whatever the process set) and at most ``max_block_bytes``
 of them exist at once, so memory stays O(rows · N) for a bounded number of
 rows, never N × N.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,15 +32,21 @@ class TorchKnn:
         self._source: np.ndarray | None = None  # the array whose device copy is cached
         self._gallery: torch.Tensor | None = None
 
-    def __call__(self, gallery: np.ndarray, queries: np.ndarray, depth: int, query_ids: np.ndarray | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self,
+        gallery: np.ndarray,
+        queries: np.ndarray,
+        depth: int,
+        query_ids: np.ndarray | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> tuple[np.ndarray, np.ndarray]:
         searched = search_depth(gallery, queries, depth, query_ids, chunk_size)
         on_device = self._on_device(gallery)
         rows_per_block = max(1, min(chunk_size, self.max_block_bytes // (4 * max(len(gallery), 1))))
         scores, ids = [], []
         with _full_fp32_matmul(), torch.no_grad():
             for start in range(0, len(queries), rows_per_block):
-                block = torch.from_numpy(np.ascontiguousarray(queries[start:start + rows_per_block], np.float32))
+                block = torch.from_numpy(np.ascontiguousarray(queries[start : start + rows_per_block], np.float32))
                 similarities = block.to(self.device, non_blocking=True) @ on_device.T
                 top = torch.topk(similarities, searched, dim=1, sorted=True)
                 scores.append(top.values.cpu().numpy())

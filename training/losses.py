@@ -13,6 +13,7 @@ process of a distributed run takes its own rows of the gathered global batch
 as anchors, every row as positive or negative, and the processes add up their
 sums and counts (``training.distributed.global_batch_loss``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -115,8 +116,9 @@ class MinedTripletLoss(nn.Module):
 
         hardest, has_negative = _masked_argmax(similarities.detach(), mining.negatives)
         s_an_hardest = similarities.detach().gather(1, hardest[:, None]).squeeze(1)
-        self.stats = _stats(mining.s_ap, s_an_hardest, has_positive & has_negative,
-                            torch.stack([rows, positive, hardest], dim=1))
+        self.stats = _stats(
+            mining.s_ap, s_an_hardest, has_positive & has_negative, torch.stack([rows, positive, hardest], dim=1)
+        )
         terms = self.batch_terms(mining)
         if terms is None:
             return LossTerms((embeddings * 0.0).sum(), torch.zeros((), dtype=torch.long, device=embeddings.device))
@@ -139,8 +141,12 @@ def _triplets(mining: Mining, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor
     if not bool(valid.any()):
         return None
     anchors = valid.nonzero().squeeze(1)
-    return (anchors, mining.similarities[anchors, mining.positive[anchors]],
-            mining.similarities[anchors, negative[anchors]], valid.sum())
+    return (
+        anchors,
+        mining.similarities[anchors, mining.positive[anchors]],
+        mining.similarities[anchors, negative[anchors]],
+        valid.sum(),
+    )
 
 
 def _easy_positive(mining: Mining, anchors: Tensor, temperature: float) -> Tensor:
@@ -220,8 +226,14 @@ class SCTLoss(MinedTripletLoss):
     ``sct_warmup`` share of the run (``warm_start_weight``).
     """
 
-    def __init__(self, lam: float = 1.0, temperature: float = 0.1, hard_threshold: float | None = None,
-                 hard_floor: float | None = None, warm_loss: str = "ep") -> None:
+    def __init__(
+        self,
+        lam: float = 1.0,
+        temperature: float = 0.1,
+        hard_threshold: float | None = None,
+        hard_floor: float | None = None,
+        warm_loss: str = "ep",
+    ) -> None:
         super().__init__()
         if warm_loss not in WARM_LOSSES:
             raise ValueError(f"unknown warm-start loss {warm_loss!r}; choose one of {', '.join(WARM_LOSSES)}")
@@ -258,8 +270,9 @@ class SCTLoss(MinedTripletLoss):
             return LossTerms(((1.0 - w) * easy_positive + w * sct).sum(), count)
         hard = self.is_hard(s_ap.detach(), s_an.detach())
         semi, has_semi = _masked_argmax(mining.similarities.detach(), _semi_hard_negatives(mining))
-        pull = torch.where(has_semi[anchors], nca(s_ap, mining.similarities[anchors, semi[anchors]],
-                                                   self.temperature), 0.0)
+        pull = torch.where(
+            has_semi[anchors], nca(s_ap, mining.similarities[anchors, semi[anchors]], self.temperature), 0.0
+        )
         return LossTerms((sct + torch.where(hard, (1.0 - w) * pull, 0.0)).sum(), count)
 
 
@@ -345,19 +358,38 @@ class HTLLoss(MinedTripletLoss):
 
 
 #: Each loss's class, by name; the names are training.config.Loss, the choices of `sct train --loss`.
-LOSSES: dict[str, type[MinedTripletLoss]] = {"sct": SCTLoss, "hn": HNLoss, "shn": SHNLoss, "ep": EasyPositiveLoss,
-                                             "batch-all": BatchAllTripletLoss, "htl": HTLLoss}
+LOSSES: dict[str, type[MinedTripletLoss]] = {
+    "sct": SCTLoss,
+    "hn": HNLoss,
+    "shn": SHNLoss,
+    "ep": EasyPositiveLoss,
+    "batch-all": BatchAllTripletLoss,
+    "htl": HTLLoss,
+}
 if tuple(LOSSES) != get_args(Loss):
     raise ImportError(f"training.losses.LOSSES {tuple(LOSSES)} differs from training.config.Loss {get_args(Loss)}")
 
 
-def build_loss(name: str, *, lam: float, temperature: float, hard_threshold: float | None,
-               margin: float = 0.2, htl_beta: float = 0.1, hard_floor: float | None = None,
-               sct_warm_loss: str = "ep") -> MinedTripletLoss:
+def build_loss(
+    name: str,
+    *,
+    lam: float,
+    temperature: float,
+    hard_threshold: float | None,
+    margin: float = 0.2,
+    htl_beta: float = 0.1,
+    hard_floor: float | None = None,
+    sct_warm_loss: str = "ep",
+) -> MinedTripletLoss:
     """The loss called ``name`` with the run's settings."""
     if name == "sct":
-        return SCTLoss(lam=lam, temperature=temperature, hard_threshold=hard_threshold, hard_floor=hard_floor,
-                       warm_loss=sct_warm_loss)
+        return SCTLoss(
+            lam=lam,
+            temperature=temperature,
+            hard_threshold=hard_threshold,
+            hard_floor=hard_floor,
+            warm_loss=sct_warm_loss,
+        )
     if name == "batch-all":
         return BatchAllTripletLoss(margin=margin)
     if name == "htl":

@@ -1,4 +1,5 @@
 """ResNet trunk + linear embedding head, with the projected map used for similarity heatmaps."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -63,8 +64,9 @@ class EmbeddingNet(nn.Module):
         projected = self.head(feature_map)  # [N, Z, d]
         if self.embedding_bn is not None:
             bn = self.embedding_bn
-            projected = F.batch_norm(projected.flatten(0, 1), bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                     training=False, eps=bn.eps).view_as(projected)
+            projected = F.batch_norm(
+                projected.flatten(0, 1), bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps
+            ).view_as(projected)
         return F.normalize(projected.mean(dim=1), dim=1), projected
 
     def load_trunk_weights(self, state_dict: dict[str, Tensor]) -> None:
@@ -105,7 +107,6 @@ def build_model(arch: str, dim: int, pretrained: str, *, embedding_bn: bool = Fa
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a checkpoint of `sct train`: its trunk
-        state = {key.removeprefix("trunk."): value for key, value in state["model"].items()
-                 if key.startswith("trunk.")}
+        state = {key.removeprefix("trunk."): value for key, value in state["model"].items() if key.startswith("trunk.")}
     model.load_trunk_weights(state)
     return model

@@ -1,4 +1,5 @@
 """Mixed precision: bf16 autocast where the hardware does bf16 natively, fp32 elsewhere."""
+
 from __future__ import annotations
 
 import contextlib

@@ -8,6 +8,7 @@ have to ask which rank it is before each write. Every process reads the checkpoi
 Checkpoints and snapshots are written atomically (``core.atomic``): a run killed while writing last.pt keeps
 the previous one, which is what --resume starts from.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 import yaml
 
-from core.errors import UserFileNotFoundError
 from core.atomic import atomic_write_bytes, atomic_write_text
+from core.errors import UserFileNotFoundError
 from training.config import TrainConfig
 
 METRICS, LAST, BEST, CONFIG, TRIPLETS = "metrics.jsonl", "last.pt", "best.pt", "config.yaml", "triplets"
@@ -118,7 +119,6 @@ def truncate_metrics(path: Path, iteration: int) -> list[dict[str, Any]]:
             entries.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a full disk or a crash: it is after the checkpoint
             continue
-    kept = [e for e in entries
-            if (e["iter"] <= iteration if e.get("type") == "eval" else e["iter"] < iteration)]
+    kept = [e for e in entries if (e["iter"] <= iteration if e.get("type") == "eval" else e["iter"] < iteration)]
     atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
     return kept

@@ -5,6 +5,7 @@ In a distributed run every process generates the same global batch from
 so the processes together see exactly the batch one process would, and each
 class's K images stay on one process, where its anchors find their positives.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -28,14 +29,23 @@ class PKBatchSampler:
     each. Every process has the same number of batches per epoch.
     """
 
-    def __init__(self, labels: Sequence[int], classes_per_batch: int, images_per_class: int, seed: int = 0, *,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        labels: Sequence[int],
+        classes_per_batch: int,
+        images_per_class: int,
+        seed: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         _check_rank(rank, world_size)
         if classes_per_batch % world_size:
             raise ValueError(
                 f"the global batch's {classes_per_batch} classes (P) cannot be split into whole classes over "
                 f"{world_size} processes: P must be a multiple of {world_size} (set --batch-size to P × images per "
-                f"class with such a P)")
+                f"class with such a P)"
+            )
         labels = np.asarray(labels)
         self.classes = np.unique(labels)
         if classes_per_batch > len(self.classes):
@@ -70,8 +80,9 @@ class PKBatchSampler:
             class_order.extend(reversed(deferred))
             yield self._shard(batch)
 
-    def _next_class(self, class_order: list[int], chosen: list[int], deferred: list[int],
-                    rng: np.random.Generator) -> int:
+    def _next_class(
+        self, class_order: list[int], chosen: list[int], deferred: list[int], rng: np.random.Generator
+    ) -> int:
         """The next class of the shuffled order (refilled when empty) that is not in the batch yet."""
         while True:
             if not class_order:
@@ -85,7 +96,7 @@ class PKBatchSampler:
         """This process's block of a global batch: P / world_size whole classes (each class's K images are
         consecutive in the batch and every class has exactly K)."""
         share = len(batch) // self.world_size
-        return batch[self.rank * share:(self.rank + 1) * share]
+        return batch[self.rank * share : (self.rank + 1) * share]
 
     def _deal(self, cls: int, pools: dict[int, list[int]], rng: np.random.Generator) -> list[int]:
         members = self.members[cls]
@@ -117,8 +128,17 @@ class HTLBatchSampler(PKBatchSampler):
     near negatives the group was drawn for even without gathering).
     """
 
-    def __init__(self, labels: Sequence[int], groups_per_batch: int, classes_per_group: int, images_per_class: int,
-                 seed: int = 0, *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        labels: Sequence[int],
+        groups_per_batch: int,
+        classes_per_group: int,
+        images_per_class: int,
+        seed: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if groups_per_batch < 1 or classes_per_group < 1:
             raise ValueError("groups per batch and classes per group must be at least 1")
         _check_rank(rank, world_size)
@@ -126,9 +146,11 @@ class HTLBatchSampler(PKBatchSampler):
             raise ValueError(
                 f"the global batch's {groups_per_batch} groups of {classes_per_group} classes cannot be split into "
                 f"whole groups over {world_size} processes: the number of groups must be a multiple of {world_size} "
-                "(set --batch-size to groups × htl_neighbours × images per class with such a number of groups)")
-        super().__init__(labels, groups_per_batch * classes_per_group, images_per_class, seed=seed, rank=rank,
-                         world_size=world_size)
+                "(set --batch-size to groups × htl_neighbours × images per class with such a number of groups)"
+            )
+        super().__init__(
+            labels, groups_per_batch * classes_per_group, images_per_class, seed=seed, rank=rank, world_size=world_size
+        )
         self.groups, self.m = groups_per_batch, classes_per_group
         self.neighbours: np.ndarray | None = None
 

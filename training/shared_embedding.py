@@ -5,6 +5,7 @@ processes each embeds a contiguous slice and all of them get every row (``Shared
 process rank 0's BatchNorm statistics first (``distributed.broadcast_buffers``), so the rows do not depend on
 which process embedded them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -14,8 +15,8 @@ import torch
 from tqdm import tqdm
 
 import catalog
-from retrieval.preprocessing import Preprocessing
 from core.shards import ShardSpec
+from retrieval.preprocessing import Preprocessing
 from training import distributed
 from training.data import embed_records
 
@@ -36,18 +37,26 @@ class UnreadableImages:
 class SharedEmbedder:
     """Unit embeddings of records by a model, each process embedding its slice (see the module)."""
 
-    def __init__(self, spec: Preprocessing, device: torch.device, *, dim: int, workers: int,
-                 amp_dtype: torch.dtype | None, unreadable: UnreadableImages) -> None:
+    def __init__(
+        self,
+        spec: Preprocessing,
+        device: torch.device,
+        *,
+        dim: int,
+        workers: int,
+        amp_dtype: torch.dtype | None,
+        unreadable: UnreadableImages,
+    ) -> None:
         self.spec, self.device, self.dim, self.workers, self.amp_dtype = spec, device, dim, workers, amp_dtype
         self.unreadable = unreadable
 
-    def __call__(self, model: torch.nn.Module,
-                 records: Sequence[catalog.ImageRecord]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, model: torch.nn.Module, records: Sequence[catalog.ImageRecord]) -> tuple[np.ndarray, np.ndarray]:
         """Unit embeddings and labels of the readable ``records``, in order, on every process."""
         rank, world = distributed.rank(), distributed.world_size()
         start, stop = ShardSpec(rank, world).bounds(len(records))
-        embeddings, labels, failures = embed_records(model, records[start:stop], self.spec, self.device,
-                                                     workers=self.workers, amp_dtype=self.amp_dtype)
+        embeddings, labels, failures = embed_records(
+            model, records[start:stop], self.spec, self.device, workers=self.workers, amp_dtype=self.amp_dtype
+        )
         self.unreadable.report(failures)
         if world == 1:
             return embeddings, labels
@@ -58,6 +67,7 @@ class SharedEmbedder:
         else:  # every image of this slice was unreadable
             vectors = torch.zeros((0, self.dim), device=self.device)
         vectors, _ = distributed.all_gather_rows(vectors)
-        codes, _ = distributed.all_gather_rows(torch.tensor([code[label] for label in labels], dtype=torch.long,
-                                                            device=self.device))
+        codes, _ = distributed.all_gather_rows(
+            torch.tensor([code[label] for label in labels], dtype=torch.long, device=self.device)
+        )
         return vectors.cpu().numpy(), np.array(names)[codes.cpu().numpy()]

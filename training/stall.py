@@ -6,6 +6,7 @@ fraction stays near 1 and Recall@1 does not improve. With a stronger optimiser t
 S_ap and S_an both going to 1. The evaluation's collapse check (mean pairwise similarity) misses the first case,
 whose similarities are low. ``StallDetector`` watches the per-iteration statistics of metrics.jsonl instead.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -65,28 +66,43 @@ class StallChange:
 
     def log_line(self, epoch: int) -> dict[str, Any]:
         w = self.window
-        return {"type": START if self.started else END, "iter": w.last, "epoch": epoch, "kind": self.kind,
-                "start_iter": self.start_iteration, "window": w.size, "hard_fraction": w.hard_fraction,
-                "s_ap": w.s_ap, "s_an": w.s_an, "s_ap_rise": w.s_ap_rise}
+        return {
+            "type": START if self.started else END,
+            "iter": w.last,
+            "epoch": epoch,
+            "kind": self.kind,
+            "start_iter": self.start_iteration,
+            "window": w.size,
+            "hard_fraction": w.hard_fraction,
+            "s_ap": w.s_ap,
+            "s_an": w.s_an,
+            "s_ap_rise": w.s_ap_rise,
+        }
 
     def message(self) -> str:
         w = self.window
         span = f"iterations {w.first}–{w.last}"
         if not self.started:
-            return (f"note: the {self.kind} that began at iteration {self.start_iteration} ended at iteration "
-                    f"{w.last}: over {span} {w.hard_fraction:.0%} of triplets were hard, mean S_ap {w.s_ap:.3f} "
-                    f"(change {w.s_ap_rise:+.3f}), mean S_an {w.s_an:.3f}.")
+            return (
+                f"note: the {self.kind} that began at iteration {self.start_iteration} ended at iteration "
+                f"{w.last}: over {span} {w.hard_fraction:.0%} of triplets were hard, mean S_ap {w.s_ap:.3f} "
+                f"(change {w.s_ap_rise:+.3f}), mean S_an {w.s_an:.3f}."
+            )
         if self.kind == "collapse":
-            return (f"warning: the embedding is collapsing: over {span}, {w.hard_fraction:.0%} of triplets were "
-                    f"hard (S_an > S_ap) with mean S_ap {w.s_ap:.3f} and S_an {w.s_an:.3f}, both near 1: every image "
-                    "maps to nearly the same point; from scratch this often passes. Things to try: a smaller --lr "
-                    "or another --optimizer, for SCT a warm start that pulls positives in (--sct-warmup 1, the "
-                    "default from scratch), --loss ep; see docs/hard-negatives/ZERO_SHOT.md.")
-        return (f"warning: training has stalled: over {span}, {w.hard_fraction:.0%} of triplets were hard "
-                f"(S_an > S_ap) and S_ap did not rise (mean S_ap {w.s_ap:.3f}, change {w.s_ap_rise:+.3f}; "
-                f"mean S_an {w.s_an:.3f}): positives are not coming closer, and Recall@K often stops improving (watch the evaluations). "
-                "Things to try: for SCT a warm start that pulls positives in (--sct-warmup 1, the default from "
-                "scratch), --loss ep or shn, or a different --lr; see docs/hard-negatives/ZERO_SHOT.md.")
+            return (
+                f"warning: the embedding is collapsing: over {span}, {w.hard_fraction:.0%} of triplets were "
+                f"hard (S_an > S_ap) with mean S_ap {w.s_ap:.3f} and S_an {w.s_an:.3f}, both near 1: every image "
+                "maps to nearly the same point; from scratch this often passes. Things to try: a smaller --lr "
+                "or another --optimizer, for SCT a warm start that pulls positives in (--sct-warmup 1, the "
+                "default from scratch), --loss ep; see docs/hard-negatives/ZERO_SHOT.md."
+            )
+        return (
+            f"warning: training has stalled: over {span}, {w.hard_fraction:.0%} of triplets were hard "
+            f"(S_an > S_ap) and S_ap did not rise (mean S_ap {w.s_ap:.3f}, change {w.s_ap_rise:+.3f}; "
+            f"mean S_an {w.s_an:.3f}): positives are not coming closer, and Recall@K often stops improving (watch the evaluations). "
+            "Things to try: for SCT a warm start that pulls positives in (--sct-warmup 1, the default from "
+            "scratch), --loss ep or shn, or a different --lr; see docs/hard-negatives/ZERO_SHOT.md."
+        )
 
 
 class StallDetector:
@@ -157,9 +173,16 @@ class StallDetector:
         residuals = s_ap - s_ap.mean() - slope * x
         slope_error = float(np.sqrt(residuals @ residuals / (len(s_ap) - 2) / (x @ x)))
         span = len(s_ap) - 1
-        return Window(size=len(s_ap), first=int(iterations[0]), last=int(iterations[-1]),
-                      hard_fraction=float(hard.mean()), s_ap=float(s_ap.mean()), s_an=float(s_an.mean()),
-                      s_ap_rise=slope * span, s_ap_rise_error=slope_error * span)
+        return Window(
+            size=len(s_ap),
+            first=int(iterations[0]),
+            last=int(iterations[-1]),
+            hard_fraction=float(hard.mean()),
+            s_ap=float(s_ap.mean()),
+            s_an=float(s_an.mean()),
+            s_ap_rise=slope * span,
+            s_ap_rise_error=slope_error * span,
+        )
 
 
 class StallWatch:

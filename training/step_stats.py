@@ -5,6 +5,7 @@ the step and re-measured after it).
 With several processes each holds the statistics of its own anchors; both are reported for the global batch, so
 that a run under torchrun logs what one process would on the same global batches.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,19 +25,41 @@ def step_summary(loss: torch.Tensor, stats: TripletStats, device: torch.device) 
     the world size) and the statistics over every process's anchors."""
     world = distributed.world_size()
     if world == 1:
-        return {"loss": float(loss.detach()), "hard_fraction": stats.hard_fraction,
-                "mean_s_ap": stats.mean_s_ap, "mean_s_an": stats.mean_s_an}
+        return {
+            "loss": float(loss.detach()),
+            "hard_fraction": stats.hard_fraction,
+            "mean_s_ap": stats.mean_s_ap,
+            "mean_s_an": stats.mean_s_an,
+        }
     s_ap, s_an = stats.pairs.double().unbind(dim=1)
-    sums = torch.stack([loss.detach().double().cpu(), (s_an > s_ap).sum().double(), s_ap.sum(), s_an.sum(),
-                        torch.tensor(float(stats.valid_anchors), dtype=torch.float64)])
+    sums = torch.stack(
+        [
+            loss.detach().double().cpu(),
+            (s_an > s_ap).sum().double(),
+            s_ap.sum(),
+            s_an.sum(),
+            torch.tensor(float(stats.valid_anchors), dtype=torch.float64),
+        ]
+    )
     loss_sum, hard, s_ap_sum, s_an_sum, valid = distributed.all_reduce_sum(sums.to(device)).tolist()
     valid = max(valid, 1.0)
-    return {"loss": loss_sum / world, "hard_fraction": hard / valid, "mean_s_ap": s_ap_sum / valid,
-            "mean_s_an": s_an_sum / valid}
+    return {
+        "loss": loss_sum / world,
+        "hard_fraction": hard / valid,
+        "mean_s_ap": s_ap_sum / valid,
+        "mean_s_an": s_an_sum / valid,
+    }
 
 
-def triplet_snapshot(model: torch.nn.Module, images: torch.Tensor, stats: TripletStats, *, gathered: bool,
-                     device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, np.ndarray] | None:
+def triplet_snapshot(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    stats: TripletStats,
+    *,
+    gathered: bool,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, np.ndarray] | None:
     """The batch's (S_ap, S_an) pairs before this step, and the same triplets' similarities re-measured by
     ``model`` (the weights after the step) in training mode, leaving its BatchNorm statistics as they were.
     With several processes: the global batch's, its rows in rank order, on rank 0 (None on the others, which
@@ -55,9 +78,13 @@ def triplet_snapshot(model: torch.nn.Module, images: torch.Tensor, stats: Triple
         return None
     unit, pairs, triplets = unit.cpu(), pairs.cpu().numpy(), triplets.cpu()
     anchor, positive, negative = triplets.unbind(dim=1)
-    return {"s_ap": pairs[:, 0], "s_an": pairs[:, 1], "triplets": triplets.numpy(),
-            "s_ap_after": (unit[anchor] * unit[positive]).sum(1).numpy(),
-            "s_an_after": (unit[anchor] * unit[negative]).sum(1).numpy()}
+    return {
+        "s_ap": pairs[:, 0],
+        "s_an": pairs[:, 1],
+        "triplets": triplets.numpy(),
+        "s_ap_after": (unit[anchor] * unit[positive]).sum(1).numpy(),
+        "s_an_after": (unit[anchor] * unit[negative]).sum(1).numpy(),
+    }
 
 
 @contextlib.contextmanager

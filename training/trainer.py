@@ -8,6 +8,7 @@ under DistributedDataParallel (training.distributed). Every process embeds its s
 rank 0 alone scores them, writes the run folder, builds the HTL class tree (and hands it to the others) and
 shows progress; the others wait for it at a barrier.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,15 +57,15 @@ def pick_device(requested: str, index: int | None = None) -> torch.device:
 
 
 def preprocessing_of(config: TrainConfig) -> Preprocessing:
-    return Preprocessing(image_size=config.image_size, resize_size=config.image_size,
-                         mean=tuple(config.mean), std=tuple(config.std))
+    return Preprocessing(
+        image_size=config.image_size, resize_size=config.image_size, mean=tuple(config.mean), std=tuple(config.std)
+    )
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def lr_factor(iteration: int, config: TrainConfig, iters_per_epoch: int) -> float:
@@ -75,11 +76,12 @@ def lr_factor(iteration: int, config: TrainConfig, iters_per_epoch: int) -> floa
         return warmup * 0.5 * (1.0 + math.cos(math.pi * min(iteration, total) / total))
     epoch = iteration // iters_per_epoch
     passed = sum(epoch >= round(m * config.epochs) for m in config.milestones)
-    return warmup * config.gamma ** passed
+    return warmup * config.gamma**passed
 
 
-def build_sampler(labels: list[int], num_classes: int, config: TrainConfig, *, rank: int = 0,
-                  world_size: int = 1) -> PKBatchSampler:
+def build_sampler(
+    labels: list[int], num_classes: int, config: TrainConfig, *, rank: int = 0, world_size: int = 1
+) -> PKBatchSampler:
     """P×K batches, or for --loss htl anchor-neighbour batches of l′ = batch_size // (m·t) groups of m classes;
     fewer classes per batch when the training split has fewer. ``batch_size`` is the global batch: with several
     processes, process ``rank`` gets its share of whole classes (whole groups for HTL)."""
@@ -88,8 +90,9 @@ def build_sampler(labels: list[int], num_classes: int, config: TrainConfig, *, r
         m = min(config.htl_neighbours, num_classes)
         groups = max(1, min(config.batch_size // (config.htl_neighbours * t), num_classes // m))
         return HTLBatchSampler(labels, groups, m, t, seed=config.seed, rank=rank, world_size=world_size)
-    return PKBatchSampler(labels, min(config.batch_size // t, num_classes), t, seed=config.seed, rank=rank,
-                          world_size=world_size)
+    return PKBatchSampler(
+        labels, min(config.batch_size // t, num_classes), t, seed=config.seed, rank=rank, world_size=world_size
+    )
 
 
 class Trainer:
@@ -125,8 +128,10 @@ class Trainer:
         if config.val_fraction:
             queries, gallery = catalog.select_split(records, catalog.VALIDATION_SPLIT), None
             evaluated_split = catalog.VALIDATION_SPLIT
-            self._say(f"evaluating on {len(queries)} held-out training images "
-                      f"({len({r.label for r in queries})} classes), not on the test split")
+            self._say(
+                f"evaluating on {len(queries)} held-out training images "
+                f"({len({r.label for r in queries})} classes), not on the test split"
+            )
         self.spec = preprocessing_of(config)
         self.class_index = class_index_of(self.train_records)
         labels = [self.class_index[r.label] for r in self.train_records]
@@ -151,21 +156,37 @@ class Trainer:
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(self.device, config.precision)
         self.unreadable = UnreadableImages()
-        embed = SharedEmbedder(self.spec, self.device, dim=config.dim, workers=config.workers,
-                               amp_dtype=self.amp_dtype, unreadable=self.unreadable)
+        embed = SharedEmbedder(
+            self.spec,
+            self.device,
+            dim=config.dim,
+            workers=config.workers,
+            amp_dtype=self.amp_dtype,
+            unreadable=self.unreadable,
+        )
         self.evaluator = Evaluator(queries, gallery, evaluated_split, config.eval_ks, embed, self.run)
-        self.loss_fn = build_loss(config.loss, lam=config.lam, temperature=config.temperature,
-                                  hard_threshold=config.hard_threshold, margin=config.margin,
-                                  htl_beta=config.htl_beta, hard_floor=config.hard_floor,
-                                  sct_warm_loss=config.sct_warm_loss)
-        self.htl = (HTLSchedule(config, self.train_records, self.class_index, self.loss_fn, self.sampler, embed,
-                                self.run) if config.loss == "htl" else None)
+        self.loss_fn = build_loss(
+            config.loss,
+            lam=config.lam,
+            temperature=config.temperature,
+            hard_threshold=config.hard_threshold,
+            margin=config.margin,
+            htl_beta=config.htl_beta,
+            hard_floor=config.hard_floor,
+            sct_warm_loss=config.sct_warm_loss,
+        )
+        self.htl = (
+            HTLSchedule(config, self.train_records, self.class_index, self.loss_fn, self.sampler, embed, self.run)
+            if config.loss == "htl"
+            else None
+        )
         self.optimizer = build_optimizer(self.model, config)
         # The schedule must not hold self: a Trainer in a reference cycle outlives train(), and its DDP wrapper keeps
         # the gloo process group's threads alive past destroy_process_group(), to be killed at interpreter exit,
         # which can abort the process after the run is written. The parts above hold no Trainer either.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, functools.partial(lr_factor, config=config, iters_per_epoch=self.iters_per_epoch))
+            self.optimizer, functools.partial(lr_factor, config=config, iters_per_epoch=self.iters_per_epoch)
+        )
         self.start_epoch, self.iteration, self.best_recall = 0, 0, -1.0
         self.started = False
         self.train_model = distributed.wrap(self.model, self.device)
@@ -247,8 +268,14 @@ class Trainer:
         self.loader.batch_sampler.set_epoch(epoch)
         loader = self.loader
         self.model.train()
-        bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="it",
-                   disable=not (self.progress and self.is_main), dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(
+            total=self.iters_per_epoch,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="it",
+            disable=not (self.progress and self.is_main),
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         started = time.perf_counter()
         for step, batch in enumerate(loader):
             if step >= self.iters_per_epoch:
@@ -264,8 +291,11 @@ class Trainer:
             started = now
             self.run.log(record)
             self.stall.step(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", hard=f"{record['hard_fraction']:.2f}",
-                            img_s=f"{record['images_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                hard=f"{record['hard_fraction']:.2f}",
+                img_s=f"{record['images_per_s']:.0f}",
+            )
             bar.update()
         bar.close()
 
@@ -274,8 +304,7 @@ class Trainer:
         labels = batch.labels.to(self.device, non_blocking=True)
         images = self.normalize(images.contiguous(memory_format=torch.channels_last))
         if isinstance(self.loss_fn, SCTLoss):
-            self.loss_fn.sct_weight = warm_start_weight(self.iteration / self.total_iterations,
-                                                        self.config.sct_warmup)
+            self.loss_fn.sct_weight = warm_start_weight(self.iteration / self.total_iterations, self.config.sct_warmup)
         with autocast(self.device, self.amp_dtype):
             embeddings = self.train_model(images)
         if self.gather:
@@ -289,8 +318,9 @@ class Trainer:
         self.scheduler.step()
         stats = self.loss_fn.stats
         if self.config.triplets_every and self.iteration % self.config.triplets_every == 0:
-            snapshot = triplet_snapshot(self.model, images, stats, gathered=self.gather, device=self.device,
-                                        amp_dtype=self.amp_dtype)
+            snapshot = triplet_snapshot(
+                self.model, images, stats, gathered=self.gather, device=self.device, amp_dtype=self.amp_dtype
+            )
             if snapshot is not None:
                 self.run.save_triplets(self.iteration, epoch, snapshot)
         record = {"iter": self.iteration, "epoch": epoch, **step_summary(loss, stats, self.device), "lr": lr}
@@ -302,18 +332,24 @@ class Trainer:
             print(message)
 
 
-def training_loader(dataset: RecordImages, sampler: Sampler, config: TrainConfig, device: torch.device, *,
-                    stream: int = 0) -> DataLoader:
+def training_loader(
+    dataset: RecordImages, sampler: Sampler, config: TrainConfig, device: torch.device, *, stream: int = 0
+) -> DataLoader:
     """The DataLoader of every training epoch: ``config.workers`` decoding processes that persist across epochs,
     4 batches prefetched by each, batches pinned for the copy to CUDA. Each image's random crop and flip is drawn
     from its own seed (``SeededBatches``), so the batches depend on neither the number of workers nor a resume.
     Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch."""
     workers = config.workers
-    return DataLoader(dataset, batch_sampler=SeededBatches(sampler, config.seed, stream),
-                      num_workers=workers, collate_fn=collate_skipping_failures,
-                      generator=torch.Generator().manual_seed(config.seed * 1_000_003 + stream),
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers else None)
+    return DataLoader(
+        dataset,
+        batch_sampler=SeededBatches(sampler, config.seed, stream),
+        num_workers=workers,
+        collate_fn=collate_skipping_failures,
+        generator=torch.Generator().manual_seed(config.seed * 1_000_003 + stream),
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def evaluation_splits(records: list[catalog.ImageRecord], dataset: str) -> tuple[list, list | None]:

@@ -9,6 +9,7 @@ decoding processes: 1.5× the training loader's images/s at 256 px on 2
 cores (benchmarks/results/gpu_speed.md). ``eval_transform`` is the whole
 float pipeline, for one image at a time.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,12 +27,14 @@ def eval_pixels(spec: Preprocessing) -> T.Compose:
 
 def train_pixels(spec: Preprocessing) -> T.Compose:
     """Resize to 1.1× → random crop → horizontal flip → uint8 tensor [3, H, W]."""
-    return T.Compose([
-        T.Resize(int(spec.image_size * TRAIN_RESIZE_FACTOR)),
-        T.RandomCrop(spec.image_size),
-        T.RandomHorizontalFlip(),
-        T.PILToTensor(),
-    ])
+    return T.Compose(
+        [
+            T.Resize(int(spec.image_size * TRAIN_RESIZE_FACTOR)),
+            T.RandomCrop(spec.image_size),
+            T.RandomHorizontalFlip(),
+            T.PILToTensor(),
+        ]
+    )
 
 
 class Normalizer:
@@ -56,4 +59,3 @@ class Normalizer:
 def eval_transform(spec: Preprocessing) -> T.Compose:
     """``eval_pixels`` then normalised: one image's float model input."""
     return T.Compose([eval_pixels(spec), Normalizer(spec)])
-

@@ -102,12 +102,18 @@ def recall_curve():
 
 @api.get("/healthz")
 def healthz():
-    """"ok", or "degraded" (still HTTP 200: every gallery is still served) with each problem, for monitoring."""
+    """ "ok", or "degraded" (still HTTP 200: every gallery is still served) with each problem, for monitoring."""
     indexes, problems = [], []
     for name, live in settings().indexes.items():
         manifest = live.current().manifest
-        indexes.append({"name": name, "count": int(manifest["count"]), "model_sha256": manifest["model_sha256"],
-                        "dim": int(manifest["embedding_dim"])})
+        indexes.append(
+            {
+                "name": name,
+                "count": int(manifest["count"]),
+                "model_sha256": manifest["model_sha256"],
+                "dim": int(manifest["embedding_dim"]),
+            }
+        )
         problem = live.problem
         if problem is not None:
             indexes[-1]["problem"] = problem
@@ -120,8 +126,9 @@ def healthz():
 @api.get("/metrics")
 def metrics():
     served = settings()
-    return jsonify(**served.metrics.snapshot(), queries_kept=len(served.queries),
-                   item_views_cached=len(served.item_views))
+    return jsonify(
+        **served.metrics.snapshot(), queries_kept=len(served.queries), item_views_cached=len(served.item_views)
+    )
 
 
 @dataclass(frozen=True)

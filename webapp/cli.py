@@ -7,10 +7,10 @@ import gc
 import ipaddress
 import sys
 
-from retrieval.cli_options import add_workers
 from flask import Flask
 
 from core.errors import UserValueError, as_user_error
+from retrieval.cli_options import add_workers
 from webapp import MiB, create_app
 
 EPILOG = """\
@@ -49,14 +49,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
     parser.add_argument(
-        "--max-upload-mb", type=float, default=16, metavar="MB", help="largest accepted upload in MiB (default: %(default)s)"
+        "--max-upload-mb",
+        type=float,
+        default=16,
+        metavar="MB",
+        help="largest accepted upload in MiB (default: %(default)s)",
     )
     add_workers(parser, default=1, help="gunicorn worker processes (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="searches each worker decodes and embeds at once, in as many threads; each may hold "
-                             "one decoded upload of up to 40 megapixels (default: %(default)s)")
     parser.add_argument(
-        "--allowed-host", action="append", default=[], metavar="NAME",
+        "--threads",
+        type=int,
+        default=2,
+        help="searches each worker decodes and embeds at once, in as many threads; each may hold "
+        "one decoded upload of up to 40 megapixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="a host name the server may be reached by, besides IP addresses, localhost and this machine's name "
         "(other Host headers are refused, against DNS rebinding); .example.org allows that domain and its "
         "subdomains, * any name; repeat for several",
@@ -67,14 +78,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Load the galleries and serve them until interrupted; 2 when a gallery cannot be loaded."""
-    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--workers", args.workers),
-                        ("--threads", args.threads)):
+    for flag, value in (
+        ("--max-upload-mb", args.max_upload_mb),
+        ("--workers", args.workers),
+        ("--threads", args.threads),
+    ):
         if value <= 0:
             raise UserValueError(f"{flag} must be positive")
 
     def factory() -> Flask:
-        return create_app(args.index, max_upload_bytes=int(args.max_upload_mb * MiB),
-                          allowed_hosts=args.allowed_host, compute_slots=args.threads)
+        return create_app(
+            args.index,
+            max_upload_bytes=int(args.max_upload_mb * MiB),
+            allowed_hosts=args.allowed_host,
+            compute_slots=args.threads,
+        )
 
     with as_user_error(OSError):  # a gallery folder that cannot be read; mismatched files are UserErrors already
         app = factory()  # load once here, so a bad gallery is reported before any worker starts
@@ -82,9 +100,12 @@ def serve(args: argparse.Namespace) -> int:
     print(f"serving {names} at http://{args.host}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr, flush=True)
     if args.dev_server:
         if not is_loopback(args.host):
-            print(f"warning: Flask's development server on {args.host} is reachable from other hosts, and one "
-                  "client sending slowly can block it; drop --dev-server to serve with gunicorn",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: Flask's development server on {args.host} is reachable from other hosts, and one "
+                "client sending slowly can block it; drop --dev-server to serve with gunicorn",
+                file=sys.stderr,
+                flush=True,
+            )
         app.run(host=args.host, port=args.port, threaded=True)
     else:
         # Free the check's ONNX Runtime sessions here, before gunicorn forks: a forked worker that inherits a

@@ -5,7 +5,6 @@ from __future__ import annotations
 from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
-
 #: Room in a request body for the form around an image of the largest accepted size (boundaries, part headers,
 #: the ``k`` and ``index`` fields), so that an image of exactly the limit is accepted.
 FORM_OVERHEAD_BYTES = 64 << 10
@@ -44,8 +43,11 @@ def register_error_handlers(app: Flask) -> None:
         length = request.content_length
         if length is not None and length <= limit:  # within the size limit, so one of the form's limits
             parts, field = app.config["MAX_FORM_PARTS"], app.config["MAX_FORM_MEMORY_SIZE"]
-            return error_response(413, f"form too large: at most {parts} parts and {field:,} bytes per text "
-                                       "field; send one image in the file field 'image'")
+            return error_response(
+                413,
+                f"form too large: at most {parts} parts and {field:,} bytes per text "
+                "field; send one image in the file field 'image'",
+            )
         return error_response(413, upload_too_large(limit - FORM_OVERHEAD_BYTES))
 
     @app.errorhandler(HTTPException)

@@ -79,8 +79,9 @@ def recall_curves(results: dict[str, Any]) -> list[RecallCurve]:
 
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, formatted value) of everything in eval.json besides Recall@K."""
-    rows = [(label, f"{100 * results[key]:.2f}%") for key, label in _RATES
-            if isinstance(results.get(key), (int, float))]
+    rows = [
+        (label, f"{100 * results[key]:.2f}%") for key, label in _RATES if isinstance(results.get(key), (int, float))
+    ]
     rows += [(label, f"{results[key]:,}") for key, label in _COUNTS if isinstance(results.get(key), int)]
     if isinstance(results.get("unreadable_queries"), list) and results["unreadable_queries"]:
         rows.append(("Unreadable query images", f"{len(results['unreadable_queries']):,}"))
@@ -129,8 +130,9 @@ def _draw_recall_curve(results: dict[str, Any]) -> bytes:
         label = f"{curve.name} Recall@K" if curve.name else "Recall@K"
         axes.plot(x, y, marker="o", linewidth=2, label=label, color=colour)
         for k, percent in zip(x, y):
-            axes.annotate(f"{percent:.1f}", (k, percent), textcoords="offset points", xytext=(0, 7),
-                          ha="center", fontsize=8)
+            axes.annotate(
+                f"{percent:.1f}", (k, percent), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8
+            )
     if max(ks) >= 8 * min(ks):
         axes.set_xscale("log")
     axes.xaxis.set_major_locator(FixedLocator(sorted(ks)))

@@ -72,8 +72,9 @@ def open_image_file(path: str, roots: Sequence[str]) -> BinaryIO:
     try:
         opened = os.readlink(f"{_FD_LINKS}/{fd}") if resolved is None else resolved
         if not stat.S_ISREG(os.fstat(fd).st_mode) or not is_inside(opened, roots):
-            log.warning("refused to serve %r: it opens %r, not a regular file inside the image roots %s", path,
-                        opened, roots)
+            log.warning(
+                "refused to serve %r: it opens %r, not a regular file inside the image roots %s", path, opened, roots
+            )
             raise OutsideImageRoots(f"{path} is not a file inside the gallery's image folders")
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -94,8 +95,9 @@ def opened_item_file(name: str, gallery: Gallery, item_id: int) -> Iterator[Open
     try:
         with open_image_file(path, gallery.manifest["image_roots"]) as file:
             status = os.fstat(file.fileno())
-            yield OpenItemFile(file, PurePath(path).name,
-                               (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size))
+            yield OpenItemFile(
+                file, PurePath(path).name, (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
+            )
     except FileNotFoundError:
         raise ApiError(404, f"{_describe(name, item_id)} is missing") from None
     except OutsideImageRoots:
@@ -136,8 +138,10 @@ def content_disposition(file_name: str, image_format: str) -> str:
     UTF-8, so no character of the name (newline, quote, semicolon) can end the header or its value early."""
     stem = PurePath(file_name).stem
     extension = f".{image_format.lower()}"
-    return (f"inline; filename=\"{_NOT_TOKEN.sub('_', stem)}{extension}\"; "
-            f"filename*=UTF-8''{quote(stem, safe='', errors='replace')}{extension}")
+    return (
+        f"inline; filename=\"{_NOT_TOKEN.sub('_', stem)}{extension}\"; "
+        f"filename*=UTF-8''{quote(stem, safe='', errors='replace')}{extension}"
+    )
 
 
 def _browser_format(data: bytes) -> str | None:

@@ -42,7 +42,9 @@ Runner = Callable[..., Any]
 class LiveGallery:
     """The latest good version of the gallery in ``directory``; ``current()`` is the one to serve now."""
 
-    def __init__(self, directory: str | os.PathLike[str], run: Runner = lambda function, *args: function(*args)) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], run: Runner = lambda function, *args: function(*args)
+    ) -> None:
         self.directory = Path(directory)
         self.name = self.directory.resolve().name
         self._run = run
@@ -80,14 +82,19 @@ class LiveGallery:
             if _folder_stamp(self.directory) == stamp:  # else it was replaced again meanwhile: retry that one
                 self._stamp = stamp
                 self._problem = f"the gallery folder no longer loads, still serving the previous version: {exc}"
-                log.error("gallery %s changed on disk but does not load; still serving the previous one: %s",
-                          self.name, exc)
+                log.error(
+                    "gallery %s changed on disk but does not load; still serving the previous one: %s", self.name, exc
+                )
             return
         if _folder_stamp(self.directory) != stamp:
             return  # replaced again while loading, so possibly read half old, half new: the next request retries
         self._gallery, self._stamp, self._problem = gallery, stamp, None
-        log.info("gallery %s reloaded: %d items, model %s", self.name, len(gallery.items),
-                 gallery.manifest["model_sha256"][:12])
+        log.info(
+            "gallery %s reloaded: %d items, model %s",
+            self.name,
+            len(gallery.items),
+            gallery.manifest["model_sha256"][:12],
+        )
 
 
 def _load(directory: Path) -> Gallery:

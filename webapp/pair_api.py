@@ -26,8 +26,11 @@ def pair():
     return jsonify(
         query_id=request.args["query"],
         index=pair.index,
-        item={"id": pair.item_id, "label": pair.label,
-              "image_url": url_for("api.item_image", item_id=pair.item_id, index=pair.index)},
+        item={
+            "id": pair.item_id,
+            "label": pair.label,
+            "image_url": url_for("api.item_image", item_id=pair.item_id, index=pair.index),
+        },
         cosine=pair.cosine,
         query_cells=pair.query_cells.tolist(),
         item_cells=pair.item_cells.tolist(),

@@ -26,8 +26,8 @@ import catalog
 from retrieval.gallery import Gallery
 from retrieval.heatmaps import contribution_grid, crop_of, symmetric_limit
 from retrieval.preprocessing import preprocess
-from webapp.errors import ApiError, quoted
 from webapp.cache import LruCache
+from webapp.errors import ApiError, quoted
 from webapp.item_files import opened_item_file
 from webapp.served import SearchSettings
 
@@ -132,8 +132,9 @@ def item_view(served: SearchSettings, name: str, gallery: Gallery, item_id: int)
         try:
             view = served.compute.run(embedded_view, data, gallery, served.max_pixels)
         except catalog.ImageLoadError as exc:
-            raise ApiError(404, f"the image file of item {item_id} in gallery {name!r} "
-                                f"cannot be read: {exc.reason}") from None
+            raise ApiError(
+                404, f"the image file of item {item_id} in gallery {name!r} " f"cannot be read: {exc.reason}"
+            ) from None
     served.item_views.put(key, view)
     return view
 

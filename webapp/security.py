@@ -27,8 +27,10 @@ HEADERS = {
 }
 #: The pages load only this server's script, style sheet and images; the search page previews its query from
 #: a blob: URL, and a data: thumbnail when it restores the last search.
-PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-               "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 #: The endpoints whose answers (errors included) carry a user's query: a search, its pairs and their heatmaps.
 QUERY_DATA_ENDPOINTS = frozenset({"api.search", "pair_api.pair", "pair_api.heatmap", "pages.pair"})
 
@@ -64,8 +66,12 @@ class TrustedHosts:
         name = match["name"].lower().rstrip(".")
         if not name:
             return False
-        return (self.any or name in self.names or _is_ip(name, ipaddress.IPv4Address)
-                or any(name == domain[1:] or name.endswith(domain) for domain in self.domains))
+        return (
+            self.any
+            or name in self.names
+            or _is_ip(name, ipaddress.IPv4Address)
+            or any(name == domain[1:] or name.endswith(domain) for domain in self.domains)
+        )
 
 
 def install_security(app: Flask, allowed_hosts: Sequence[str] = ()) -> None:
@@ -81,8 +87,11 @@ def install_security(app: Flask, allowed_hosts: Sequence[str] = ()) -> None:
         # werkzeug's request.host is "" when the header holds characters no host name has
         if request.host not in trusted:
             host = request.headers.get("Host", request.host)
-            raise ApiError(400, f"unknown host {quoted(host)}: this server answers to IP addresses, localhost and "
-                                "its machine's own name; to use another name, start it with --allowed-host NAME")
+            raise ApiError(
+                400,
+                f"unknown host {quoted(host)}: this server answers to IP addresses, localhost and "
+                "its machine's own name; to use another name, start it with --allowed-host NAME",
+            )
 
     @app.after_request
     def add_headers(response: Response) -> Response:

@@ -121,15 +121,18 @@ def return_memory_when_freed() -> None:
 
 
 def serve_with_gunicorn(factory: Callable[[], Flask], *, host: str, port: int, workers: int) -> None:
-    GunicornServer(factory, {
-        "bind": f"{host}:{port}",
-        "workers": workers,
-        "worker_class": SlowClientSafeWorker,
-        "keepalive": HEADER_TIMEOUT_S,
-        "timeout": 120,
-        "preload_app": False,
-        "worker_exit": exit_without_exit_handlers,
-        "control_socket_disable": True,  # each server would otherwise listen on one shared path in $HOME
-        "accesslog": "-",
-        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
-    }).run()
+    GunicornServer(
+        factory,
+        {
+            "bind": f"{host}:{port}",
+            "workers": workers,
+            "worker_class": SlowClientSafeWorker,
+            "keepalive": HEADER_TIMEOUT_S,
+            "timeout": 120,
+            "preload_app": False,
+            "worker_exit": exit_without_exit_handlers,
+            "control_socket_disable": True,  # each server would otherwise listen on one shared path in $HOME
+            "accesslog": "-",
+            "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+        },
+    ).run()

@@ -6,6 +6,7 @@
 - hard-triplet fraction per iteration and Recall@1 per evaluation, runs overlaid (Fig. 6), with the iterations
   the trainer flagged as stalled shaded in the run's colour.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -55,14 +56,28 @@ def draw_triplet_diagrams(run_label: str, snapshots: Sequence[TripletSnapshot], 
         ax.scatter(snap.s_ap[hard], snap.s_an[hard], s=9, c=HARD, alpha=0.7, label="hard (S_an > S_ap)", zorder=3)
         if snap.s_ap_after is not None:
             shown = np.linspace(0, len(snap.s_ap) - 1, min(MAX_ARROWS, len(snap.s_ap))).astype(int)
-            ax.quiver(snap.s_ap[shown], snap.s_an[shown], (snap.s_ap_after - snap.s_ap)[shown],
-                      (snap.s_an_after - snap.s_an)[shown], angles="xy", scale_units="xy", scale=1,
-                      color=np.where(hard[shown], HARD, EASY), width=0.004, alpha=0.8, zorder=4)
-        ax.set_title(f"iteration {snap.iteration} (epoch {snap.epoch + 1})\n"
-                     f"hard {hard.mean():.0%} of {len(hard)} anchors", fontsize=10)
+            ax.quiver(
+                snap.s_ap[shown],
+                snap.s_an[shown],
+                (snap.s_ap_after - snap.s_ap)[shown],
+                (snap.s_an_after - snap.s_an)[shown],
+                angles="xy",
+                scale_units="xy",
+                scale=1,
+                color=np.where(hard[shown], HARD, EASY),
+                width=0.004,
+                alpha=0.8,
+                zorder=4,
+            )
+        ax.set_title(
+            f"iteration {snap.iteration} (epoch {snap.epoch + 1})\n" f"hard {hard.mean():.0%} of {len(hard)} anchors",
+            fontsize=10,
+        )
     axes[0].legend(loc="lower right", fontsize=8)
-    figure.suptitle(f"Triplet diagram: {run_label}" + ("  (arrows: one step)" if any(
-        s.s_ap_after is not None for s in snapshots) else ""))
+    figure.suptitle(
+        f"Triplet diagram: {run_label}"
+        + ("  (arrows: one step)" if any(s.s_ap_after is not None for s in snapshots) else "")
+    )
     return save(figure, path)
 
 
@@ -99,9 +114,13 @@ def draw_hard_fraction_curves(runs: Sequence[Run], labels: Sequence[str], path: 
         iterations = np.array([s["iter"] for s in run.steps])
         fraction = np.array([s["hard_fraction"] for s in run.steps])
         window = max(1, len(fraction) // 100)
-        ax.plot(iterations[window - 1:], _smooth(fraction, window), label=label, lw=1.4, **style)
-    _finish_curves(ax, "hard-triplet fraction (S_an > S_ap)",
-                   "Hard triplets per iteration (moving average over 1% of the run)", (0.0, 1.0))
+        ax.plot(iterations[window - 1 :], _smooth(fraction, window), label=label, lw=1.4, **style)
+    _finish_curves(
+        ax,
+        "hard-triplet fraction (S_an > S_ap)",
+        "Hard triplets per iteration (moving average over 1% of the run)",
+        (0.0, 1.0),
+    )
     return save(figure, path)
 
 

@@ -18,6 +18,7 @@ shared network: ΔS_ap += p·S_ap·S_an·ΔS_an and ΔS_an += p·S_ap·S_an·ΔS
 
 numpy only (matplotlib when drawing); no torch.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,12 @@ class GradientField:
     def parameters(self) -> dict[str, Any]:
         """The simulation's settings, JSON-ready."""
         return {
-            "loss": self.loss, "entanglement": self.entanglement, "lr": self.lr,
-            "temperature": self.temperature, "lam": self.lam, "projection": self.projection,
+            "loss": self.loss,
+            "entanglement": self.entanglement,
+            "lr": self.lr,
+            "temperature": self.temperature,
+            "lam": self.lam,
+            "projection": self.projection,
             "grid": self.grid,
         }
 
@@ -100,8 +105,17 @@ def _check_positive(name: str, value: Any) -> float:
     return number
 
 
-def check_parameters(*, loss: str, entanglement: float, lr: float, temperature: float, lam: float,
-                     projection: float, grid: int = 2, prefix: str = "") -> None:
+def check_parameters(
+    *,
+    loss: str,
+    entanglement: float,
+    lr: float,
+    temperature: float,
+    lam: float,
+    projection: float,
+    grid: int = 2,
+    prefix: str = "",
+) -> None:
     """Raise ValueError naming the first bad value; ``prefix`` ("--" for the CLI) goes before each name."""
     if loss not in LOSSES:
         raise ValueError(f"{prefix}loss {loss!r}: must be one of {', '.join(LOSSES)}")
@@ -130,8 +144,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def gradient_coefficients(s_ap: ArrayLike, s_an: ArrayLike, *, loss: str, lr: float = 0.1,
-                          temperature: float = 1.0, lam: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def gradient_coefficients(
+    s_ap: ArrayLike, s_an: ArrayLike, *, loss: str, lr: float = 0.1, temperature: float = 1.0, lam: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """(g_p, g_n): α times the loss's derivatives −∂L/∂S_ap and ∂L/∂S_an.
 
     For NCA, β = (α/τ)·e^{S_an/τ}/(e^{S_ap/τ}+e^{S_an/τ}) = (α/τ)·σ((S_an−S_ap)/τ).
@@ -162,8 +177,9 @@ def _cosine(dot: np.ndarray, squared_norm_a: np.ndarray, squared_norm_b: np.ndar
         return np.where(denominator > 0.0, dot / np.where(denominator > 0.0, denominator, 1.0), np.nan)
 
 
-def raw_step(s_ap: np.ndarray, s_an: np.ndarray, s_pn: np.ndarray, g_p: np.ndarray,
-             g_n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def raw_step(
+    s_ap: np.ndarray, s_an: np.ndarray, s_pn: np.ndarray, g_p: np.ndarray, g_n: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(ΔS_ap, ΔS_an) of one renormalised step, before entanglement (closed forms of the dot products).
 
     f_a' = f_a + g_p·f_p − g_n·f_n,  f_p' = f_p + g_p·f_a,  f_n' = f_n − g_n·f_a.
@@ -176,18 +192,29 @@ def raw_step(s_ap: np.ndarray, s_an: np.ndarray, s_pn: np.ndarray, g_p: np.ndarr
     return _cosine(dot_ap, norm_a, norm_p) - s_ap, _cosine(dot_an, norm_a, norm_n) - s_an
 
 
-def entangle(s_ap: np.ndarray, s_an: np.ndarray, d_ap: np.ndarray, d_an: np.ndarray,
-             entanglement: float) -> tuple[np.ndarray, np.ndarray]:
+def entangle(
+    s_ap: np.ndarray, s_an: np.ndarray, d_ap: np.ndarray, d_an: np.ndarray, entanglement: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Each pair also moves by p·S_ap·S_an times the other pair's change."""
     coupling = entanglement * s_ap * s_an
     return d_ap + coupling * d_an, d_an + coupling * d_ap
 
 
-def step(s_ap: ArrayLike, s_an: ArrayLike, *, loss: str, lr: float = 0.1, temperature: float = 1.0,
-         lam: float = 1.0, projection: float = 0.0, entanglement: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def step(
+    s_ap: ArrayLike,
+    s_an: ArrayLike,
+    *,
+    loss: str,
+    lr: float = 0.1,
+    temperature: float = 1.0,
+    lam: float = 1.0,
+    projection: float = 0.0,
+    entanglement: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """(ΔS_ap_total, ΔS_an_total) at the given similarities; vectorised over numpy arrays."""
-    check_parameters(loss=loss, entanglement=entanglement, lr=lr, temperature=temperature, lam=lam,
-                     projection=projection)
+    check_parameters(
+        loss=loss, entanglement=entanglement, lr=lr, temperature=temperature, lam=lam, projection=projection
+    )
     s_ap, s_an = np.broadcast_arrays(np.asarray(s_ap, dtype=np.float64), np.asarray(s_an, dtype=np.float64))
     _check_similarities(s_ap, s_an)
     g_p, g_n = gradient_coefficients(s_ap, s_an, loss=loss, lr=lr, temperature=temperature, lam=lam)
@@ -196,17 +223,37 @@ def step(s_ap: ArrayLike, s_an: ArrayLike, *, loss: str, lr: float = 0.1, temper
     return entangle(s_ap, s_an, d_ap, d_an, entanglement)
 
 
-def simulate(loss: str, *, entanglement: float, lr: float = 0.1, temperature: float = 1.0, lam: float = 1.0,
-             projection: float = 0.0, grid: int = 20) -> GradientField:
+def simulate(
+    loss: str,
+    *,
+    entanglement: float,
+    lr: float = 0.1,
+    temperature: float = 1.0,
+    lam: float = 1.0,
+    projection: float = 0.0,
+    grid: int = 20,
+) -> GradientField:
     """The field on a grid×grid mesh with S_ap and S_an each running over [0, 1]."""
-    check_parameters(loss=loss, entanglement=entanglement, lr=lr, temperature=temperature, lam=lam,
-                     projection=projection, grid=grid)
+    check_parameters(
+        loss=loss, entanglement=entanglement, lr=lr, temperature=temperature, lam=lam, projection=projection, grid=grid
+    )
     axis = np.linspace(0.0, 1.0, int(grid))
     s_ap, s_an = np.meshgrid(axis, axis, indexing="xy")
-    d_ap, d_an = step(s_ap, s_an, loss=loss, lr=lr, temperature=temperature, lam=lam,
-                      projection=projection, entanglement=entanglement)
-    return GradientField(loss=loss, entanglement=float(entanglement), lr=float(lr), temperature=float(temperature),
-                         lam=float(lam), projection=float(projection), s_ap=s_ap, s_an=s_an, d_ap=d_ap, d_an=d_an)
+    d_ap, d_an = step(
+        s_ap, s_an, loss=loss, lr=lr, temperature=temperature, lam=lam, projection=projection, entanglement=entanglement
+    )
+    return GradientField(
+        loss=loss,
+        entanglement=float(entanglement),
+        lr=float(lr),
+        temperature=float(temperature),
+        lam=float(lam),
+        projection=float(projection),
+        s_ap=s_ap,
+        s_an=s_an,
+        d_ap=d_ap,
+        d_an=d_an,
+    )
 
 
 def _rounded(values: np.ndarray, decimals: int) -> list:
@@ -274,8 +321,15 @@ def build_figure(field: GradientField) -> Any:
     magnitude_an = np.ma.masked_invalid(np.abs(field.d_an))
     norm = Normalize(0.0, _largest_change(field) or 1.0)
     zeros = np.zeros_like(field.d_ap)
-    common = {"angles": "xy", "scale_units": "xy", "scale": scale, "cmap": "viridis", "norm": norm,
-              "width": 0.005, "zorder": 2}
+    common = {
+        "angles": "xy",
+        "scale_units": "xy",
+        "scale": scale,
+        "cmap": "viridis",
+        "norm": norm,
+        "width": 0.005,
+        "zorder": 2,
+    }
     arrows = left.quiver(field.s_ap, field.s_an, np.ma.masked_invalid(field.d_ap), zeros, magnitude_ap, **common)
     right.quiver(field.s_ap, field.s_an, zeros, np.ma.masked_invalid(field.d_an), magnitude_an, **common)
     _decorate(left, "ΔS_ap (positives)")

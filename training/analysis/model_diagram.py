@@ -5,6 +5,7 @@ S_ap = similarity to the most similar other image of its class, S_an =
 similarity to the most similar image of another class. A collapsed embedding
 shows as every point near (1, 1) and a mean pairwise similarity near 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,9 @@ class GalleryPanel:
     chance_recall_at_1: float
 
 
-def nearest_positive_and_negative(embeddings: np.ndarray, labels: np.ndarray,
-                                  block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def nearest_positive_and_negative(
+    embeddings: np.ndarray, labels: np.ndarray, block: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """Per image: the largest cosine to another image of its class and to an image of another class.
 
     Images without another image of their class (or without any other class) get NaN.
@@ -78,8 +80,9 @@ def sample_by_class(records: list[catalog.ImageRecord], budget: int, seed: int =
     return chosen
 
 
-def analyse_checkpoint(checkpoint: Path, *, data_root: str | None = None, max_images: int = 2000,
-                       device: str = "auto") -> list[GalleryPanel]:
+def analyse_checkpoint(
+    checkpoint: Path, *, data_root: str | None = None, max_images: int = 2000, device: str = "auto"
+) -> list[GalleryPanel]:
     """Embed a sample of the training split and of the evaluation split with the checkpoint's model."""
     import torch
 
@@ -97,14 +100,18 @@ def analyse_checkpoint(checkpoint: Path, *, data_root: str | None = None, max_im
     model = model.to(target).to(memory_format=torch.channels_last)
     spec = preprocessing_of(config)
     panels = []
-    for title, split in (("training classes (train split)", train),
-                         ("test split, unseen images of the same classes" if shared else "unseen classes (test split)",
-                          unseen)):
+    for title, split in (
+        ("training classes (train split)", train),
+        ("test split, unseen images of the same classes" if shared else "unseen classes (test split)", unseen),
+    ):
         if not split:
             continue
         embeddings, labels, _ = embed_records(model, sample_by_class(split, max_images), spec, target)
         s_ap, s_an = nearest_positive_and_negative(embeddings, labels)
         keep = ~(np.isnan(s_ap) | np.isnan(s_an))
-        panels.append(GalleryPanel(title, s_ap[keep], s_an[keep], mean_pairwise_similarity(embeddings),
-                                   chance_recall_at_1(labels)))
+        panels.append(
+            GalleryPanel(
+                title, s_ap[keep], s_an[keep], mean_pairwise_similarity(embeddings), chance_recall_at_1(labels)
+            )
+        )
     return panels

@@ -1,4 +1,5 @@
 """``sct report``: figures and a comparison table for training runs. torch loads only to embed with checkpoints."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,19 +23,34 @@ sct train flagged as stalled are shaded in the curves and listed in the table.
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "report", help="draw triplet diagrams, hard-triplet and recall curves, and compare runs",
+        "report",
+        help="draw triplet diagrams, hard-triplet and recall curves, and compare runs",
         description="Render the paper's analysis figures (Fig. 1, 5, 6, 7) and a comparison table for training runs.",
-        epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by sct train --out")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs, report.json and report.html")
-    parser.add_argument("--iterations", type=int, nargs="+", metavar="N",
-                        help="iterations for the triplet diagrams (nearest saved ones; default: four spread out)")
-    parser.add_argument("--no-model", action="store_true",
-                        help="skip the trained-model diagram (no checkpoint or dataset needed)")
-    parser.add_argument("--data-root", metavar="PATH",
-                        help="dataset folder for the model diagram, if it moved since training")
-    parser.add_argument("--max-images", type=int, default=2000, metavar="N",
-                        help="images per split for the model diagram (default 2000)")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="iterations for the triplet diagrams (nearest saved ones; default: four spread out)",
+    )
+    parser.add_argument(
+        "--no-model", action="store_true", help="skip the trained-model diagram (no checkpoint or dataset needed)"
+    )
+    parser.add_argument(
+        "--data-root", metavar="PATH", help="dataset folder for the model diagram, if it moved since training"
+    )
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="images per split for the model diagram (default 2000)",
+    )
     add_device(parser, default="auto")
     parser.add_argument("--title", default="SCT Retrieval: run report", help="heading of report.html")
     parser.set_defaults(func=run_report)
@@ -46,9 +62,16 @@ def run_report(args: argparse.Namespace) -> int:
 
     if args.max_images < 2:
         raise UserValueError(f"--max-images {args.max_images}: needs at least 2 images")
-    summaries = build_report(args.runs, args.out, iterations=args.iterations, analyse_model=not args.no_model,
-                             data_root=args.data_root, max_images=args.max_images, device=args.device,
-                             title=args.title)
+    summaries = build_report(
+        args.runs,
+        args.out,
+        iterations=args.iterations,
+        analyse_model=not args.no_model,
+        data_root=args.data_root,
+        max_images=args.max_images,
+        device=args.device,
+        title=args.title,
+    )
     for s in summaries:
         recall = s.recall.get("recall@1")
         shown = f"R@1 {recall:.4f}" if recall is not None else "no evaluation"

@@ -3,6 +3,7 @@
 Only files are read here (no torch), so a report can be drawn from runs copied
 off a GPU machine without their checkpoints.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,7 @@ class Run:
     def final_hard_fraction(self) -> float | None:
         if not self.steps:
             return None
-        tail = self.steps[-max(1, round(TAIL_SHARE * len(self.steps))):]
+        tail = self.steps[-max(1, round(TAIL_SHARE * len(self.steps))) :]
         return float(np.mean([s["hard_fraction"] for s in tail]))
 
     @property
@@ -91,15 +92,19 @@ class Run:
         path = self.path / "triplets" / f"iter_{iteration:07d}.npz"
         if not path.is_file():
             saved = self.triplet_iterations()
-            raise UserFileNotFoundError(f"{self.path}: no triplets saved at iteration {iteration}; saved: "
-                                        f"{_describe_iterations(saved)}")
+            raise UserFileNotFoundError(
+                f"{self.path}: no triplets saved at iteration {iteration}; saved: " f"{_describe_iterations(saved)}"
+            )
         with np.load(path) as data:
             after = ("s_ap_after" in data.files) and ("s_an_after" in data.files)
             return TripletSnapshot(
-                iteration=int(data["iteration"]), epoch=int(data["epoch"]),
-                s_ap=data["s_ap"].astype(np.float64), s_an=data["s_an"].astype(np.float64),
+                iteration=int(data["iteration"]),
+                epoch=int(data["epoch"]),
+                s_ap=data["s_ap"].astype(np.float64),
+                s_an=data["s_an"].astype(np.float64),
                 s_ap_after=data["s_ap_after"].astype(np.float64) if after else None,
-                s_an_after=data["s_an_after"].astype(np.float64) if after else None)
+                s_an_after=data["s_an_after"].astype(np.float64) if after else None,
+            )
 
 
 def load_run(path: str | Path) -> Run:
@@ -110,8 +115,10 @@ def load_run(path: str | Path) -> Run:
     config_file, metrics_file = path / "config.yaml", path / "metrics.jsonl"
     for required in (config_file, metrics_file):
         if not required.is_file():
-            raise UserFileNotFoundError(f"{path} is not a training run: {required.name} is missing "
-                                        "(sct train writes config.yaml and metrics.jsonl into its --out folder)")
+            raise UserFileNotFoundError(
+                f"{path} is not a training run: {required.name} is missing "
+                "(sct train writes config.yaml and metrics.jsonl into its --out folder)"
+            )
     config = yaml.safe_load(config_file.read_text()) or {}
     run = Run(path=path, config=config)
     for number, line in enumerate(metrics_file.read_text().splitlines(), start=1):
