@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 10 in one call on a lent CUDA machine (see /work/.library/device/ for the tool).
+# The GPU checks in one call on a CUDA machine: the gpu-marked tests, the embedder tests and benchmarks.gpu_speed.
 #
 # That machine's Python has torch, torchvision, onnxruntime, scipy, pyyaml, tqdm, pytest and hypothesis, but
 # not faiss or flask. Those travel as wheels in .whl/ (git-ignored), fetched here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       -d .whl faiss-cpu==1.15.1 flask==3.1.3 itsdangerous==2.2.0 blinker==1.9.0 gunicorn==27.0.1
-# (19 MB) and carried with the call:
+# (19 MB), copied to that machine with the repository, then run from the repository root:
 #
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=580)
+#   bash benchmarks/gpu_session.sh
 #
 # It writes everything under $OUT (or ./gpu-out): the GPU tests' log, gpu_speed.md rows, gpu.json and the
 # profiler's table and trace. Copy the rows into benchmarks/results/gpu_speed.md afterwards.

@@ -139,7 +139,11 @@ def test_run_folder_contents(tmp_path: Path) -> None:
         {"loss", "hard_fraction", "mean_s_ap", "mean_s_an", "lr", "images_per_s"} <= set(m) for m in steps
     )
     evaluation = [m for m in lines if m.get("type") == "eval"]
-    assert len(evaluation) == 1 and 0 <= evaluation[0]["recall@1"] <= 1
+    # classes 3-5 are the test split: 12 leave-one-out queries; best.pt holds the recall the log reports
+    assert len(evaluation) == 1 and evaluation[0]["queries"] == 12 and evaluation[0]["split"] == "test"
+    assert state["best_recall"] == evaluation[0]["recall@1"] and evaluation[0]["recall@1"] in {
+        k / 12 for k in range(13)
+    }
     saved = sorted((run / "triplets").glob("*.npz"))
     assert saved, "triplet pairs should be saved every 2 iterations"
     pairs = np.load(saved[0])
