@@ -446,7 +446,9 @@ from training.trainer import train
 
 train(TrainConfig(**yaml.safe_load(open(sys.argv[1]))), progress=False)
 names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
-print("gloo threads left:", sorted(name for name in names if name.startswith(THREADS)))
+left = sorted(name for name in names if name.startswith(THREADS))
+with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.txt"), "w") as report:  # not stdout: ranks interleave
+    report.write(repr(left))
 """
 
 
@@ -460,7 +462,8 @@ def test_torchrun_training_leaves_no_gloo_threads_behind(tmp_path: Path) -> None
     settings = dict(TRAIN_SETTINGS, dataset="folder", data_root=str(data), out=str(tmp_path / "ddp"), epochs=1)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(settings))
-    script = tmp_path / "train_then_list_threads.py"
+    script, reports_dir = tmp_path / "train_then_list_threads.py", tmp_path / "reports"
+    reports_dir.mkdir()
     script.write_text(LEFT_THREADS_SCRIPT.replace("THREADS", repr(GLOO_THREADS)))
     command = [
         sys.executable,
@@ -474,9 +477,11 @@ def test_torchrun_training_leaves_no_gloo_threads_behind(tmp_path: Path) -> None
         str(_free_port()),
         str(script),
         str(config_file),
+        str(reports_dir),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=150)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    reports = [line for line in result.stdout.splitlines() if line.startswith("gloo threads left:")]
-    assert reports == ["gloo threads left: []"] * WORLD, result.stdout[-3000:]
+    reports = sorted(path.name for path in reports_dir.iterdir())
+    assert reports == [f"rank{rank}.txt" for rank in range(WORLD)], result.stdout[-3000:]
+    assert [(reports_dir / name).read_text() for name in reports] == ["[]"] * WORLD
