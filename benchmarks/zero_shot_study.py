@@ -59,39 +59,11 @@ METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
 
 def run_command(data: Path, out: Path, loss: str, seed: int, extra: Sequence[str]) -> list[str]:
-    if loss == UNTRAINED:
-        return [
-            "sct",
-            "train",
-            *COMMON,
-            "--data-root",
-            str(data),
-            "--out",
-            str(out),
-            "--loss",
-            "shn",
-            "--seed",
-            str(seed),
-            "--lr",
-            "0",
-            "--epochs",
-            "1",
-            *extra,
-        ]
-    return [
-        "sct",
-        "train",
-        *COMMON,
-        "--data-root",
-        str(data),
-        "--out",
-        str(out),
-        "--loss",
-        loss,
-        "--seed",
-        str(seed),
-        *extra,
-    ]
+    command = ["sct", "train", *COMMON, "--data-root", str(data), "--out", str(out)]
+    command += ["--loss", "shn" if loss == UNTRAINED else loss, "--seed", str(seed)]
+    if loss == UNTRAINED:  # the untrained network: one epoch at lr 0
+        command += ["--lr", "0", "--epochs", "1"]
+    return [*command, *extra]
 
 
 def final_result(out: Path) -> dict | None:

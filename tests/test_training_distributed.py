@@ -295,33 +295,17 @@ TRAIN_SETTINGS = dict(
 )
 
 
-def _torchrun(data: Path, run: Path, config_file: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(WORLD),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
-        "-m",
-        "sct",
-        "train",
-        "--dataset",
-        "folder",
-        "--data-root",
-        str(data),
-        "--out",
-        str(run),
-        "--config",
-        str(config_file),
-        "--no-progress",
-        *extra,
-    ]
+def _torchrun_program(*program: str) -> subprocess.CompletedProcess:
+    """``program`` (a script and its arguments, or ``-m`` and a module) in WORLD processes under torchrun."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD)]
+    command = [*launcher, "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *program]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=150)
+
+
+def _torchrun(data: Path, run: Path, config_file: Path, *extra: str) -> subprocess.CompletedProcess:
+    source = ["--dataset", "folder", "--data-root", str(data), "--out", str(run), "--config", str(config_file)]
+    return _torchrun_program("-m", "sct", "train", *source, "--no-progress", *extra)
 
 
 def _write_settings(path: Path, settings: dict) -> Path:
@@ -367,7 +351,7 @@ def test_torchrun_training_matches_one_process_on_the_same_global_batches(tmp_pa
     config_file = _write_settings(tmp_path / "settings.yaml", TRAIN_SETTINGS)
     run = tmp_path / "ddp"
     for extra in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
-        result = _torchrun(data, run, config_file, _free_port(), *DISTRIBUTED_FLAGS, *extra)
+        result = _torchrun(data, run, config_file, *DISTRIBUTED_FLAGS, *extra)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("run written to") == 1 and result.stdout.count("resumed from") == 1
     written = yaml.safe_load((run / "config.yaml").read_text())
@@ -387,7 +371,6 @@ def test_torchrun_htl_trains_on_rank_zeros_class_tree(tmp_path: Path) -> None:
         data,
         tmp_path / "ddp",
         _write_settings(tmp_path / "settings.yaml", settings),
-        _free_port(),
         *DISTRIBUTED_FLAGS,
         "--epochs",
         "1",
@@ -414,7 +397,6 @@ def test_torchrun_evaluation_is_shared_and_scores_rank_zeros_model(tmp_path: Pat
         data,
         tmp_path / "ddp",
         _write_settings(tmp_path / "settings.yaml", settings),
-        _free_port(),
         "--dist-backend",
         "gloo",
         "--epochs",
@@ -465,22 +447,7 @@ def test_torchrun_training_leaves_no_gloo_threads_behind(tmp_path: Path) -> None
     script, reports_dir = tmp_path / "train_then_list_threads.py", tmp_path / "reports"
     reports_dir.mkdir()
     script.write_text(LEFT_THREADS_SCRIPT.replace("THREADS", repr(GLOO_THREADS)))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(WORLD),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(script),
-        str(config_file),
-        str(reports_dir),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=150)
+    result = _torchrun_program(str(script), str(config_file), str(reports_dir))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reports = sorted(path.name for path in reports_dir.iterdir())
     assert reports == [f"rank{rank}.txt" for rank in range(WORLD)], result.stdout[-3000:]
