@@ -15,8 +15,11 @@ from training.config import resolve_config
 from training.export import ExportError, export_onnx, load_checkpoint_model
 from training.model import EmbeddingNet
 
+#: (embedding_bn, trunk_stages, last_stride) → the side of the feature grid at 64 px
+LAYOUTS = {(False, 4, 2): 2, (True, 4, 2): 2, (False, 3, 1): 8}
 
-@pytest.fixture(scope="module", params=[False, True], ids=["linear-head", "embedding-bn"])
+
+@pytest.fixture(scope="module", params=list(LAYOUTS), ids=["linear-head", "embedding-bn", "three-stages-stride-1"])
 def exported(tmp_path_factory: pytest.TempPathFactory, request) -> tuple[Path, EmbeddingNet]:
     directory = tmp_path_factory.mktemp("export")
     config = resolve_config(
@@ -30,11 +33,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory, request) -> tuple[Path, E
             pretrained="none",
             mean=[0.5, 0.4, 0.3],
             std=[0.2, 0.25, 0.3],
-            embedding_bn=request.param,
+            embedding_bn=request.param[0],
+            trunk_stages=request.param[1],
+            last_stride=request.param[2],
         ),
     )
     torch.manual_seed(0)
-    model = EmbeddingNet("resnet18", 16, config.embedding_bn)
+    model = EmbeddingNet(
+        "resnet18", 16, config.embedding_bn, trunk_stages=request.param[1], last_stride=request.param[2]
+    )
     if model.embedding_bn is not None:  # statistics and an affine map far from the identity
         with torch.no_grad():
             model.embedding_bn.running_mean.uniform_(-1, 1)
@@ -44,6 +51,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, request) -> tuple[Path, E
     torch.save({"model": model.state_dict(), "config": config.to_dict()}, directory / "best.pt")
     report = export_onnx(directory / "best.pt", directory / "model.onnx")
     assert report.max_abs_diff_embedding <= 1e-4
+    model.grid_side = LAYOUTS[request.param]
     return directory / "model.onnx", model.eval()
 
 
@@ -63,7 +71,7 @@ def test_dynamic_batch_and_parity_with_torch(exported, batch: int) -> None:
     embedding, feature_map = ort.InferenceSession(str(path)).run(None, {"image": images.numpy()})
     with torch.no_grad():
         expected_embedding, expected_map = model.embed_with_map(images)
-    assert embedding.shape == (batch, 16) and feature_map.shape == (batch, 4, 16)  # 64 px → 2×2 locations
+    assert embedding.shape == (batch, 16) and feature_map.shape == (batch, model.grid_side**2, 16)
     assert np.abs(embedding - expected_embedding.numpy()).max() <= 1e-4
     assert np.allclose(np.linalg.norm(embedding, axis=1), 1, atol=1e-5)
     assert np.abs(feature_map - expected_map.numpy()).max() <= 1e-4 * max(1, np.abs(feature_map).max())
@@ -71,12 +79,12 @@ def test_dynamic_batch_and_parity_with_torch(exported, batch: int) -> None:
 
 def test_heatmap_cells_sum_to_the_cosine(exported) -> None:
     """cos(e_A, e_B) = Σ_i (W·A_i + b)/Z · ê_B / ‖e_A‖ (Stylianou et al. 2019)."""
-    path, _ = exported
+    path, model = exported
     images = np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype(np.float32)
     embedding, feature_map = ort.InferenceSession(str(path)).run(None, {"image": images})
     raw_a = feature_map[0].mean(axis=0)  # e_A before normalisation
     cells = feature_map[0] @ embedding[1] / (len(feature_map[0]) * np.linalg.norm(raw_a))
-    assert cells.shape == (4,)
+    assert cells.shape == (model.grid_side**2,)
     assert cells.sum() == pytest.approx(float(embedding[0] @ embedding[1]), abs=1e-5)
 
 

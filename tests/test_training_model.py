@@ -8,7 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from training.model import EmbeddingNet, PretrainedWeightsMissing, build_model, imagenet_weights_path
+from training.config import resolve_config
+from training.model import EmbeddingNet, PretrainedWeightsMissing, build_model, imagenet_weights_path, model_of
 
 
 @pytest.mark.parametrize("arch,features", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
@@ -105,3 +106,49 @@ def test_a_checkpoint_of_sct_train_starts_the_trunk_and_not_the_head(tmp_path: P
     assert model.head.out_features == 16
     with pytest.raises((ValueError, RuntimeError)):
         build_model("resnet34", 16, str(tmp_path / "best.pt"))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("stages,last_stride,side", [(4, 2, 2), (4, 1, 4), (3, 2, 4), (3, 1, 8)])
+def test_trunk_stages_and_last_stride_set_the_feature_grid(arch: str, stages: int, last_stride: int, side: int) -> None:
+    """At 64 px: stride 32 for the whole ResNet, halved by dropping the last stage, halved by a last stride of 1;
+    the stride-1 stage computes the stride-2 stage's first convolution at every location, not every other one."""
+    torch.manual_seed(0)
+    model = EmbeddingNet(arch, 8, trunk_stages=stages, last_stride=last_stride).eval()
+    reference = getattr(torchvision.models, arch)(weights=None).eval()
+    reference.load_state_dict(model.trunk.state_dict(), strict=False)
+    full_features = 2048 if arch == "resnet50" else 512
+    assert model.head.in_features == full_features >> (4 - stages)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        raw = model(images)
+        unit, projected = model.embed_with_map(images)
+        stem = torch.nn.Sequential(*[getattr(reference, name) for name in model.trunk_layers[:-1]])(images)
+        last = model.trunk_layers[-1]
+        block, reference_block = getattr(model.trunk, last)[0], getattr(reference, last)[0]
+        conv = "conv2" if arch == "resnet50" else "conv1"
+        entry = stem if arch != "resnet50" else reference_block.relu(reference_block.bn1(reference_block.conv1(stem)))
+        ours, torchvisions = getattr(block, conv)(entry), getattr(reference_block, conv)(entry)
+    assert projected.shape == (2, side * side, 8) and torch.allclose(projected.mean(dim=1), raw, atol=1e-5)
+    assert torch.allclose(unit, torch.nn.functional.normalize(raw, dim=1), atol=1e-6)
+    assert torch.allclose(ours[..., :: 3 - last_stride, :: 3 - last_stride], torchvisions, atol=1e-5)
+    assert [name for name, _ in model.trunk.named_children()][-1] == ("layer4" if stages == 4 else "layer3")
+
+
+def test_three_stage_trunk_takes_the_pretrained_weights_of_its_stages(tmp_path: Path) -> None:
+    state = _torchvision_state("resnet18", seed=3)
+    torch.save(state, tmp_path / "resnet18.pth")
+    model = build_model("resnet18", 16, str(tmp_path / "resnet18.pth"), trunk_stages=3, last_stride=1)
+    assert torch.equal(model.trunk.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+    assert not hasattr(model.trunk, "layer4")
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
+def test_the_demo_model_has_a_feature_grid_of_at_least_4x4(cuda: bool) -> None:
+    """`sct demo`'s model (the Fashion-MNIST preset, on either device) at its own crop size: its similarity
+    heatmaps have at least 4×4 cells."""
+    config = resolve_config("fashion-mnist", "unused", "unused", cuda_available=cuda)
+    model = model_of(config).eval()
+    with torch.no_grad():
+        _, projected = model.embed_with_map(torch.zeros(1, 3, config.image_size, config.image_size))
+    assert projected.shape[1] >= 16

@@ -189,6 +189,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             (kind,) = get_args(kind)
         if get_origin(kind) is Literal:
             options["choices"] = get_args(kind)
+            if all(isinstance(choice, int) for choice in options["choices"]):
+                options["type"] = int
         elif kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif kind is int:

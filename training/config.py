@@ -22,6 +22,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Loss = Literal["sct", "hn", "shn", "ep", "batch-all", "htl"]
 Arch = Literal["resnet18", "resnet34", "resnet50"]
+TrunkStages = Literal[4, 3, 2]
+LastStride = Literal[2, 1]
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "cosine"]
 WarmLoss = Literal["ep", "shn"]  # what SCT's warm start blends in (training.losses.SCTLoss)
@@ -76,6 +78,18 @@ class TrainConfig:
         "with --pretrained none, where it keeps a random network's embeddings "
         "from starting in one narrow cone; off with pretrained weights, as in "
         "the paper)",
+    )
+    # The feature grid (heatmap cells) is image_size / stride on a side; the stride is 32 for a whole ResNet,
+    # halved by dropping the last stage and halved again by a last stride of 1 (training.model.EmbeddingNet)
+    trunk_stages: TrunkStages = setting(
+        4,
+        help="ResNet stages kept: 4 (all, as in the paper), 3 or 2; each stage dropped halves the output stride "
+        "(the feature grid is twice as fine on a side) and the features",
+    )
+    last_stride: LastStride = setting(
+        2,
+        help="stride of the last kept stage: 2 (torchvision's), or 1 for a feature grid twice as fine on a side "
+        "(sharper similarity heatmaps, as re-identification models do), at more compute in that stage",
     )
     image_size: int = setting(256, help="training and evaluation crop size in pixels", at_least=1)
     epochs: int = setting(80, help="training epochs", at_least=1)

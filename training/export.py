@@ -22,7 +22,7 @@ from core.atomic import atomic_file
 from core.errors import UserFileNotFoundError, UserValueError
 from retrieval.preprocessing import preprocess_batch
 from training.config import TrainConfig
-from training.model import EmbeddingNet
+from training.model import EmbeddingNet, model_of
 from training.trainer import preprocessing_of
 
 PARITY_TOLERANCE = 1e-4
@@ -60,7 +60,7 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[EmbeddingNet, TrainCo
         if key not in state:
             raise UserValueError(f"{checkpoint} is not an sct checkpoint: it has no {key!r} entry")
     config = TrainConfig(**state["config"])
-    model = EmbeddingNet(config.arch, config.dim, config.embedding_bn)
+    model = model_of(config)
     model.load_state_dict(state["model"])
     return model.eval(), config
 

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.resnet import Bottleneck
 
 from core.errors import UserError
-from training.config import Arch
+from training.config import Arch, TrainConfig
 
 ARCHS = {
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 512),
@@ -43,15 +44,33 @@ class EmbeddingNet(nn.Module):
     takes it at every location and its mean is still the embedding.
     """
 
-    def __init__(self, arch: str = "resnet50", dim: int = 512, embedding_bn: bool = False) -> None:
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        dim: int = 512,
+        embedding_bn: bool = False,
+        *,
+        trunk_stages: int = 4,
+        last_stride: int = 2,
+    ) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        if trunk_stages not in (2, 3, 4) or last_stride not in (1, 2):
+            raise ValueError(
+                f"trunk_stages must be 2, 3 or 4 and last_stride 1 or 2, got {trunk_stages} and {last_stride}"
+            )
         builder, _, features = ARCHS[arch]
         resnet = builder(weights=None)
         self.arch, self.dim = arch, dim
-        self.trunk = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in _TRUNK_LAYERS))
-        self.head = nn.Linear(features, dim)
+        self.trunk_layers = _TRUNK_LAYERS[: len(_TRUNK_LAYERS) - 4 + trunk_stages]
+        last_stage = getattr(resnet, self.trunk_layers[-1])
+        if last_stride == 1:  # its first block downsamples in a 3×3 conv (conv2 in a Bottleneck) and the shortcut
+            block = last_stage[0]
+            (block.conv2 if isinstance(block, Bottleneck) else block.conv1).stride = (1, 1)
+            block.downsample[0].stride = (1, 1)
+        self.trunk = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in self.trunk_layers))
+        self.head = nn.Linear(features >> (4 - trunk_stages), dim)
         self.embedding_bn = nn.BatchNorm1d(dim) if embedding_bn else None
 
     def forward(self, images: Tensor) -> Tensor:
@@ -71,7 +90,7 @@ class EmbeddingNet(nn.Module):
 
     def load_trunk_weights(self, state_dict: dict[str, Tensor]) -> None:
         """Load a torchvision ResNet state dict (its fc is ignored)."""
-        trunk_state = {k: v for k, v in state_dict.items() if k.split(".")[0] in _TRUNK_LAYERS}
+        trunk_state = {k: v for k, v in state_dict.items() if k.split(".")[0] in self.trunk_layers}
         missing, unexpected = self.trunk.load_state_dict(trunk_state, strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -85,10 +104,23 @@ def imagenet_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
-def build_model(arch: str, dim: int, pretrained: str, *, embedding_bn: bool = False) -> EmbeddingNet:
+def model_of(config: TrainConfig) -> EmbeddingNet:
+    """The untrained network that ``config`` describes."""
+    return EmbeddingNet(
+        config.arch,
+        config.dim,
+        config.embedding_bn,
+        trunk_stages=config.trunk_stages,
+        last_stride=config.last_stride,
+    )
+
+
+def build_model(
+    arch: str, dim: int, pretrained: str, *, embedding_bn: bool = False, trunk_stages: int = 4, last_stride: int = 2
+) -> EmbeddingNet:
     """``pretrained`` is "imagenet" (torchvision's cache), "none" (from scratch) or a file: a torchvision ResNet
     state dict, or a checkpoint of `sct train` (last.pt, best.pt), whose trunk is taken and whose head is not."""
-    model = EmbeddingNet(arch, dim, embedding_bn)
+    model = EmbeddingNet(arch, dim, embedding_bn, trunk_stages=trunk_stages, last_stride=last_stride)
     if pretrained == "none":
         return model
     if pretrained == "imagenet":

@@ -147,7 +147,14 @@ class Trainer:
         self.stall = StallWatch(StallDetector(stall_window(self.total_iterations)), self.run.log, active=self.is_main)
         self.loader: DataLoader | None = None  # made at the first epoch; its worker processes serve every epoch
 
-        model = build_model(config.arch, config.dim, config.pretrained, embedding_bn=config.embedding_bn)
+        model = build_model(
+            config.arch,
+            config.dim,
+            config.pretrained,
+            embedding_bn=config.embedding_bn,
+            trunk_stages=config.trunk_stages,
+            last_stride=config.last_stride,
+        )
         if config.sync_batchnorm and self.world > 1:
             model = distributed.convert_sync_batchnorm(model, self.device)
         # self.model is the bare model: evaluation, the HTL tree, checkpoints and the triplet re-measurement use
