@@ -27,11 +27,14 @@ def index():
 @pages.get("/pair")
 def pair():
     pair = requested_pair(settings(), request.args)
+    query_item = pair.query_item
     return render_template(
         "pair.html",
         pair=pair,
         item_image_url=url_for("api.item_image", item_id=pair.item_id, index=pair.index),
-        **pair_urls(pair, request.args["query"]),
+        query_label=None if query_item is None else pair.gallery.items[query_item].label,
+        query_image_url=None if query_item is None else url_for("api.item_image", item_id=query_item, index=pair.index),
+        **pair_urls(pair),
     )
 
 
