@@ -163,3 +163,43 @@ def test_the_pages_work_under_their_content_security_policy(server, page, tmp_pa
     page.wait_for_function("(window.violations || []).length > 0")
     assert violations()[0].startswith("script-src")
     page.remove_listener("console", on_console)
+
+
+def test_more_like_this_searches_with_a_result_as_the_query(server, page, tmp_path):
+    query = tmp_path / "query.png"
+    query.write_bytes(png_bytes(color=(30, 40, 210), size=(40, 30)))
+    page.goto(server + "/")
+    page.set_input_files("#image-input", str(query))
+    wait_for_results(page, 6)
+    first = page.locator("#results .hit").first
+    item = first.locator("a.more-like-this").get_attribute("href").split("item=")[1].split("&")[0]
+
+    first.locator("a.more-like-this").click()
+    page.wait_for_url(f"**/?item={item}&index=colors")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('like gallery item')")
+    wait_for_results(page, 6)
+    assert f"like gallery item #{item}" in page.locator("#status").inner_text()
+    assert page.locator("#query-caption").inner_text() == f"Gallery item #{item} · blue"
+    page.wait_for_function(f"({LOADED})(document.querySelector('#preview'))")
+    assert page.eval_on_selector("#preview", "image => new URL(image.src).pathname") == f"/api/items/{item}/image"
+    hrefs = page.eval_on_selector_all("#results a.result", "links => links.map(link => link.href)")
+    assert all(f"query_item={item}&" in href for href in hrefs)
+    assert f"item={item}&" not in " ".join(href.split("query_item=")[1].split("&", 1)[1] for href in hrefs)
+    assert page.locator("#results a.result .label").first.inner_text() == "blue"
+
+    page.locator("#results a.result").first.click()  # an item pair: works without any query kept by the server
+    page.wait_for_url("**/pair?query_item=**")
+    page.wait_for_function(f"['#query-heatmap', '#item-heatmap'].every(s => ({LOADED})(document.querySelector(s)))")
+    page.click("#more-like-item")  # the pair page's link runs an item search on the search page
+    page.wait_for_url("**/?item=**")
+    wait_for_results(page, 6)
+
+    page.go_back()
+    page.go_back()  # the first item search, from its URL
+    page.wait_for_url(f"**/?item={item}&index=colors")
+    wait_for_results(page, 6)
+    assert f"like gallery item #{item}" in page.locator("#status").inner_text()
+    page.go_back()  # the image search, kept for this tab
+    page.wait_for_function("() => !document.querySelector('#status').textContent.includes('like gallery item')")
+    wait_for_results(page, 6)
+    assert page.locator("#query-caption").is_hidden()
