@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, render_template, request, url_for
 
+from webapp.eval_browser import evaluation_section
 from webapp.evaluation import manifest_rows, read_eval, recall_curves, summary_rows
 from webapp.pair_api import pair_urls
 from webapp.pairs import requested_pair
@@ -56,4 +57,5 @@ def evaluation():
         curves=recall_curves(results) if results else [],
         summary=summary_rows(results) if results else [],
         problem=problem,
+        queries=evaluation_section(name, gallery, evaluated=results is not None),
     )
