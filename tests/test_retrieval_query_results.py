@@ -114,9 +114,9 @@ def test_per_class_breaks_ties_by_map_then_label():
         results,
         label=np.array([2, 1, 0, 3]),
         first_correct_rank=np.array([1, 1, 1, 2]),
-        ap_at_r=np.array([0.5, 0.5, 0.25, 0.0]),
+        ap_at_r=np.array([0.5, 0.5, 0.75, 0.0]),
     )
-    assert [c.label for c in per_class(results)] == ["dog", "bird", "car", "chair"]
+    assert [c.label for c in per_class(results)] == ["dog", "car", "chair", "bird"]
 
 
 def test_failing_rows_match_a_loop():
