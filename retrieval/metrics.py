@@ -333,7 +333,9 @@ class _PerQueryCollector:
         self.top_ids = np.full((len(self.rows), top), -1, dtype=np.int64)
         self.top_scores = np.full((len(self.rows), top), np.nan, dtype=np.float32)
 
-    def add(self, rows: np.ndarray, hits: np.ndarray, relevant: np.ndarray, scores: np.ndarray, ids: np.ndarray):
+    def add(
+        self, rows: np.ndarray, hits: np.ndarray, relevant: np.ndarray, scores: np.ndarray, ids: np.ndarray
+    ) -> None:
         slots = self.slots[rows]
         self.first_correct_rank[slots] = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)
         within_r = np.arange(1, hits.shape[1] + 1) <= relevant[:, None]
