@@ -131,7 +131,8 @@ def save_query_results(results: QueryResults, path: str | os.PathLike[str]) -> P
 def load_query_results(directory: str | os.PathLike[str]) -> QueryResults | None:
     """The per-query results in gallery folder ``directory``; None when it has none.
 
-    Raises ValueError naming the file when it is unreadable, lacks a key, or its arrays do not fit together.
+    Raises ValueError naming the file when it is unreadable, lacks a key, or its arrays do not fit together;
+    the message names the gallery folder, not its path, so a server can show it.
     """
     path = Path(directory) / QUERY_RESULTS_FILE
     if not path.is_file():
@@ -146,7 +147,11 @@ def load_query_results(directory: str | os.PathLike[str]) -> QueryResults | None
             _check_kind(name, value)
         return QueryResults(**values)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path}: not a readable per-query results file ({error}); run sct eval again") from error
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ValueError(
+            f"{QUERY_RESULTS_FILE} of gallery {Path(directory).absolute().name!r} cannot be read: {reason}; "
+            "run sct eval again"
+        ) from error
 
 
 def _check_kind(name: str, value: np.ndarray) -> None:
