@@ -14,11 +14,8 @@ from werkzeug.serving import make_server
 
 from benchmarks.fixtures.tiny_onnx import COLORS, make_color_images, make_tiny_model
 from retrieval.embedder import OnnxEmbedder
-from retrieval.evaluation import evaluate_gallery, save_eval
-from retrieval.gallery import EVAL_FILE, Gallery
-from retrieval.query_results import QUERY_RESULTS_FILE, save_query_results
+from sct.cli import main
 from tests.test_webapp_api import build_gallery_of, png_bytes
-from tests.test_webapp_eval_browser import brute_force_query_results
 from webapp import create_app
 
 CHROMIUM = Path(os.environ.get("SCT_CHROMIUM", "/usr/bin/chromium"))
@@ -54,9 +51,7 @@ def server(tmp_path_factory) -> Iterator[str]:
     paths = make_color_images(root / "images", classes={**COLORS, "crimson": CRIMSON}, per_class=3)
     folder = root / "colors"
     build_gallery_of(folder, model, paths, OnnxEmbedder(model))
-    gallery = Gallery.load(folder)
-    save_eval(evaluate_gallery(gallery, ks=(1, 2, 4), progress=False), folder / EVAL_FILE)
-    save_query_results(brute_force_query_results(gallery), folder / QUERY_RESULTS_FILE)
+    assert main(["eval", "--index", str(folder), "--k", "1", "2", "4"]) == 0  # eval.json and eval_queries.npz
     httpd = make_server("127.0.0.1", 0, create_app([folder], default_k=6), threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()

@@ -1,7 +1,7 @@
 """The evaluation browser: the per-query section of /evaluation, the class and failing-query lists, a query's rank
 list, the similarity histogram, and what they say when eval_queries.npz is missing, unreadable or stale.
 
-Also ``brute_force_query_results``: an eval_queries.npz computed independently with numpy, for these tests."""
+The per-query files come from ``sct eval`` itself, except a made-up one of many classes for the page lists."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from PIL import Image
 
 from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from retrieval.embedder import OnnxEmbedder
-from retrieval.evaluation import evaluate_gallery, save_eval
-from retrieval.gallery import EVAL_FILE, Gallery
+from retrieval.gallery import Gallery
 from retrieval.query_results import (
     QUERY_RESULTS_FILE,
     QueryResults,
@@ -27,6 +26,7 @@ from retrieval.query_results import (
     per_class,
     save_query_results,
 )
+from sct.cli import main
 from tests.test_webapp_api import build_gallery_of
 from webapp import create_app
 from webapp.query_browser import LoadedQueries
@@ -34,70 +34,6 @@ from webapp.query_browser import LoadedQueries
 #: Two reds close enough that the tiny model confuses some of them: queries that fail at Recall@1.
 CONFUSABLE = {"red": (200, 40, 40), "crimson": (199, 40, 41), "green": (30, 200, 40), "blue": (30, 40, 210)}
 BINS = 100
-
-
-def brute_force_query_results(
-    gallery: Gallery, *, top: int = 10, queries: tuple[np.ndarray, list[str], list[str]] | None = None
-) -> QueryResults:
-    """Each query's results by exhaustive numpy search over the gallery's stored vectors: leave-one-out, or the
-    external ``queries`` (embeddings, labels, paths)."""
-    vectors = gallery.embeddings()
-    gallery_labels = np.asarray(gallery.labels)
-    if queries is None:
-        query_vectors, query_labels, paths = vectors, gallery_labels, None
-    else:
-        query_vectors, query_labels, paths = queries[0], np.asarray(queries[1]), queries[2]
-    names = np.unique(np.concatenate([gallery_labels, query_labels]))
-    rows: dict[str, list] = {
-        key: [] for key in ("item", "path", "label", "first", "relevant", "ap", "rp", "ids", "scores")
-    }
-    positive, negative = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
-    edges = np.linspace(-1, 1, BINS + 1)
-    for q, (vector, label) in enumerate(zip(query_vectors, query_labels)):
-        scores = vectors @ vector
-        candidates = np.array([i for i in range(len(vectors)) if queries is not None or i != q])
-        same = gallery_labels[candidates] == label
-        relevant = int(same.sum())
-        if relevant == 0:
-            continue
-        positive += np.histogram(scores[candidates][same], edges)[0]
-        negative += np.histogram(scores[candidates][~same], edges)[0]
-        order = candidates[np.argsort(-scores[candidates], kind="stable")]
-        correct = gallery_labels[order] == label
-        hits = np.cumsum(correct[:relevant])
-        ranks = np.arange(1, relevant + 1)
-        rows["item"].append(q if queries is None else -1)
-        rows["path"].append(None if paths is None else paths[q].encode())
-        rows["label"].append(int(np.searchsorted(names, label)))
-        rows["first"].append(int(np.argmax(correct)) + 1)
-        rows["relevant"].append(relevant)
-        rows["ap"].append(float(np.sum(correct[:relevant] * hits / ranks) / relevant))
-        rows["rp"].append(float(hits[-1] / relevant))
-        ids = np.full(top, -1, np.int64)
-        kept = np.full(top, np.nan, np.float32)
-        ids[: min(top, len(order))] = order[:top]
-        kept[: min(top, len(order))] = scores[order[:top]]
-        rows["ids"].append(ids)
-        rows["scores"].append(kept)
-    return QueryResults(
-        query_item=np.array(rows["item"], np.int64),
-        query_path=np.array(rows["path"] if paths is not None else [], dtype="S"),
-        label=np.array(rows["label"], np.int32),
-        label_names=names.astype(str),
-        first_correct_rank=np.array(rows["first"], np.int32),
-        relevant=np.array(rows["relevant"], np.int32),
-        ap_at_r=np.array(rows["ap"], np.float32),
-        r_precision=np.array(rows["rp"], np.float32),
-        top_ids=np.array(rows["ids"], np.int64).reshape(-1, top),
-        top_scores=np.array(rows["scores"], np.float32).reshape(-1, top),
-        depth=len(vectors),
-        mode="leave-one-out" if queries is None else "queries",
-        model_sha256=gallery.manifest["model_sha256"],
-        hist_edges=edges,
-        hist_positive=positive,
-        hist_negative=negative,
-        hist_queries=len(rows["item"]),
-    )
 
 
 def many_classes(gallery: Gallery, rows: int = 130, classes: int = 120) -> QueryResults:
@@ -125,6 +61,14 @@ def many_classes(gallery: Gallery, rows: int = 130, classes: int = 120) -> Query
     )
 
 
+def sct_eval(folder: Path, *options: str) -> QueryResults:
+    """``sct eval --index folder`` as run from the command line; its eval_queries.npz."""
+    assert main(["eval", "--index", str(folder), "--k", "1", "2", "4", *options]) == 0
+    results = load_query_results(folder)
+    assert results is not None
+    return results
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_browser")
@@ -136,20 +80,12 @@ def served(tmp_path_factory):
         build_gallery_of(root / "index_data" / name, model, paths, embedder)
     folders = {name: root / "index_data" / name for name in names}
     galleries = {name: Gallery.load(folder) for name, folder in folders.items()}
-    save_eval(evaluate_gallery(galleries["evaluated"], ks=(1, 2, 4), progress=False), folders["evaluated"] / EVAL_FILE)
-    save_eval(evaluate_gallery(galleries["bare"], ks=(1, 2, 4), progress=False), folders["bare"] / EVAL_FILE)
-    results = brute_force_query_results(galleries["evaluated"])
-    save_query_results(results, folders["evaluated"] / QUERY_RESULTS_FILE)
+    results = sct_eval(folders["evaluated"])
+    sct_eval(folders["bare"])
+    (folders["bare"] / QUERY_RESULTS_FILE).unlink()  # as left by an sct eval that wrote no per-query file
     save_query_results(many_classes(galleries["many"]), folders["many"] / QUERY_RESULTS_FILE)
     query_paths = make_color_images(root / "queries", classes=CONFUSABLE, per_class=2, seed=5)
-    from catalog import load_rgb
-
-    query_vectors = embedder.embed_images([load_rgb(p) for p in query_paths])
-    external = brute_force_query_results(
-        galleries["external"],
-        queries=(query_vectors, [p.parent.name for p in query_paths], [str(p) for p in query_paths]),
-    )
-    save_query_results(external, folders["external"] / QUERY_RESULTS_FILE)
+    external = sct_eval(folders["external"], "--queries-images", str(root / "queries"))
     app = create_app(list(folders.values()))
     return {"app": app, "client": app.test_client(), "folders": folders, "galleries": galleries,
             "results": results, "external": external, "query_paths": query_paths}  # fmt: skip
@@ -177,6 +113,23 @@ def test_the_fixture_gallery_has_failing_queries(served):
     results = served["results"]
     assert len(results) == 20 and 0 < len(failing_rows(results)) < 20
     assert {c.label for c in per_class(results) if c.recall_at_1 < 1} <= {"red", "crimson"}
+
+
+def test_what_the_pages_show_agrees_with_numpy_over_the_stored_vectors(served):
+    """Each row's top ids and scores (which the pages show) against brute force over the gallery's vectors: the
+    scores are those ids' cosines with the query, best first, the query itself left out, and the first correct
+    rank is the first of them with the query's label."""
+    gallery, results = served["galleries"]["evaluated"], served["results"]
+    vectors, labels = gallery.embeddings(), np.asarray(gallery.labels)
+    for row in range(len(results)):
+        query, ids = int(results.query_item[row]), results.top_ids[row]
+        cosines = vectors @ vectors[query]
+        np.testing.assert_allclose(results.top_scores[row], cosines[ids], atol=1e-5)
+        assert query not in ids and np.all(np.diff(results.top_scores[row]) <= 1e-6)
+        others = np.delete(np.arange(len(vectors)), query)
+        assert results.top_scores[row, 0] == pytest.approx(cosines[others].max(), abs=1e-5)
+        correct = labels[ids] == results.label_of(row)
+        assert results.first_correct_rank[row] == int(np.argmax(correct)) + 1
 
 
 def test_evaluation_page_summarises_the_queries_and_the_worst_classes(served):

@@ -26,7 +26,7 @@ from retrieval.query_results import (
     per_class,
 )
 from webapp.errors import ApiError
-from webapp.similarity_histogram import similarity_histogram_png
+from webapp.similarity_plot import similarity_histogram_png
 
 Runner = Callable[..., Any]
 
