@@ -44,7 +44,7 @@ def search():
     if uploads and items:
         raise ApiError(
             400,
-            "search by one image or by one gallery item: send the file field 'image' or the field " "'item', not both",
+            "search by one image or by one gallery item: send the file field 'image' or the field 'item', not both",
         )
     if not uploads and not items:
         raise ApiError(

@@ -28,7 +28,7 @@ def pair():
     pair = requested_pair(settings(), request.args)
     gallery = pair.gallery
     return jsonify(
-        query_id=pair.query_ref.get("query"),
+        query_id=pair.query_id,
         query_item=None if pair.query_item is None else item_json(pair.index, gallery, pair.query_item),
         index=pair.index,
         item=item_json(pair.index, gallery, pair.item_id),

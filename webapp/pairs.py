@@ -56,13 +56,14 @@ class Pair:
     query_cells: np.ndarray  # [h, w], sums to the cosine
     item_cells: np.ndarray  # [h, w], sums to the cosine
     limit: float  # the colour scale ±limit shared by both heatmaps
-    query_ref: dict[str, str | int]  # how URLs name the query: {"query": QID} or {"query_item": ID}
     gallery: Gallery  # the version of gallery ``index`` compared in
+    query_id: str | None  # the kept query's id, or None when the query is a gallery item
+    query_item: int | None  # the gallery item that is the query, or None for a kept query
 
     @property
-    def query_item(self) -> int | None:
-        """The gallery item that is the query, or None for a kept (uploaded) query."""
-        return self.query_ref.get("query_item")  # type: ignore[return-value]
+    def query_ref(self) -> dict[str, str | int]:
+        """How URLs name the query: ``{"query": QID}`` or ``{"query_item": ID}``."""
+        return {"query": self.query_id} if self.query_id is not None else {"query_item": self.query_item}
 
     @property
     def cosine(self) -> float:
@@ -95,10 +96,10 @@ def requested_pair(served: SearchSettings, args: Mapping[str, str]) -> Pair:
         name, gallery = served.gallery(args.get("index"), unknown_status=404)
         check_item(name, gallery, query_item)
         query = item_view(served, name, gallery, query_item)
-        return compare(served, query, name, gallery, item, {"query_item": query_item})
+        return compare(served, query, name, gallery, item, query_item=query_item)
     searched_in, query = kept_query(served.queries, args.get("query"))
     name, gallery = served.gallery(args.get("index") or searched_in, unknown_status=404)
-    return compare(served, query, name, gallery, item, {"query": args["query"]})
+    return compare(served, query, name, gallery, item, query_id=args["query"])
 
 
 def keep_query(queries: LruCache[str, tuple[str, ImageView]], name: str, view: ImageView) -> str:
@@ -132,10 +133,14 @@ def compare(
     name: str,
     gallery: Gallery,
     item_id: int,
-    query_ref: dict[str, str | int],
+    *,
+    query_id: str | None = None,
+    query_item: int | None = None,
 ) -> Pair:
-    """The pair of a query (named in URLs by ``query_ref``) and gallery item ``item_id``; the query must come from
-    the gallery's model."""
+    """The pair of a query and gallery item ``item_id``. The query is the kept query ``query_id`` or the gallery
+    item ``query_item`` (one of them, for the pair's URLs) and must come from the gallery's model."""
+    if (query_id is None) == (query_item is None):
+        raise ValueError("a pair's query is either a kept query (query_id) or a gallery item (query_item)")
     if query.model_sha256 != gallery.manifest["model_sha256"]:
         raise ApiError(
             409,
@@ -146,9 +151,8 @@ def compare(
     query_cells = contribution_grid(query.feature_map, item.embedding)
     item_cells = contribution_grid(item.feature_map, query.embedding)
     limit = symmetric_limit(query_cells, item_cells)
-    return Pair(
-        name, item_id, gallery.items[item_id].label, query, item, query_cells, item_cells, limit, query_ref, gallery
-    )
+    label = gallery.items[item_id].label
+    return Pair(name, item_id, label, query, item, query_cells, item_cells, limit, gallery, query_id, query_item)
 
 
 def item_view(served: SearchSettings, name: str, gallery: Gallery, item_id: int) -> ImageView:
