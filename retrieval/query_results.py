@@ -19,7 +19,7 @@ from core.atomic import atomic_file
 
 QUERY_RESULTS_FILE = "eval_queries.npz"
 
-#: key -> (dtype kind(s) accepted on load, dtype stored, dimensions); "M" marks the per-row arrays
+#: The per-row arrays [M]: key -> (dtype kinds accepted on load, dtype held)
 _ROW_ARRAYS = {
     "query_item": ("iu", np.int64),
     "label": ("iu", np.int32),
@@ -28,6 +28,7 @@ _ROW_ARRAYS = {
     "ap_at_r": ("f", np.float32),
     "r_precision": ("f", np.float32),
 }
+#: The other arrays: key -> (dtype kinds accepted on load, dtype held, dimensions)
 _OTHER_ARRAYS = {
     "query_path": ("S", np.bytes_, 1),
     "label_names": ("U", np.str_, 1),
@@ -37,6 +38,7 @@ _OTHER_ARRAYS = {
     "hist_positive": ("iu", np.int64, 1),
     "hist_negative": ("iu", np.int64, 1),
 }
+#: The scalars: key -> (dtype kinds accepted on load, Python type held)
 _SCALARS = {"depth": ("iu", int), "mode": ("U", str), "model_sha256": ("U", str), "hist_queries": ("iu", int)}
 MODES = ("leave-one-out", "queries")
 
