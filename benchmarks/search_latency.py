@@ -121,7 +121,7 @@ def faiss_thread_probe(gallery: Gallery, images: list[Image.Image], k: int, repe
     """p50 ms of one FAISS search right after an embedding (as in a request): all OpenMP threads, then one.
 
     With every core busy (ONNX Runtime's threads, other work), FAISS's OpenMP threads wait for each other
-    even on a single query; the server searches with one thread (webapp.api).
+    even on a single query; the server searches with one thread (webapp.gallery_search).
     """
     results = []
     for threads in (faiss.omp_get_max_threads(), 1):

@@ -14,7 +14,7 @@ from core.shards import ShardSpec
 from retrieval.cli_options import add_image_source, add_workers
 from retrieval.columns import format_columns
 from retrieval.embedder import OnnxEmbedder, Providers, default_providers
-from retrieval.evaluation import evaluate_gallery, format_table, save_eval
+from retrieval.evaluation import evaluate_gallery, format_class_table, format_table, save_eval
 from retrieval.gallery import (
     EVAL_FILE,
     INDEX_TYPES,
@@ -25,6 +25,7 @@ from retrieval.gallery import (
     check_index_options,
     read_manifest,
 )
+from retrieval.query_results import QUERY_RESULTS_FILE, per_class, save_query_results
 from retrieval.shards import list_sha256, merge_shards, write_shard
 from retrieval.sources import IMAGE_FOLDER, index_sources, report_unreadable
 
@@ -65,10 +66,14 @@ Examples:
   sct eval --index index_data/cub                                          # leave-one-out, K = 1 2 4 8
   sct eval --index index_data/inshop --queries-split query --data-root data/inshop --k 1 10 20 30 40
   sct eval --index index_data/photos --queries-images queries/ --json results/photos.json
+  sct eval --index index_data/cars --per-class                             # then Recall@1, MAP@R per class
+  sct eval --index index_data/sop --save-top 50                            # keep each query's top 50
 
   Without queries every gallery image is a query against the others (itself
   excluded by id). Queries whose label has no other gallery image are skipped
-  and counted. The result is also written to eval.json in the gallery folder.
+  and counted. The result is also written to eval.json in the gallery folder,
+  and each query's own results (first correct rank, AP@R, top K gallery ids
+  and scores) to eval_queries.npz next to it (docs/DESIGN.md).
 """
 SEARCH_EPILOG = """\
 Examples:
@@ -126,7 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="Recall@K, MAP@R and P@1 of a gallery",
         description="Evaluate a gallery folder, leave-one-out or with separate query images, print a "
-        "table and write eval.json into the folder.",
+        "table and write eval.json and eval_queries.npz (each query's results) into the folder.",
         epilog=EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -144,6 +149,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     evaluation.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     evaluation.add_argument("--batch-size", type=positive_int, default=64, help="query images per model call")
+    evaluation.add_argument(
+        "--save-top",
+        type=positive_int,
+        default=10,
+        metavar="K",
+        help=f"gallery ids and scores kept per query in {QUERY_RESULTS_FILE} (default: %(default)s)",
+    )
+    evaluation.add_argument(
+        "--per-class",
+        action="store_true",
+        help="also print Recall@1 and MAP@R of each class, worst first",
+    )
     evaluation.set_defaults(func=eval_command)
 
     search = subparsers.add_parser(
@@ -278,11 +295,17 @@ def _eval(args: argparse.Namespace) -> int:
     elif args.data_root:
         raise UserValueError("--data-root goes with --queries-split")
     ks = args.k or catalog.recall_ks(dataset)
-    results = evaluate_gallery(gallery, ks, queries, batch_size=args.batch_size)
+    results, query_results = evaluate_gallery(
+        gallery, ks, queries, batch_size=args.batch_size, per_query_top=args.save_top
+    )
     report_unreadable([(failure["path"], failure["reason"]) for failure in results["unreadable_queries"]])
     print(format_table(results))
+    if args.per_class:
+        print()
+        print(format_class_table(per_class(query_results)))
     for path in [gallery.directory / EVAL_FILE, *([args.json] if args.json else [])]:
         print(f"wrote {save_eval(results, path)}", file=sys.stderr)
+    print(f"wrote {save_query_results(query_results, gallery.directory / QUERY_RESULTS_FILE)}", file=sys.stderr)
     return 0
 
 

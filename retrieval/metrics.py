@@ -9,6 +9,10 @@ The gallery may also be a row source that is not in memory (``vectors[a:b]``,
 ``vectors[ids]``, ``shape``), such as ``Gallery.vectors()`` of an on-disk IVF
 gallery. It is then read ``GALLERY_BLOCK_BYTES`` at a time, and each chunk's
 top-k is merged across blocks, so evaluation works on galleries bigger than RAM.
+
+``evaluate_per_query`` also returns each query's own results (first correct rank,
+AP@R, R-precision, top K ids and scores) and a histogram of positive and negative
+pair similarities (``retrieval.similarity_histogram``), still chunk by chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from retrieval.similarity_histogram import HISTOGRAM_QUERIES, SimilarityHistogram, sample_queries, similarity_histogram
 
 DEFAULT_CHUNK_SIZE = 8192
 #: Gallery vectors read at once when the gallery is not an in-memory array.
@@ -126,11 +132,29 @@ class _LabelSet:
     """One labelling of gallery and queries (e.g. instance, or Hotels-50K chain) to score against."""
 
     prefix: str  # "" for the main labels, "chain_" etc. for extra ones
+    names: np.ndarray  # the distinct labels of gallery and queries, sorted: code i is names[i]
     gallery_codes: np.ndarray  # int [N]
     query_codes: np.ndarray  # int [M]
     relevant: np.ndarray  # R: gallery items with the query's label, the query itself excluded [M]
     ks: tuple[int, ...]
     with_map: bool  # MAP@R and P@1 are reported for the main labels only
+
+
+@dataclass(frozen=True, eq=False)
+class PerQuery:
+    """Each evaluated query's results (main labels), in query order: what ``evaluate_per_query`` adds."""
+
+    rows: np.ndarray  # int64 [M]: the query's position among the queries (its gallery id in leave-one-out)
+    label: np.ndarray  # int64 [M]: index into label_names
+    label_names: np.ndarray  # [L] the distinct labels of gallery and queries
+    first_correct_rank: np.ndarray  # int32 [M]: 1-based rank of the first correct neighbour, 0 = none within depth
+    relevant: np.ndarray  # int64 [M]: R
+    ap_at_r: np.ndarray  # float64 [M]
+    r_precision: np.ndarray  # float64 [M]: correct neighbours among the top R, over R
+    top_ids: np.ndarray  # int64 [M, K]: -1 where the gallery has fewer than K others
+    top_scores: np.ndarray  # float32 [M, K]: NaN where top_ids is -1
+    depth: int  # neighbours searched per query
+    histogram: SimilarityHistogram
 
 
 def evaluate(
@@ -157,6 +181,67 @@ def evaluate(
     contract: FAISS on the CPU by default; training passes a GPU search
     (``training.knn.TorchKnn``) when it runs on CUDA.
     """
+    results, _ = _evaluate(
+        gallery_emb, gallery_labels, ks, query_emb, query_labels, extra_labels, chunk_size, knn, top=None
+    )
+    return results
+
+
+def evaluate_per_query(
+    gallery_emb: np.ndarray,
+    gallery_labels: Sequence | np.ndarray,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    query_emb: np.ndarray | None = None,
+    query_labels: Sequence | np.ndarray | None = None,
+    *,
+    top: int = 10,
+    extra_labels: Mapping[str, tuple[Sequence | np.ndarray, Sequence | np.ndarray | None, Sequence[int]]] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    knn: Callable[..., tuple[np.ndarray, np.ndarray]] = knn_exclude_self,
+    histogram_queries: int = HISTOGRAM_QUERIES,
+    seed: int = 0,
+) -> tuple[dict[str, float | int], PerQuery]:
+    """``evaluate``'s results, and each evaluated query's own: its first correct rank, R, AP@R, R-precision
+    and ``top`` nearest gallery ids and scores (``PerQuery``).
+
+    The search goes at least ``top`` deep; only each chunk's neighbours are held, never all the
+    similarities. The similarity histogram covers ``histogram_queries`` of the evaluated queries (a
+    random sample with ``seed`` when there are more) against the whole gallery.
+    """
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    results, per_query = _evaluate(
+        gallery_emb,
+        gallery_labels,
+        ks,
+        query_emb,
+        query_labels,
+        extra_labels,
+        chunk_size,
+        knn,
+        top=top,
+        histogram_queries=histogram_queries,
+        seed=seed,
+    )
+    assert per_query is not None
+    return results, per_query
+
+
+def _evaluate(
+    gallery_emb: np.ndarray,
+    gallery_labels: Sequence | np.ndarray,
+    ks: Sequence[int],
+    query_emb: np.ndarray | None,
+    query_labels: Sequence | np.ndarray | None,
+    extra_labels: Mapping[str, tuple[Sequence | np.ndarray, Sequence | np.ndarray | None, Sequence[int]]] | None,
+    chunk_size: int,
+    knn: Callable[..., tuple[np.ndarray, np.ndarray]],
+    *,
+    top: int | None,
+    histogram_queries: int = HISTOGRAM_QUERIES,
+    seed: int = 0,
+) -> tuple[dict[str, float | int], PerQuery | None]:
+    """The metrics, and with ``top`` the per-query results too."""
     leave_one_out = query_emb is None
     if leave_one_out != (query_labels is None):
         raise ValueError("give query_emb and query_labels together, or neither for leave-one-out")
@@ -179,15 +264,16 @@ def evaluate(
             kind = label_set.prefix.rstrip("_") or "label"
             raise ValueError(f"no query has another gallery item with the same {kind}; nothing to evaluate")
     main = label_sets[0]
-    depth = max(max(max(s.ks) for s in label_sets), int(main.relevant.max()))
+    depth = max(max(max(s.ks) for s in label_sets), int(main.relevant.max()), top or 0)
     first_hit = [np.full(len(queries), np.inf) for _ in label_sets]  # rank (0-based) of the first correct neighbour
     average_precision = np.zeros(len(queries))
+    collector = _PerQueryCollector(evaluated[0], top) if top else None
     searched = np.flatnonzero(np.logical_or.reduce(evaluated))
     if not _in_memory(gallery_emb):  # each chunk reads the whole gallery: make chunks as large as memory allows
         chunk_size = max(chunk_size, STREAMED_RESULT_BYTES // (12 * (depth + 1)))
     for start in range(0, len(searched), chunk_size):
         rows = searched[start : start + chunk_size]
-        _, ids = knn(
+        scores, ids = knn(
             gallery_emb, queries[rows], depth, query_ids=rows if leave_one_out else None, chunk_size=chunk_size
         )
         for label_set, ranks in zip(label_sets, first_hit):
@@ -197,6 +283,8 @@ def evaluate(
                 relevant = label_set.relevant[rows]
                 scored = relevant > 0
                 average_precision[rows[scored]] = _average_precision_at_r(hits[scored], relevant[scored])
+                if collector is not None:
+                    collector.add(rows[scored], hits[scored], relevant[scored], scores[scored], ids[scored])
 
     results: dict[str, float | int] = {}
     for label_set, ranks, mask in zip(label_sets, first_hit, evaluated):
@@ -207,7 +295,54 @@ def evaluate(
             results["precision@1"] = float(np.mean(ranks[mask] < 1))
         results[f"{label_set.prefix}queries"] = int(mask.sum())
         results[f"{label_set.prefix}skipped"] = int((~mask).sum())
-    return results
+    if collector is None:
+        return results, None
+    kept = collector.rows
+    sample = kept[sample_queries(len(kept), histogram_queries, seed)]
+    histogram = similarity_histogram(
+        gallery_emb,
+        main.gallery_codes,
+        queries[sample],
+        main.query_codes[sample],
+        query_ids=sample if leave_one_out else None,
+    )
+    per_query = PerQuery(
+        rows=kept,
+        label=main.query_codes[kept],
+        label_names=main.names,
+        first_correct_rank=collector.first_correct_rank,
+        relevant=main.relevant[kept],
+        ap_at_r=average_precision[kept],
+        r_precision=collector.r_precision,
+        top_ids=collector.top_ids,
+        top_scores=collector.top_scores,
+        depth=min(depth, len(gallery_emb) - leave_one_out),
+        histogram=histogram,
+    )
+    return results, per_query
+
+
+class _PerQueryCollector:
+    """Fills the per-query arrays of the evaluated queries (``mask``) chunk by chunk, keeping ``top`` results."""
+
+    def __init__(self, mask: np.ndarray, top: int) -> None:
+        self.rows = np.flatnonzero(mask)
+        self.slots = np.cumsum(mask) - 1  # query position -> row of the arrays
+        self.first_correct_rank = np.zeros(len(self.rows), dtype=np.int32)
+        self.r_precision = np.zeros(len(self.rows))
+        self.top_ids = np.full((len(self.rows), top), -1, dtype=np.int64)
+        self.top_scores = np.full((len(self.rows), top), np.nan, dtype=np.float32)
+
+    def add(
+        self, rows: np.ndarray, hits: np.ndarray, relevant: np.ndarray, scores: np.ndarray, ids: np.ndarray
+    ) -> None:
+        slots = self.slots[rows]
+        self.first_correct_rank[slots] = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)
+        within_r = np.arange(1, hits.shape[1] + 1) <= relevant[:, None]
+        self.r_precision[slots] = (hits & within_r).sum(axis=1) / relevant
+        kept = min(self.top_ids.shape[1], ids.shape[1])
+        self.top_ids[slots, :kept] = ids[:, :kept]
+        self.top_scores[slots, :kept] = scores[:, :kept]
 
 
 def _label_set(
@@ -230,10 +365,10 @@ def _label_set(
             f"{prefix}labels: {len(gallery_labels)} for {sizes[0]} gallery embeddings and "
             f"{len(query_labels)} for {sizes[1]} queries"
         )
-    _, codes = np.unique(np.concatenate([gallery_labels, query_labels]), return_inverse=True)
+    names, codes = np.unique(np.concatenate([gallery_labels, query_labels]), return_inverse=True)
     gallery_codes, query_codes = codes[: len(gallery_labels)], codes[len(gallery_labels) :]
     relevant = np.bincount(gallery_codes, minlength=codes.max() + 1)[query_codes] - int(leave_one_out)
-    return _LabelSet(prefix, gallery_codes, query_codes, relevant, ks, with_map)
+    return _LabelSet(prefix, names, gallery_codes, query_codes, relevant, ks, with_map)
 
 
 def _average_precision_at_r(hits: np.ndarray, relevant: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from catalog import load_rgb
 from retrieval.embedder import OnnxEmbedder
 from retrieval.evaluation import evaluate_gallery, format_table, save_eval
 from retrieval.gallery import Gallery, GalleryItem, GalleryMismatchError, build_gallery
+from retrieval.query_results import QueryResults
 
 CHAINS = {"red": "warm", "green": "cool", "blue": "cool"}
 
@@ -87,3 +88,26 @@ def test_queries_of_hotels_outside_any_chain_are_left_out_of_chain_recall(setup)
     similarities = query_embeddings @ setup["embeddings"].T
     expected = recall_at(similarities, [q[2] for q in queries[1:]], gallery.chains, 1)
     assert results["chain_recall@1"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("with_queries", [False, True])
+def test_per_query_results_come_with_the_same_metrics(setup, with_queries):
+    gallery = setup["gallery"]
+    queries = [(str(p), p.parent.name, CHAINS[p.parent.name]) for p in setup["queries"]] if with_queries else None
+    plain = evaluate_gallery(gallery, ks=(1, 2), queries=queries, progress=False)
+    results, per_query = evaluate_gallery(gallery, ks=(1, 2), queries=queries, progress=False, per_query_top=3)
+    drop = ("created",)
+    assert {k: v for k, v in results.items() if k not in drop} == {k: v for k, v in plain.items() if k not in drop}
+    assert "chain_recall@5" in results  # the chains are still scored
+    assert isinstance(per_query, QueryResults) and len(per_query) == results["queries"]
+    assert per_query.mode == results["mode"] and per_query.model_sha256 == gallery.manifest["model_sha256"]
+    assert per_query.top_ids.shape == (results["queries"], 3)
+    if with_queries:
+        assert (per_query.query_item == -1).all()
+        assert [p.decode() for p in per_query.query_path] == [q[0] for q in queries]
+    else:
+        assert per_query.query_item.tolist() == list(range(1, 9))  # item 0 ("lonely") is skipped
+        assert per_query.query_path.shape == (0,)
+    assert [per_query.label_of(i) for i in range(len(per_query))] == (
+        [q[1] for q in queries] if with_queries else gallery.labels[1:].tolist()
+    )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.metrics import evaluate, knn_exclude_self
+from retrieval.metrics import evaluate, evaluate_per_query, knn_exclude_self
+from retrieval.similarity_histogram import sample_queries
 
 
 def unit_vectors(rng: np.random.Generator, count: int, dim: int = 16) -> np.ndarray:
@@ -219,3 +220,155 @@ def test_streaming_keeps_memory_far_below_the_gallery(monkeypatch, tmp_path):
     tracemalloc.stop()
     assert results["queries"] > 15_000
     assert peak < on_disk.nbytes / 4, f"peak {peak / 2**20:.1f} MiB for {on_disk.nbytes / 2**20:.1f} MiB of vectors"
+
+
+# ------------------------------------------------------------------ per-query results
+def reference_per_query(gallery, gallery_labels, queries, query_labels, query_ids, top, depth, sample=None):
+    """Each evaluated query's results and the pair histogram, one query and one pair at a time in float64."""
+    expected = {key: [] for key in ("rows", "first", "relevant", "ap", "r_precision", "top_ids", "top_scores")}
+    edges = np.linspace(-1, 1, 101)
+    positive, negative = np.zeros(100, dtype=np.int64), np.zeros(100, dtype=np.int64)
+    for q, (vector, label, own_id) in enumerate(zip(queries, query_labels, query_ids)):
+        candidates = [j for j in range(len(gallery)) if j != own_id]
+        relevant = sum(1 for j in candidates if gallery_labels[j] == label)
+        if relevant == 0:
+            continue
+        scores = {j: float(np.dot(vector.astype(np.float64), gallery[j].astype(np.float64))) for j in candidates}
+        ranked = sorted(candidates, key=lambda j: -scores[j])
+        correct = [gallery_labels[j] == label for j in ranked]
+        first = next((i + 1 for i, c in enumerate(correct) if c), 0)
+        found, precision_sum = 0, 0.0
+        for i in range(relevant):
+            if correct[i]:
+                found += 1
+                precision_sum += found / (i + 1)
+        expected["rows"].append(q)
+        expected["first"].append(first if first <= depth else 0)
+        expected["relevant"].append(relevant)
+        expected["ap"].append(precision_sum / relevant)
+        expected["r_precision"].append(found / relevant)
+        shown = ranked[:top]
+        expected["top_ids"].append(shown + [-1] * (top - len(shown)))
+        expected["top_scores"].append([scores[j] for j in shown] + [np.nan] * (top - len(shown)))
+        if sample is None or q in sample:
+            for j in candidates:
+                counts = positive if gallery_labels[j] == label else negative
+                counts += np.histogram([min(max(scores[j], -1.0), 1.0)], bins=edges)[0]
+    return {key: np.array(value) for key, value in expected.items()}, positive, negative
+
+
+def assert_per_query_equal(per_query, expected, positive, negative):
+    np.testing.assert_array_equal(per_query.rows, expected["rows"])
+    np.testing.assert_array_equal(per_query.first_correct_rank, expected["first"])
+    np.testing.assert_array_equal(per_query.relevant, expected["relevant"])
+    np.testing.assert_allclose(per_query.ap_at_r, expected["ap"], atol=1e-12)
+    np.testing.assert_allclose(per_query.r_precision, expected["r_precision"], atol=1e-12)
+    np.testing.assert_array_equal(per_query.top_ids, expected["top_ids"])
+    np.testing.assert_allclose(per_query.top_scores, expected["top_scores"], atol=1e-6)  # NaN matches NaN
+    np.testing.assert_array_equal(per_query.histogram.edges, np.linspace(-1, 1, 101))
+    np.testing.assert_array_equal(per_query.histogram.positive, positive)
+    np.testing.assert_array_equal(per_query.histogram.negative, negative)
+
+
+def test_per_query_leave_one_out_matches_brute_force():
+    rng = np.random.default_rng(21)
+    gallery, labels = clustered_gallery(rng, [1, 2, 3, 5, 8, 12, 1, 4, 6, 9], spread=1.6)
+    labels = np.array([f"class-{label}" for label in labels])
+    ks = (1, 2, 4)
+    results, per_query = evaluate_per_query(gallery, labels, ks, top=6, chunk_size=7)
+    assert results == evaluate(gallery, labels, ks)  # the metrics are evaluate's
+    assert per_query.depth == 11  # the largest R
+    expected, positive, negative = reference_per_query(
+        gallery, labels, gallery, labels, range(len(gallery)), 6, per_query.depth
+    )
+    assert_per_query_equal(per_query, expected, positive, negative)
+    assert len(per_query.rows) == results["queries"] == 49 and per_query.histogram.queries == 49
+    assert (per_query.first_correct_rank == 0).any() and (per_query.first_correct_rank > 1).any()  # not degenerate
+    assert per_query.label_names[per_query.label].tolist() == labels[per_query.rows].tolist()
+    assert np.mean(per_query.ap_at_r) == pytest.approx(results["map@r"], abs=1e-12)
+    assert np.mean(per_query.first_correct_rank == 1) == pytest.approx(results["recall@1"], abs=1e-12)
+    assert positive.sum() == per_query.relevant.sum()  # every positive pair, the query itself excluded
+    assert positive.sum() + negative.sum() == 49 * (len(gallery) - 1)
+
+
+def test_per_query_with_separate_queries_and_a_gallery_smaller_than_top():
+    rng = np.random.default_rng(22)
+    gallery, gallery_labels = clustered_gallery(rng, [2, 3, 4])
+    queries, query_labels = clustered_gallery(rng, [2, 2, 2, 3])  # class 3 is not in the gallery
+    results, per_query = evaluate_per_query(
+        gallery, gallery_labels, (1, 2), query_emb=queries, query_labels=query_labels, top=12
+    )
+    assert per_query.depth == 9 and results["skipped"] == 3
+    expected, positive, negative = reference_per_query(
+        gallery, gallery_labels, queries, query_labels, [-1] * len(queries), 12, 9
+    )
+    assert_per_query_equal(per_query, expected, positive, negative)
+    assert (per_query.top_ids[:, 9:] == -1).all() and np.isnan(per_query.top_scores[:, 9:]).all()
+    assert positive.sum() + negative.sum() == 6 * len(gallery)
+
+
+def test_the_histogram_covers_a_seeded_sample_when_there_are_more_queries():
+    rng = np.random.default_rng(23)
+    gallery, labels = clustered_gallery(rng, [4, 5, 6, 7, 8])
+    _, per_query = evaluate_per_query(gallery, labels, (1,), top=3, histogram_queries=6, seed=3)
+    sample = per_query.rows[sample_queries(len(per_query.rows), 6, seed=3)]
+    assert len(sample) == 6 and per_query.histogram.queries == 6
+    expected, positive, negative = reference_per_query(
+        gallery, labels, gallery, labels, range(len(gallery)), 3, per_query.depth, sample=set(sample.tolist())
+    )
+    assert_per_query_equal(per_query, expected, positive, negative)
+    assert positive.sum() + negative.sum() == 6 * (len(gallery) - 1)
+    _, again = evaluate_per_query(gallery, labels, (1,), top=3, histogram_queries=6, seed=3)
+    _, other = evaluate_per_query(gallery, labels, (1,), top=3, histogram_queries=6, seed=4)
+    assert (again.histogram.positive == positive).all() and (other.histogram.negative != negative).any()
+
+
+def test_per_query_of_a_streamed_gallery_equals_in_memory(monkeypatch):
+    import retrieval.metrics as metrics
+    import retrieval.similarity_histogram as histogram
+
+    rng = np.random.default_rng(24)
+    vectors, all_labels = _clustered(rng, 1200)
+    gallery, labels, queries, query_labels = vectors[:1000], all_labels[:1000], vectors[1000:], all_labels[1000:]
+    for kwargs in ({}, {"query_emb": queries, "query_labels": query_labels}):
+        expected_results, expected = evaluate_per_query(gallery, labels, (1, 4), **kwargs, top=5)
+        monkeypatch.setattr(metrics, "GALLERY_BLOCK_BYTES", 4 * 16 * 90)  # blocks of 90 rows
+        monkeypatch.setattr(metrics, "STREAMED_RESULT_BYTES", 12 * 9 * 150)
+        monkeypatch.setattr(histogram, "HISTOGRAM_BLOCK_BYTES", 20_000)  # a few rows per histogram block
+        results, streamed = evaluate_per_query(CountingRows(gallery), labels, (1, 4), **kwargs, top=5, chunk_size=64)
+        monkeypatch.undo()
+        assert results == expected_results
+        for name in ("rows", "label", "first_correct_rank", "relevant", "ap_at_r", "r_precision", "top_ids"):
+            np.testing.assert_array_equal(getattr(streamed, name), getattr(expected, name), err_msg=name)
+        np.testing.assert_allclose(streamed.top_scores, expected.top_scores, atol=1e-6)
+        np.testing.assert_array_equal(streamed.histogram.positive, expected.histogram.positive)
+        np.testing.assert_array_equal(streamed.histogram.negative, expected.histogram.negative)
+        assert streamed.histogram.positive.sum() == expected.relevant.sum() > 0
+
+
+def test_per_query_memory_stays_far_below_the_gallery(monkeypatch, tmp_path):
+    """No N x N similarities (1.5 GiB here), and not even the vectors (20 MiB) held at once."""
+    import tracemalloc
+
+    import retrieval.metrics as metrics
+    import retrieval.similarity_histogram as histogram
+
+    gallery, labels = _clustered(np.random.default_rng(25), 20_000, dim=256)
+    np.save(tmp_path / "g.npy", gallery)
+    del gallery
+    monkeypatch.setattr(metrics, "GALLERY_BLOCK_BYTES", 1 << 18)
+    monkeypatch.setattr(metrics, "STREAMED_RESULT_BYTES", 1 << 18)
+    monkeypatch.setattr(histogram, "HISTOGRAM_BLOCK_BYTES", 1 << 20)
+    on_disk = np.load(tmp_path / "g.npy", mmap_mode="r")
+    tracemalloc.start()
+    results, per_query = evaluate_per_query(on_disk, labels, (1, 2), top=4, chunk_size=256, histogram_queries=300)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert results["queries"] > 15_000 and per_query.histogram.queries == 300
+    assert peak < on_disk.nbytes / 2, f"peak {peak / 2**20:.1f} MiB for {on_disk.nbytes / 2**20:.1f} MiB of vectors"
+
+
+def test_per_query_needs_top_at_least_1():
+    rng = np.random.default_rng(26)
+    with pytest.raises(ValueError, match="top must be at least 1"):
+        evaluate_per_query(unit_vectors(rng, 4), ["a", "a", "b", "b"], top=0)

@@ -20,6 +20,7 @@ from webapp.api import api
 from webapp.cache import LruCache
 from webapp.compute import ComputePool
 from webapp.errors import FORM_OVERHEAD_BYTES, drain_refused_bodies, register_error_handlers
+from webapp.eval_browser import eval_browser
 from webapp.metrics import Metrics, count_requests
 from webapp.pages import pages
 from webapp.pair_api import pair_api
@@ -84,6 +85,7 @@ def create_app(
     app.register_blueprint(pages)
     app.register_blueprint(api)
     app.register_blueprint(pair_api)
+    app.register_blueprint(eval_browser)
     register_error_handlers(app)
     drain_refused_bodies(app)
     count_requests(app, metrics)

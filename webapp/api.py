@@ -1,6 +1,7 @@
 """JSON API: search by image, gallery images, evaluation curve, health and metrics.
 
-``POST /api/search``                      multipart ``image`` [+ ``k``, ``index``] → ranked results and a query id
+``POST /api/search``                      multipart ``image`` [+ ``k``, ``index``] → ranked results and a query id;
+                                          or ``item=ID`` instead of ``image``: more like that gallery item
 ``GET  /api/items/<id>/image?index=NAME`` the gallery image of item ``id`` (default gallery without ``index``)
 ``GET  /api/evaluation/recall.png?index=NAME``  the gallery's Recall@K curve, from its eval.json
 ``GET  /healthz``                         status and the galleries served
@@ -8,7 +9,8 @@
 
 Each result's URLs carry ``index``, so they stay valid whichever gallery is
 the default; ``heatmap_url`` and ``pair_url`` carry the search's ``query_id``
-(webapp.pairs, webapp.pair_api).
+(webapp.pairs, webapp.pair_api), or for an item search ``query_item=ID``,
+which needs no state kept by the server process.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 from flask import Blueprint, Response, jsonify, request, url_for
 
@@ -25,9 +26,11 @@ from retrieval.gallery import Gallery
 from retrieval.preprocessing import preprocess
 from webapp.errors import ApiError, quoted, upload_too_large
 from webapp.evaluation import recall_curve_png
+from webapp.gallery_search import search_like_item, search_one_thread
 from webapp.item_files import item_image_response
 from webapp.metrics import milliseconds
 from webapp.pairs import ImageView, keep_query, view_of
+from webapp.params import check_item, item_id_param
 from webapp.served import settings
 
 api = Blueprint("api", __name__)
@@ -37,16 +40,25 @@ api = Blueprint("api", __name__)
 def search():
     started = time.perf_counter()
     served = settings()
-    uploads = request.files.getlist("image")
-    if not uploads:
-        raise ApiError(400, "missing file field 'image' (send the image as multipart/form-data)")
-    if len(uploads) > 1:
-        raise ApiError(400, f"one image per search: the file field 'image' holds {len(uploads)} files")
-    upload = uploads[0]
+    uploads, items = request.files.getlist("image"), request.form.getlist("item")
+    if uploads and items:
+        raise ApiError(
+            400,
+            "search by one image or by one gallery item: send the file field 'image' or the field 'item', not both",
+        )
+    if not uploads and not items:
+        raise ApiError(
+            400,
+            "missing file field 'image' (send the image as multipart/form-data), or field 'item' "
+            "(a gallery item id, to search for more like it)",
+        )
     k = _parse_k(request.form.get("k"))
     name, gallery = served.gallery(request.form.get("index"), unknown_status=400)
-
-    data = upload.read(served.max_upload_bytes + 1)
+    if items:
+        return _search_like_item(started, name, gallery, items, k)
+    if len(uploads) > 1:
+        raise ApiError(400, f"one image per search: the file field 'image' holds {len(uploads)} files")
+    data = uploads[0].read(served.max_upload_bytes + 1)
     if len(data) > served.max_upload_bytes:
         raise ApiError(413, upload_too_large(served.max_upload_bytes))
     try:
@@ -58,25 +70,58 @@ def search():
         served.metrics.observe(stage, seconds)
     with served.metrics.timed("render", timings):
         query_id = keep_query(served.queries, name, query.view)
-        results = [
-            {
-                "id": item_id,
-                "score": score,
-                "label": gallery.items[item_id].label,
-                "image_url": url_for("api.item_image", item_id=item_id, index=name),
-                "heatmap_url": url_for("pair_api.heatmap", query=query_id, item=item_id, index=name),
-                "pair_url": url_for("pages.pair", query=query_id, item=item_id, index=name),
-            }
-            for score, item_id in zip(query.scores[0].tolist(), query.ids[0].tolist())
-            if item_id >= 0  # FAISS pads with -1 when an approximate index finds fewer than k
-        ]
+        results = _results(name, gallery, query.scores[0], query.ids[0], {"query": query_id})
+    return _search_response(started, results, name, timings, query_id=query_id, query_item=None)
+
+
+def _search_like_item(started: float, name: str, gallery: Gallery, items: list[str], k: int) -> Response:
+    """The search for more like gallery item ``items[0]`` (its stored vector; the item itself left out)."""
+    served = settings()
+    if len(items) > 1:
+        raise ApiError(400, f"one item per search: the field 'item' is given {len(items)} times")
+    item = item_id_param("item", items[0])
+    check_item(name, gallery, item)
+    timings: dict[str, float] = {}
+    with served.metrics.timed("search", timings):
+        scores, ids = served.compute.run(search_like_item, gallery, item, k)
+    with served.metrics.timed("render", timings):
+        results = _results(name, gallery, scores, ids, {"query_item": item})
+    return _search_response(started, results, name, timings, query_id=None, query_item=item_json(name, gallery, item))
+
+
+def _results(name: str, gallery: Gallery, scores: np.ndarray, ids: np.ndarray, query: dict) -> list[dict]:
+    """A search's results as JSON; ``query`` names the query in their heatmap and pair URLs."""
+    return [
+        {
+            "id": item_id,
+            "score": score,
+            "label": gallery.items[item_id].label,
+            "image_url": url_for("api.item_image", item_id=item_id, index=name),
+            "heatmap_url": url_for("pair_api.heatmap", **query, item=item_id, index=name),
+            "pair_url": url_for("pages.pair", **query, item=item_id, index=name),
+        }
+        for score, item_id in zip(scores.tolist(), ids.tolist())
+        if item_id >= 0  # FAISS pads with -1 when an approximate index finds fewer than k
+    ]
+
+
+def _search_response(started: float, results: list[dict], name: str, timings: dict[str, float], **query) -> Response:
     timings["total"] = time.perf_counter() - started
     return jsonify(
         results=results,
         index=name,
-        query_id=query_id,
+        **query,
         timings_ms={stage: milliseconds(seconds) for stage, seconds in timings.items()},
     )
+
+
+def item_json(name: str, gallery: Gallery, item: int) -> dict:
+    """A gallery item's id, label and image URL, as the JSON API describes an item."""
+    return {
+        "id": item,
+        "label": gallery.items[item].label,
+        "image_url": url_for("api.item_image", item_id=item, index=name),
+    }
 
 
 @api.get("/api/items/<int:item_id>/image")
@@ -151,27 +196,10 @@ def embed_and_search(data: bytes, gallery: Gallery, k: int, max_pixels: int) -> 
     del image
     embeddings, maps = gallery.embedder.embed_pixels_with_maps(pixels[None])
     embedded = time.perf_counter()
-    scores, ids = _search_one_thread(gallery, embeddings, k)
+    scores, ids = search_one_thread(gallery, embeddings, k)
     searched = time.perf_counter()
     timings = {"decode": decoded - started, "embed": embedded - decoded, "search": searched - embedded}
     return SearchedQuery(view_of(pixels, embeddings[0], maps[0], gallery), scores, ids, timings)
-
-
-def _search_one_thread(gallery: Gallery, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``gallery.search`` with one OpenMP thread in this request thread.
-
-    FAISS spreads even a single query over every core with OpenMP. On a server
-    the other cores are busy (ONNX Runtime, other requests), and waiting for
-    those threads made one search of 10,000 × 512 take about 16 ms instead of
-    0.4 ms (benchmarks/results/search_latency.md). OpenMP's thread count is a
-    per-thread setting, restored afterwards.
-    """
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        return gallery.search(queries, k)
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 def _parse_k(raw: str | None) -> int:

@@ -36,6 +36,7 @@ import catalog
 from retrieval.gallery import Gallery
 from retrieval.image_roots import is_inside
 from webapp.errors import ApiError
+from webapp.params import check_item
 from webapp.served import settings
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,7 @@ def opened_item_file(name: str, gallery: Gallery, item_id: int) -> Iterator[Open
 
     A relative path in items.csv is relative to the working directory, as ``sct index`` wrote it.
     """
-    if not 0 <= item_id < len(gallery.items):
-        raise ApiError(404, f"no item {item_id} in gallery {name!r} ({len(gallery.items)} items)")
+    check_item(name, gallery, item_id)
     path = os.path.abspath(gallery.items[item_id].path)  # from items.csv only, never from the request
     try:
         with open_image_file(path, gallery.manifest["image_roots"]) as file:

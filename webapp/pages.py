@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, render_template, request, url_for
 
+from webapp.eval_browser import evaluation_section
 from webapp.evaluation import manifest_rows, read_eval, recall_curves, summary_rows
 from webapp.pair_api import pair_urls
 from webapp.pairs import requested_pair
@@ -27,11 +28,14 @@ def index():
 @pages.get("/pair")
 def pair():
     pair = requested_pair(settings(), request.args)
+    query_item = pair.query_item
     return render_template(
         "pair.html",
         pair=pair,
         item_image_url=url_for("api.item_image", item_id=pair.item_id, index=pair.index),
-        **pair_urls(pair, request.args["query"]),
+        query_label=None if query_item is None else pair.gallery.items[query_item].label,
+        query_image_url=None if query_item is None else url_for("api.item_image", item_id=query_item, index=pair.index),
+        **pair_urls(pair),
     )
 
 
@@ -53,4 +57,5 @@ def evaluation():
         curves=recall_curves(results) if results else [],
         summary=summary_rows(results) if results else [],
         problem=problem,
+        queries=evaluation_section(name, gallery, evaluated=results is not None),
     )

@@ -4,7 +4,9 @@
 ``GET /api/heatmap?query=QID&item=ID[&index=NAME][&side=item]``  PNG heatmap of the item (or ``side=query``) side
 
 ``QID`` is the ``query_id`` of a search response; ``index`` defaults to the
-gallery that search ran in. Both sides share one colour scale.
+gallery that search ran in. Instead of ``query=QID``, ``query_item=ID`` makes
+another item of the gallery the query (``index`` then defaults to the default
+gallery). Both sides share one colour scale.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from retrieval.heatmaps import render_heatmap
+from webapp.api import item_json
 from webapp.errors import ApiError, quoted
 from webapp.pairs import Pair, requested_pair
 from webapp.served import settings
@@ -23,19 +26,17 @@ SIDES = ("item", "query")
 @pair_api.get("/api/pair")
 def pair():
     pair = requested_pair(settings(), request.args)
+    gallery = pair.gallery
     return jsonify(
-        query_id=request.args["query"],
+        query_id=pair.query_id,
+        query_item=None if pair.query_item is None else item_json(pair.index, gallery, pair.query_item),
         index=pair.index,
-        item={
-            "id": pair.item_id,
-            "label": pair.label,
-            "image_url": url_for("api.item_image", item_id=pair.item_id, index=pair.index),
-        },
+        item=item_json(pair.index, gallery, pair.item_id),
         cosine=pair.cosine,
         query_cells=pair.query_cells.tolist(),
         item_cells=pair.item_cells.tolist(),
         scale=pair.limit,
-        **pair_urls(pair, request.args["query"]),
+        **pair_urls(pair),
     )
 
 
@@ -52,9 +53,9 @@ def heatmap():
     return Response(png, mimetype="image/png")
 
 
-def pair_urls(pair: Pair, query_id: str) -> dict[str, str]:
+def pair_urls(pair: Pair) -> dict[str, str]:
     """The URLs of a pair's two heatmaps and of its page."""
-    names = {"query": query_id, "item": pair.item_id, "index": pair.index}
+    names = {**pair.query_ref, "item": pair.item_id, "index": pair.index}
     return {
         "query_heatmap_url": url_for("pair_api.heatmap", **names, side="query"),
         "item_heatmap_url": url_for("pair_api.heatmap", **names, side="item"),

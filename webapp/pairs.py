@@ -5,7 +5,9 @@ model saw) in a bounded LRU under a random query id, so that heatmaps can be
 drawn after the response went out. A gallery item's view is computed on
 demand by embedding its image file, found by id through items.csv, with the
 gallery's own model, and cached by (model, file) for the few requests of one
-pair view.
+pair view. The query of a pair can also be a gallery item (``query_item``):
+its view is made the same way, so such a pair needs no state kept by the
+server process and any worker answers it.
 
 The functions take the served state they use (``SearchSettings``, or just its
 kept queries) as arguments, so that they also run outside a Flask request; the
@@ -14,7 +16,6 @@ views pass in their app's settings.
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,9 +30,8 @@ from retrieval.preprocessing import preprocess
 from webapp.cache import LruCache
 from webapp.errors import ApiError, quoted
 from webapp.item_files import opened_item_file
+from webapp.params import check_item, item_id_param
 from webapp.served import SearchSettings
-
-_ITEM_ID = re.compile(r"[0-9]{1,18}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,14 @@ class Pair:
     query_cells: np.ndarray  # [h, w], sums to the cosine
     item_cells: np.ndarray  # [h, w], sums to the cosine
     limit: float  # the colour scale ±limit shared by both heatmaps
+    gallery: Gallery  # the version of gallery ``index`` compared in
+    query_id: str | None  # the kept query's id, or None when the query is a gallery item
+    query_item: int | None  # the gallery item that is the query, or None for a kept query
+
+    @property
+    def query_ref(self) -> dict[str, str | int]:
+        """How URLs name the query: ``{"query": QID}`` or ``{"query_item": ID}``."""
+        return {"query": self.query_id} if self.query_id is not None else {"query_item": self.query_item}
 
     @property
     def cosine(self) -> float:
@@ -73,14 +81,25 @@ def view_of(pixels: np.ndarray, embedding: np.ndarray, feature_map: np.ndarray, 
 
 
 def requested_pair(served: SearchSettings, args: Mapping[str, str]) -> Pair:
-    """The pair named by the request parameters ``query``, ``item`` and ``index`` (default: the query's gallery)."""
-    raw_item = args.get("item")
-    if raw_item is None or not _ITEM_ID.fullmatch(raw_item):
-        got = "nothing" if raw_item is None else quoted(raw_item)
-        raise ApiError(400, f"parameter 'item' must be a gallery item id (an integer from 0), got {got}")
+    """The pair named by the request parameters ``item``, ``index`` and one of ``query`` (a kept query's id;
+    ``index`` defaults to the gallery it was searched in) or ``query_item`` (an item of the same gallery;
+    ``index`` defaults to the default gallery)."""
+    item = item_id_param("item", args.get("item"))
+    if args.get("query_item") is not None:
+        if args.get("query") is not None:
+            raise ApiError(
+                400,
+                "give one query: parameter 'query' (a search's query_id) or 'query_item' "
+                "(a gallery item id), not both",
+            )
+        query_item = item_id_param("query_item", args["query_item"])
+        name, gallery = served.gallery(args.get("index"), unknown_status=404)
+        check_item(name, gallery, query_item)
+        query = item_view(served, name, gallery, query_item)
+        return compare(served, query, name, gallery, item, query_item=query_item)
     searched_in, query = kept_query(served.queries, args.get("query"))
     name, gallery = served.gallery(args.get("index") or searched_in, unknown_status=404)
-    return compare(served, query, name, gallery, int(raw_item))
+    return compare(served, query, name, gallery, item, query_id=args["query"])
 
 
 def keep_query(queries: LruCache[str, tuple[str, ImageView]], name: str, view: ImageView) -> str:
@@ -94,7 +113,10 @@ def keep_query(queries: LruCache[str, tuple[str, ImageView]], name: str, view: I
 def kept_query(queries: LruCache[str, tuple[str, ImageView]], query_id: str | None) -> tuple[str, ImageView]:
     """The gallery name and view of a query kept in ``queries``."""
     if not query_id:
-        raise ApiError(400, "missing parameter 'query' (the query_id of a search response)")
+        raise ApiError(
+            400,
+            "missing parameter 'query' (the query_id of a search response), or 'query_item' (a gallery item id)",
+        )
     kept = queries.get(query_id)
     if kept is None:
         raise ApiError(
@@ -105,8 +127,20 @@ def kept_query(queries: LruCache[str, tuple[str, ImageView]], query_id: str | No
     return kept
 
 
-def compare(served: SearchSettings, query: ImageView, name: str, gallery: Gallery, item_id: int) -> Pair:
-    """The pair of a kept query and gallery item ``item_id``; the query must come from the gallery's model."""
+def compare(
+    served: SearchSettings,
+    query: ImageView,
+    name: str,
+    gallery: Gallery,
+    item_id: int,
+    *,
+    query_id: str | None = None,
+    query_item: int | None = None,
+) -> Pair:
+    """The pair of a query and gallery item ``item_id``. The query is the kept query ``query_id`` or the gallery
+    item ``query_item`` (one of them, for the pair's URLs) and must come from the gallery's model."""
+    if (query_id is None) == (query_item is None):
+        raise ValueError("a pair's query is either a kept query (query_id) or a gallery item (query_item)")
     if query.model_sha256 != gallery.manifest["model_sha256"]:
         raise ApiError(
             409,
@@ -117,7 +151,8 @@ def compare(served: SearchSettings, query: ImageView, name: str, gallery: Galler
     query_cells = contribution_grid(query.feature_map, item.embedding)
     item_cells = contribution_grid(item.feature_map, query.embedding)
     limit = symmetric_limit(query_cells, item_cells)
-    return Pair(name, item_id, gallery.items[item_id].label, query, item, query_cells, item_cells, limit)
+    label = gallery.items[item_id].label
+    return Pair(name, item_id, label, query, item, query_cells, item_cells, limit, gallery, query_id, query_item)
 
 
 def item_view(served: SearchSettings, name: str, gallery: Gallery, item_id: int) -> ImageView:

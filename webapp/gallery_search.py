@@ -1,0 +1,57 @@
+"""Searching a served gallery's FAISS index in a request: with one OpenMP thread, by an embedded query or by the
+stored vector of one of its own items ("more like this").
+
+An item search needs no image and no model run: the item's vector is read back
+from the index (``Gallery.vectors``, as ``sct eval`` reads it; for IVF-PQ its
+quantised reconstruction) and searched like an uploaded query's, and the item
+itself is left out of its results.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import faiss
+import numpy as np
+
+from retrieval.gallery import Gallery, StoredVectors
+
+#: Each gallery's StoredVectors, made once: for an IVF index it builds the index's id → list map.
+_stored: weakref.WeakKeyDictionary[Gallery, StoredVectors] = weakref.WeakKeyDictionary()
+_stored_lock = threading.Lock()
+
+
+def search_one_thread(gallery: Gallery, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``gallery.search`` with one OpenMP thread in this request thread.
+
+    FAISS spreads even a single query over every core with OpenMP. On a server
+    the other cores are busy (ONNX Runtime, other requests), and waiting for
+    those threads made one search of 10,000 × 512 take about 16 ms instead of
+    0.4 ms (benchmarks/results/search_latency.md). OpenMP's thread count is a
+    per-thread setting, restored afterwards.
+    """
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return gallery.search(queries, k)
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def stored_vector(gallery: Gallery, item_id: int) -> np.ndarray:
+    """The vector [1, d] that the gallery's index holds for item ``item_id`` (0 <= item_id < count)."""
+    with _stored_lock:  # one request builds an IVF index's direct map; the others wait for it
+        vectors = _stored.get(gallery)
+        if vectors is None:
+            vectors = _stored[gallery] = gallery.vectors()
+    return vectors[np.array([item_id], dtype=np.int64)]
+
+
+def search_like_item(gallery: Gallery, item_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` items nearest to item ``item_id``'s stored vector, best first, the item itself left out:
+    scores [k'] and ids [k'], k' <= k (fewer when the gallery is smaller or an approximate index finds fewer).
+    Runs in a compute slot (webapp.compute)."""
+    scores, ids = search_one_thread(gallery, stored_vector(gallery, item_id), k + 1)
+    keep = (ids[0] != item_id) & (ids[0] >= 0)  # FAISS pads with -1 when an approximate index finds fewer
+    return scores[0][keep][:k], ids[0][keep][:k]
