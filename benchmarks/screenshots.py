@@ -13,16 +13,13 @@ The query should not be in the gallery, or the first result is the query itself 
     python -m benchmarks.screenshots --index index_data/fashion-mnist --query shoe.png --result 2 --out /tmp/shots
     python -m benchmarks.screenshots --index index_data/cub --query bird.jpg --width 1400 --height 900 --k 8
 
-The README's screenshots (docs/images/search.png and pair.png) show the 51 unseen test classes of the glyphs set,
-embedded by the SCT model (seed 1) of the zero-shot study, with one test image (a "g") held out of the gallery:
+The README's screenshots (docs/images/search.png, pair.png and eval-query.png) show the demo's gallery (the
+10,000 Fashion-MNIST test images, `sct demo --no-serve`), a training image of a bag as the query, and the rank
+list of query row 145, a shirt that fails at Recall@1:
 
-    python -m benchmarks.zero_shot_sets glyphs --per-class 60 --out data/glyphs
-    python -m benchmarks.zero_shot_study --set glyphs=data/glyphs --losses sct --seeds 1 --out runs/zero-shot
-    sct export --checkpoint runs/zero-shot/glyphs/sct-seed1/best.pt --out runs/zero-shot/glyphs/sct-seed1/model.onnx
-    mkdir -p gallery && for c in $(grep ',test' data/glyphs/split.csv | cut -d, -f2 | sort -u); do
-        cp -r data/glyphs/$c gallery/; done && mv gallery/027-U0067/00.png g.png
-    sct index --model runs/zero-shot/glyphs/sct-seed1/model.onnx --images gallery --out index_data/glyphs
-    python -m benchmarks.screenshots --index index_data/glyphs --query g.png --k 7 --full-page --height 400
+    sct demo --no-serve
+    python -m benchmarks.screenshots --index index_data/fashion-mnist \
+        --query data/fashion-mnist/images/train/Bag/00100.png --k 8 --eval-query 145
 """
 
 from __future__ import annotations
@@ -70,8 +67,9 @@ def save_png(data: bytes, path: Path, colors: int) -> int:
     return path.stat().st_size
 
 
-def take(base_url: str, query: Path, result: int, args: argparse.Namespace) -> tuple[bytes, bytes]:
-    """Search with `query`, then open result number `result` (1 = the first); the two pages' screenshots."""
+def take(base_url: str, query: Path, result: int, args: argparse.Namespace) -> tuple[bytes, bytes, bytes | None]:
+    """Search with `query`, then open result number `result` (1 = the first); the two pages' screenshots, and with
+    ``--eval-query`` the evaluation browser's rank list of that query row."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -98,9 +96,16 @@ def take(base_url: str, query: Path, result: int, args: argparse.Namespace) -> t
                 f"['#query-heatmap', '#item-heatmap'].every(s => ({LOADED})(document.querySelector(s)))"
             )
             pair = page.screenshot(full_page=args.full_page)
+            rank_list = None
+            if args.eval_query is not None:  # one evaluation query's rank list, marked correct and wrong
+                page.goto(f"{base_url}/evaluation/query?index={args.index.name}&row={args.eval_query}")
+                page.wait_for_function(
+                    f"() => [...document.querySelectorAll('#rank-list img, #query-image')].every({LOADED})"
+                )
+                rank_list = page.screenshot(full_page=args.full_page)
         finally:
             browser.close()
-    return search, pair
+    return search, pair, rank_list
 
 
 def main() -> int:
@@ -116,9 +121,15 @@ def main() -> int:
         "--out",
         type=Path,
         default=ROOT / "docs" / "images",
-        help="folder for search.png and pair.png (default: docs/images)",
+        help="folder for search.png, pair.png (and eval-query.png) (default: docs/images)",
     )
     parser.add_argument("--k", type=int, default=10, help="results to show (default: 10)")
+    parser.add_argument(
+        "--eval-query",
+        type=int,
+        metavar="ROW",
+        help="also save eval-query.png: the rank list of row ROW of the gallery's evaluation (run sct eval first)",
+    )
     parser.add_argument("--width", type=int, default=1200, help="viewport width in px (default: 1200)")
     parser.add_argument("--height", type=int, default=800, help="viewport height in px (default: 800)")
     parser.add_argument("--full-page", action="store_true", help="capture the whole page, not just the viewport")
@@ -137,8 +148,10 @@ def main() -> int:
             print(f"error: no {what}: {path} not found", file=sys.stderr)
             return 2
     with serving(args.index, args.k) as base_url:
-        search, pair = take(base_url, args.query, args.result, args)
-    for name, data in (("search.png", search), ("pair.png", pair)):
+        search, pair, rank_list = take(base_url, args.query, args.result, args)
+    for name, data in (("search.png", search), ("pair.png", pair), ("eval-query.png", rank_list)):
+        if data is None:
+            continue
         size = save_png(data, args.out / name, args.colors)
         print(f"wrote {args.out / name}: {size / 1024:.0f} KiB")
     return 0

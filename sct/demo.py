@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ Examples:
   sct demo --port 8080
 
 Steps, each an ordinary sct command (printed as it runs):
-  1. sct train  on the 60,000 training images (small ResNet at 32 px on CPU, CUDA when present)
+  1. sct train  on the 60,000 training images (the first two stages of a ResNet-18 at 32 px, so that
+                similarity heatmaps have 4×4 cells; on CPU, or CUDA when present)
   2. sct export to ONNX
   3. sct index  the 10,000 test images as the gallery
   4. sct eval   leave-one-out Recall@K on that gallery
@@ -109,12 +111,14 @@ def _summary(args: argparse.Namespace, timings: dict[str, float]) -> None:
     from retrieval.metrics import evaluate
 
     learned = json.loads((Path(args.index_out) / "eval.json").read_text())
+    side = heatmap_grid_side(f"{args.run}/model.onnx")
     images, labels = load_arrays(args.data_root)["test"]
     raw = evaluate(raw_pixel_embeddings(images), labels, ks=(1,))
     summary = {
         "recall@1": learned["recall@1"],
         "raw_pixel_recall@1": raw["recall@1"],
         "queries": learned["queries"],
+        "heatmap_grid": [side, side],
         "seconds": timings,
     }
     atomic_write_text(Path(args.run) / "demo.json", json.dumps(summary, indent=2))
@@ -123,3 +127,16 @@ def _summary(args: argparse.Namespace, timings: dict[str, float]) -> None:
     print(f"  training took        {timings['train']:.0f} s  ({others})")
     print(f"  Recall@1, learned    {learned['recall@1']:.4f}  (leave-one-out over {learned['queries']:,} test images)")
     print(f"  Recall@1, raw pixels {raw['recall@1']:.4f}  (cosine kNN on the same gallery)")
+    print(f"  heatmap grid         {side}×{side} cells  (the pair view of any result shows which cells match)")
+
+
+def heatmap_grid_side(model: str) -> int:
+    """The side of the feature grid that an exported model gives at its own crop size."""
+    import numpy as np
+
+    from retrieval.embedder import OnnxEmbedder
+
+    embedder = OnnxEmbedder(model)
+    size = embedder.preprocessing.image_size
+    _, maps = embedder.embed_pixels_with_maps(np.zeros((1, 3, size, size), np.float32))
+    return math.isqrt(maps.shape[1])

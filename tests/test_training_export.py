@@ -133,3 +133,10 @@ def test_embedder_matches_the_trainers_evaluation_path(exported, tmp_path: Path)
     with torch.no_grad():
         expected, _ = model.embed_with_map(torch.stack([transform(load_rgb(f)) for f in files]))
     assert np.abs(result.embeddings - expected.numpy()).max() <= 1e-4
+
+
+def test_the_demo_summary_reads_the_grid_of_the_exported_model(exported) -> None:
+    from sct.demo import heatmap_grid_side
+
+    path, model = exported
+    assert heatmap_grid_side(str(path)) == model.grid_side
