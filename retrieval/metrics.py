@@ -310,7 +310,7 @@ def _evaluate(
         rows=kept,
         label=main.query_codes[kept],
         label_names=main.names,
-        first_correct_rank=collector.first_correct_rank,
+        first_correct_rank=np.where(np.isfinite(first_hit[0][kept]), first_hit[0][kept] + 1, 0).astype(np.int32),
         relevant=main.relevant[kept],
         ap_at_r=average_precision[kept],
         r_precision=collector.r_precision,
@@ -328,7 +328,6 @@ class _PerQueryCollector:
     def __init__(self, mask: np.ndarray, top: int) -> None:
         self.rows = np.flatnonzero(mask)
         self.slots = np.cumsum(mask) - 1  # query position -> row of the arrays
-        self.first_correct_rank = np.zeros(len(self.rows), dtype=np.int32)
         self.r_precision = np.zeros(len(self.rows))
         self.top_ids = np.full((len(self.rows), top), -1, dtype=np.int64)
         self.top_scores = np.full((len(self.rows), top), np.nan, dtype=np.float32)
@@ -337,7 +336,6 @@ class _PerQueryCollector:
         self, rows: np.ndarray, hits: np.ndarray, relevant: np.ndarray, scores: np.ndarray, ids: np.ndarray
     ) -> None:
         slots = self.slots[rows]
-        self.first_correct_rank[slots] = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)
         within_r = np.arange(1, hits.shape[1] + 1) <= relevant[:, None]
         self.r_precision[slots] = (hits & within_r).sum(axis=1) / relevant
         kept = min(self.top_ids.shape[1], ids.shape[1])
