@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -31,11 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import torch
 
 from benchmarks.recording import append_row, machine, now_utc, this_command
+from sct.demo import heatmap_grid_side
 from training.model import EmbeddingNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +64,9 @@ LAYOUTS: dict[str, tuple[list[str], int, int, int]] = {
 BATCH = 120
 
 
-def step_milliseconds(names: list[str], rounds: int, steps: int) -> dict[str, float]:
-    """Median ms of one training step per layout, the layouts interleaved round by round."""
+def step_milliseconds(names: list[str], rounds: int, steps: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Median ms of one training step per layout, the layouts interleaved round by round; and the side of each
+    layout's feature grid at its crop size."""
     torch.manual_seed(0)
     setups = {}
     for name in names:
@@ -83,18 +84,17 @@ def step_milliseconds(names: list[str], rounds: int, steps: int) -> dict[str, fl
                 optimizer.step()
                 if round_:  # the first round warms up
                     times[name].append(time.perf_counter() - started)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}
-
-
-def grid_side(model_path: Path, size: int) -> int:
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    _, feature_map = session.run(None, {"image": np.zeros((1, 3, size, size), np.float32)})
-    return int(round(feature_map.shape[1] ** 0.5))
+    sides = {}
+    for name, (model, _, images) in setups.items():
+        with torch.no_grad():
+            _, projected = model.eval().embed_with_map(images[:1])
+        sides[name] = math.isqrt(projected.shape[1])
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}, sides
 
 
 def run_demo(name: str, data_root: str, scratch: Path) -> dict[str, float]:
     """Train, export, index and evaluate one layout as `sct demo` does; returns its figures."""
-    flags, _, _, size = LAYOUTS[name]
+    flags = LAYOUTS[name][0]
     run, index = scratch / name, scratch / f"{name}-index"
     sct = [sys.executable, "-m", "sct"]
     started = time.perf_counter()
@@ -118,7 +118,7 @@ def run_demo(name: str, data_root: str, scratch: Path) -> dict[str, float]:
         "train_s": trained,
         "recall@1": results["recall@1"],
         "map@r": results["map@r"],
-        "grid": grid_side(model, size),
+        "grid": heatmap_grid_side(str(model)),
     }
 
 
@@ -136,14 +136,13 @@ def main() -> int:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     names = list(dict.fromkeys(["old", *args.layouts]))  # the ratio's baseline is always timed
-    step_ms = step_milliseconds(names, args.rounds, steps=3)
+    step_ms, sides = step_milliseconds(names, args.rounds, steps=3)
     trained = [] if args.steps_only else [name for name in (args.train or args.layouts) if name in names]
     with tempfile.TemporaryDirectory() as scratch:
         figures = {name: run_demo(name, args.data_root, Path(scratch)) for name in trained}
     for name in args.layouts:
-        flags, stages, stride, size = LAYOUTS[name]
-        output_stride = 32 >> (4 - stages) >> (2 - stride)
-        side = figures[name]["grid"] if name in figures else -(-size // output_stride)
+        flags = LAYOUTS[name][0]
+        side = figures[name]["grid"] if name in figures else sides[name]
         row = [
             now_utc(),
             this_command("benchmarks.demo_layouts"),
