@@ -78,5 +78,8 @@ def test_sct_recall_on_unseen_classes_rises(tmp_path: Path) -> None:
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
     ]
     assert after["queries"] == CLASSES // 2 * PER_CLASS
-    assert after["recall@1"] >= before["recall@1"] + 0.05, (before, after)
+    # Seeds 0-3 on 1 and 2 CPU threads (whose fp32 sums differ, and 36 steps carry that far): Recall@1 rose by
+    # 0.03 to 0.22 from 0.66-0.74, MAP@R by 1.7× to 2.5× from 0.18-0.23. MAP@R, over every relevant item, is
+    # the steadier of the two; Recall@1 at initialisation is already high on these classes.
+    assert after["recall@1"] > before["recall@1"], (before, after)
     assert after["map@r"] >= 1.5 * before["map@r"], (before, after)

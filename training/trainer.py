@@ -33,7 +33,7 @@ from training.evaluator import Evaluator
 from training.htl_schedule import HTLSchedule
 from training.losses import SCTLoss, build_loss, warm_start_weight
 from training.model import build_model
-from training.precision import autocast, autocast_dtype
+from training.precision import autocast, training_autocast_dtype
 from training.run_folder import LAST, RunFolder
 from training.sampler import HTLBatchSampler, PKBatchSampler
 from training.shared_embedding import SharedEmbedder, UnreadableImages
@@ -161,7 +161,11 @@ class Trainer:
         # it; training steps go through self.train_model: DistributedDataParallel around it when several train,
         # torch.compile around that with --compile. They share the parameters.
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
-        self.amp_dtype = autocast_dtype(self.device, config.precision)
+        self.amp_dtype, precision_note = training_autocast_dtype(
+            self.model, self.device, config.precision, config.image_size
+        )
+        if precision_note:
+            self._say(precision_note)
         self.unreadable = UnreadableImages()
         embed = SharedEmbedder(
             self.spec,
