@@ -327,7 +327,7 @@ def _search(args: argparse.Namespace) -> int:
             continue
         scores, ids = gallery.search(gallery.embedder.embed_images([image]), args.k)
         rows = [
-            (rank, f"{score:.4f}", gallery.items[item].label, item, gallery.items[item].path)
+            (rank, f"{score:.4f}", gallery.item(item).label, item, gallery.item(item).path)
             for rank, (score, item) in enumerate(zip(scores[0], ids[0].tolist()), start=1)
         ]
         print(f"query: {path}")

@@ -231,6 +231,17 @@ class Gallery:
         _check_probe(manifest["probe_embedding"], probe_embedding)
         return cls(directory, manifest, items, index, embedder)
 
+    def has_item(self, item_id: int) -> bool:
+        """Whether the gallery holds an item with id ``item_id``."""
+        return self.items.row_of(item_id) is not None
+
+    def item(self, item_id: int) -> GalleryItem:
+        """The item with id ``item_id`` (KeyError when there is none; ``has_item`` asks first)."""
+        row = self.items.row_of(item_id)
+        if row is None:
+            raise KeyError(f"no item {item_id} in gallery {self.name!r}")
+        return self.items[row]
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner-product neighbours: scores [M, k'] and ids [M, k'] (int64), k' = min(k, count)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -111,6 +111,15 @@ class ItemTable(Sequence):
 
     __hash__ = None  # mutable-looking sequences compare by value
 
+    @property
+    def ids(self) -> np.ndarray:
+        """Every row's item id, ascending (int64)."""
+        return np.arange(len(self), dtype=np.int64)
+
+    def row_of(self, item_id: int) -> int | None:
+        """The row of the item with id ``item_id``, or None when the table has no such item."""
+        return item_id if 0 <= item_id < len(self) else None
+
     def label_array(self) -> np.ndarray:
         """Every row's label, as a numpy str array."""
         return np.array(self._labels, dtype=str)[self._label_codes]

@@ -95,7 +95,7 @@ def _results(name: str, gallery: Gallery, scores: np.ndarray, ids: np.ndarray, q
         {
             "id": item_id,
             "score": score,
-            "label": gallery.items[item_id].label,
+            "label": gallery.item(item_id).label,
             "image_url": url_for("api.item_image", item_id=item_id, index=name),
             "heatmap_url": url_for("pair_api.heatmap", **query, item=item_id, index=name),
             "pair_url": url_for("pages.pair", **query, item=item_id, index=name),
@@ -119,7 +119,7 @@ def item_json(name: str, gallery: Gallery, item: int) -> dict:
     """A gallery item's id, label and image URL, as the JSON API describes an item."""
     return {
         "id": item,
-        "label": gallery.items[item].label,
+        "label": gallery.item(item).label,
         "image_url": url_for("api.item_image", item_id=item, index=name),
     }
 

@@ -91,7 +91,7 @@ def opened_item_file(name: str, gallery: Gallery, item_id: int) -> Iterator[Open
     A relative path in items.csv is relative to the working directory, as ``sct index`` wrote it.
     """
     check_item(name, gallery, item_id)
-    path = os.path.abspath(gallery.items[item_id].path)  # from items.csv only, never from the request
+    path = os.path.abspath(gallery.item(item_id).path)  # from items.csv only, never from the request
     try:
         with open_image_file(path, gallery.manifest["image_roots"]) as file:
             status = os.fstat(file.fileno())

@@ -33,7 +33,7 @@ def pair():
         "pair.html",
         pair=pair,
         item_image_url=url_for("api.item_image", item_id=pair.item_id, index=pair.index),
-        query_label=None if query_item is None else pair.gallery.items[query_item].label,
+        query_label=None if query_item is None else pair.gallery.item(query_item).label,
         query_image_url=None if query_item is None else url_for("api.item_image", item_id=query_item, index=pair.index),
         **pair_urls(pair),
     )

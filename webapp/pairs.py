@@ -151,7 +151,7 @@ def compare(
     query_cells = contribution_grid(query.feature_map, item.embedding)
     item_cells = contribution_grid(item.feature_map, query.embedding)
     limit = symmetric_limit(query_cells, item_cells)
-    label = gallery.items[item_id].label
+    label = gallery.item(item_id).label
     return Pair(name, item_id, label, query, item, query_cells, item_cells, limit, gallery, query_id, query_item)
 
 

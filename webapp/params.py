@@ -27,5 +27,5 @@ def item_id_param(parameter: str, raw: str | None) -> int:
 
 def check_item(name: str, gallery: Gallery, item: int) -> None:
     """ApiError 404 unless gallery ``name`` has an item ``item``."""
-    if not 0 <= item < len(gallery.items):
+    if not gallery.has_item(item):
         raise ApiError(404, f"no item {item} in gallery {name!r} ({len(gallery.items)} items)")

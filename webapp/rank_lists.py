@@ -49,7 +49,7 @@ def query_row(results: QueryResults, row: int, name: str, gallery: Gallery, top:
     """Row ``row`` with its first ``top`` results (all those the file keeps when None)."""
     label = results.label_of(row)
     query_item = int(results.query_item[row])
-    query_item = query_item if 0 <= query_item < len(gallery.items) else None
+    query_item = query_item if gallery.has_item(query_item) else None
     query_path = results.query_path[row].decode("utf-8", "replace") if results.mode == "queries" else None
     ids, scores = results.top_ids[row, :top], results.top_scores[row, :top]
     ranked = [
@@ -76,9 +76,9 @@ def query_row(results: QueryResults, row: int, name: str, gallery: Gallery, top:
 def _ranked(
     rank: int, item: int, score: float, query_label: str, query_item: int | None, name: str, gallery: Gallery
 ) -> RankedResult:
-    if not item < len(gallery.items):
+    if not gallery.has_item(item):
         return RankedResult(rank, item, score, None, False, None, None, None)
-    label = gallery.items[item].label
+    label = gallery.item(item).label
     return RankedResult(
         rank=rank,
         id=item,
