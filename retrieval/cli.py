@@ -6,18 +6,20 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import catalog
-from core.argtypes import positive_int
-from core.errors import UserError, UserValueError, as_user_error
+from core.argtypes import non_negative_int, positive_int
+from core.errors import UserError, UserFileNotFoundError, UserValueError, as_user_error
 from core.shards import ShardSpec
 from retrieval.cli_options import add_image_source, add_workers
 from retrieval.columns import format_columns
-from retrieval.embedder import OnnxEmbedder, Providers, default_providers
+from retrieval.embedder import OnnxEmbedder, Providers, default_providers, file_sha256
 from retrieval.evaluation import evaluate_gallery, format_class_table, format_table, save_eval
 from retrieval.gallery import (
     EVAL_FILE,
     INDEX_TYPES,
+    MODEL_FILE,
     STORAGES,
     Gallery,
     GalleryItem,
@@ -25,6 +27,8 @@ from retrieval.gallery import (
     check_index_options,
     read_manifest,
 )
+from retrieval.gallery_update import add_items, remove_items
+from retrieval.items import ITEMS_FILE, read_items
 from retrieval.query_results import QUERY_RESULTS_FILE, per_class, save_query_results
 from retrieval.shards import list_sha256, merge_shards, write_shard
 from retrieval.sources import IMAGE_FOLDER, index_sources, report_unreadable
@@ -55,11 +59,18 @@ Examples:
   sct index --merge shards/sop/shard-* --out index_data/sop
   sct index --merge shards/hotels --out index_data/hotels --index-type ivf-flat --storage ondisk
 
+  Change a gallery in place, embedding only what is new (docs/GALLERY_UPDATES.md)
+  sct index --add --images photos/ --out index_data/photos      # the images not yet in the gallery
+  sct index --add --files new.txt --out index_data/photos       # one PATH[<TAB>LABEL] per line
+  sct index --remove 17 42 --out index_data/photos              # by item id (see sct search or the web app)
+  sct index --remove-file gone.txt --out index_data/photos      # ids, one per line
+
   {_GALLERY_SPLITS_LINE}
   Unreadable images are skipped and listed. The folder is replaced atomically.
   --shard I/N writes slice I (from 0) of N to OUT/shard-IIIII-of-NNNNN; --merge takes all N
   (or their parent folder) and writes the gallery a single `sct index` would have written.
   --storage ondisk keeps an IVF index's lists in index.ivfdata, memory-mapped, not loaded.
+  --add and --remove keep every other item's id and vector; the manifest's history lists each change.
 """
 EVAL_EPILOG = """\
 Examples:
@@ -94,6 +105,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     index.add_argument("--model", metavar="ONNX", help="model exported by `sct export` (not with --merge)")
     source = add_image_source(index, verb="index")
+    source.add_argument(
+        "--files", metavar="LIST", help="text file of image paths, one per line, optionally PATH<TAB>LABEL"
+    )
+    source.add_argument(
+        "--remove", nargs="+", type=non_negative_int, metavar="ID", help="remove these items from the gallery --out"
+    )
+    source.add_argument("--remove-file", metavar="FILE", help="remove the items whose ids FILE lists, one per line")
+    index.add_argument(
+        "--add",
+        action="store_true",
+        help="add the images (--images, --dataset or --files) that the gallery --out lacks, with its own model",
+    )
     source.add_argument(
         "--merge",
         nargs="+",
@@ -189,6 +212,16 @@ def index_command(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
+    if args.remove or args.remove_file:
+        _refuse_options(args, _EMBEDDING_OPTIONS + _GALLERY_OPTIONS, "--remove changes the gallery --out only")
+        if args.add:
+            raise UserValueError("--add and --remove are separate changes: run one, then the other")
+        ids = args.remove or _read_ids(args.remove_file)
+        removed = remove_items(args.out, ids)
+        print(f"removed {removed:,} item(s)")
+        return _print_summary(args.out)
+    if args.add:
+        return _add(args)
     gallery_options = {
         "index_type": args.index_type or "flat",
         "storage": args.storage or "memory",
@@ -207,7 +240,7 @@ def _index(args: argparse.Namespace) -> int:
         _refuse_options(args, _GALLERY_OPTIONS, "a shard holds vectors only; choose the index when merging")
     shard = ShardSpec.parse(args.shard) if args.shard else None
     sources, dataset, split, root = index_sources(
-        dataset=args.dataset, data_root=args.data_root, split=args.split, images=args.images
+        dataset=args.dataset, data_root=args.data_root, split=args.split, images=args.images, files=args.files
     )
     start, stop = shard.bounds(len(sources)) if shard else (0, len(sources))
     embedder = OnnxEmbedder(args.model, providers=_rank_providers() if args.shard == "env" else None)
@@ -252,6 +285,55 @@ def _index(args: argparse.Namespace) -> int:
     return _print_summary(out)
 
 
+def _add(args: argparse.Namespace) -> int:
+    """``sct index --add``: embed the listed images that the gallery lacks with its model, and append them."""
+    _refuse_options(args, ("shard",) + _GALLERY_OPTIONS, "--add keeps the gallery's index")
+    if args.merge:
+        raise UserValueError("--add takes --images, --dataset or --files, not --merge")
+    gallery_model = Path(args.out) / MODEL_FILE
+    manifest = read_manifest(args.out)
+    if args.model and file_sha256(args.model) != manifest["model_sha256"]:
+        raise UserValueError(
+            f"{args.model} is not the model of gallery {args.out}; --add embeds with the gallery's own "
+            f"{MODEL_FILE} (drop --model), and another model needs a new gallery"
+        )
+    sources, dataset, split, root = index_sources(
+        dataset=args.dataset, data_root=args.data_root, split=args.split, images=args.images, files=args.files
+    )
+    held = {os.path.realpath(item.path) for item in read_items(Path(args.out) / ITEMS_FILE)}
+    new = [source for source in sources if os.path.realpath(source[0]) not in held]
+    print(f"{len(sources) - len(new):,} of {len(sources):,} images are in the gallery already", file=sys.stderr)
+    if not new:
+        print(f"nothing to add to {args.out}")
+        return 0
+    embedder = OnnxEmbedder(gallery_model)
+    result = embedder.embed_paths(
+        [path for path, _, _ in new], batch_size=args.batch_size or 64, workers=args.workers or 1
+    )
+    report_unreadable(result.failures)
+    if not len(result.kept_indices):
+        raise UserError("none of the new images could be read; nothing was added")
+    kept = [new[i] for i in result.kept_indices]
+    note = f"{dataset} {split} of {root}" if args.dataset else os.path.realpath(args.files or args.images)
+    ids = add_items(args.out, result.embeddings, kept, image_root=root, note=str(note))
+    print(f"added {len(ids):,} item(s), ids {ids[0]}..{ids[-1]}")
+    return _print_summary(args.out)
+
+
+def _read_ids(path: str) -> list[int]:
+    """The item ids a --remove-file lists, one per line (blank lines and # comments skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserFileNotFoundError(f"id list not found: {path}") from None
+    entries = [line.split("#")[0].strip() for line in lines]
+    entries = [entry for entry in entries if entry]
+    bad = next((entry for entry in entries if not (entry.isascii() and entry.isdigit())), None)
+    if bad is not None or not entries:
+        raise UserValueError(f"{path} must list item ids, one whole number per line; got {bad!r}")
+    return [int(entry) for entry in entries]
+
+
 def _refuse_options(args: argparse.Namespace, names: Sequence[str], reason: str) -> None:
     given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
     if given:
@@ -266,6 +348,8 @@ def _rank_providers() -> Providers | None:
 def _print_summary(out: os.PathLike[str]) -> int:
     manifest = read_manifest(out)
     summary = f"wrote {out}: {manifest['count']:,} items, {manifest['embedding_dim']}-d"
+    if len(manifest.get("history", [])) > 1:
+        summary += f", {len(manifest['history']) - 1} change(s) since the build (manifest history)"
     summary += f", FAISS {manifest['faiss_factory']}"
     if manifest.get("storage") == "ondisk":
         summary += f" with its lists on disk ({manifest['ivfdata_file']})"

@@ -132,7 +132,7 @@ def evaluate_gallery(
     }
     if per_query is None:
         return results
-    return results, _query_results(per_query, query_paths, mode, gallery.manifest["model_sha256"])
+    return results, _query_results(per_query, query_paths, mode, gallery.manifest["model_sha256"], gallery.items.ids)
 
 
 def _evaluate(
@@ -145,11 +145,12 @@ def _evaluate(
 
 
 def _query_results(
-    per_query: PerQuery, query_paths: Sequence[str] | None, mode: str, model_sha256: str
+    per_query: PerQuery, query_paths: Sequence[str] | None, mode: str, model_sha256: str, item_ids: np.ndarray
 ) -> QueryResults:
-    """The file's form of ``per_query``: gallery ids of leave-one-out queries, else the query images' paths."""
+    """The file's form of ``per_query``: gallery item ids (``item_ids``, by row) of leave-one-out queries and of
+    the results, else the query images' paths."""
     if query_paths is None:
-        query_item, paths = per_query.rows, np.zeros(0, dtype="S1")
+        query_item, paths = item_ids[per_query.rows], np.zeros(0, dtype="S1")
     else:
         query_item = np.full(len(per_query.rows), -1)
         paths = np.array([query_paths[row].encode("utf-8") for row in per_query.rows], dtype=np.bytes_)
@@ -163,7 +164,7 @@ def _query_results(
         relevant=per_query.relevant,
         ap_at_r=per_query.ap_at_r,
         r_precision=per_query.r_precision,
-        top_ids=per_query.top_ids,
+        top_ids=np.where(per_query.top_ids >= 0, item_ids[np.maximum(per_query.top_ids, 0)], -1),
         top_scores=per_query.top_scores,
         depth=per_query.depth,
         mode=mode,

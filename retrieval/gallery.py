@@ -28,6 +28,7 @@ from core.atomic import atomic_directory, atomic_file
 from core.errors import UserFileNotFoundError, UserValueError
 from retrieval import probe
 from retrieval.embedder import OnnxEmbedder, file_sha256
+from retrieval.filters import SearchFilter, allowed_ids
 from retrieval.image_roots import folder_of
 from retrieval.index_files import (
     IVFDATA_FILE,
@@ -47,9 +48,13 @@ from retrieval.items import (  # noqa: F401 (re-exported)
     write_items,
 )
 
-#: 2: image_roots and probe_embedding in the manifest (and image_roots in shard.json).
-FORMAT_VERSION = 2
+#: 2: image_roots and probe_embedding in the manifest (and image_roots in shard.json). 3: ids that outlive
+#: removals (``sct index --add/--remove``), the manifest's next_id and history, and REMOVED_FILE.
+FORMAT_VERSION = 3
+READ_FORMATS = (2, 3)
 MANIFEST_FILE = "manifest.json"
+#: The ids removed from an index type that cannot remove vectors (HNSW): searches skip them (int64 .npy).
+REMOVED_FILE = "removed_ids.npy"
 INDEX_FILE = "index.faiss"
 MODEL_FILE = "model.onnx"
 EVAL_FILE = "eval.json"
@@ -67,6 +72,10 @@ _TRAIN_POINTS_PER_LIST = 256
 _ONDISK_TRAIN_POINTS_PER_LIST = 64
 _RECALL_QUERIES = 1000
 _RECALL_K = 10
+#: A filtered search that allows at most this many items ranks their stored vectors exactly; one that allows
+#: more searches the index with a FAISS IDSelector (exact for flat, approximate like the unfiltered search for
+#: IVF and HNSW, which may then find fewer than k).
+EXACT_FILTER_MAX = 16384
 
 
 def build_gallery(
@@ -98,7 +107,7 @@ def build_gallery(
     them. The manifest also keeps the model's embedding of the probe image
     (retrieval.probe), by which ``Gallery.load`` recognises the model.
     """
-    blocks = _check_embeddings(embeddings, items)
+    blocks = check_embeddings(embeddings, items)
     count, dim = len(items), blocks[0].shape[1]
     factory, nlist, nprobe = _plan_index(index_type, storage, count, dim, nlist=nlist, nprobe=nprobe)
     manifest: dict[str, Any] = {
@@ -114,6 +123,7 @@ def build_gallery(
         "dataset": dataset,
         "split": split,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "next_id": count,
         "image_roots": sorted(
             {os.path.realpath(root) for root in image_roots}
             if image_roots is not None
@@ -132,9 +142,10 @@ def build_gallery(
             if index_type != "flat":
                 manifest["recall_at_10_vs_exact"] = _recall_vs_exact(index, blocks, seed=seed)
             with atomic_file(staging / INDEX_FILE) as index_path:
-                _write_index(index, index_path)
+                write_index(index, index_path)
             del index  # before Gallery.load reads it back: never two copies in memory
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            manifest["history"] = [{"change": "build", "at": manifest["created"], "count": count}]
+            write_manifest(staging, manifest)
             Gallery.load(staging)  # never publish a folder that would not load
     except OSError as exc:  # a full disk, most likely: say which gallery, and that the old one is intact
         reason = exc.strerror or str(exc)
@@ -146,7 +157,11 @@ def build_gallery(
     return out_dir
 
 
-def _write_index(index: faiss.Index, path: Path) -> None:
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def write_index(index: faiss.Index, path: Path) -> None:
     """``faiss.write_index`` through a Python file, so that a failed write (a full disk) raises OSError.
 
     Given a file name, FAISS writes through stdio and ignores a failed close:
@@ -168,6 +183,7 @@ class Gallery:
         items: Sequence[GalleryItem],
         index: faiss.Index,
         embedder: OnnxEmbedder,
+        removed: np.ndarray | None = None,
     ) -> None:
         self.directory = directory
         self.name = directory.name
@@ -176,6 +192,9 @@ class Gallery:
         self.model_path = directory / MODEL_FILE
         self.index = index
         self.embedder = embedder
+        #: ids still in ``index`` but removed from the gallery (REMOVED_FILE), which every search skips
+        self.removed = np.zeros(0, dtype=np.int64) if removed is None else removed
+        self._skip_removed = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.removed)) if len(self.removed) else None
         self._search_index = _on_gpu_if_available(index)
 
     @functools.cached_property
@@ -200,10 +219,17 @@ class Gallery:
         manifest = read_manifest(directory)
         items = read_items(directory / ITEMS_FILE)
         index = _read_index(directory, manifest)
-        counts = [(f"{MANIFEST_FILE} count", manifest["count"]), (f"{INDEX_FILE} ntotal", index.ntotal)]
+        removed = _read_removed(directory, manifest)
+        live = index.ntotal - len(removed)
+        held = f"{INDEX_FILE} ntotal" + (f" less the {len(removed)} ids of {REMOVED_FILE}" if len(removed) else "")
+        counts = [(f"{MANIFEST_FILE} count", manifest["count"]), (held, live)]
         if lists := ondisk_lists(index):
             counts.append((f"{manifest['ivfdata_file']} vectors", lists.compute_ntotal()))
         _check_agree("count", *counts, (f"{ITEMS_FILE} rows", len(items)))
+        if items.ids.size and items.ids[-1] >= manifest.get("next_id", len(items)):
+            raise GalleryMismatchError(
+                f"{ITEMS_FILE} has id {items.ids[-1]}, at or above {MANIFEST_FILE} next_id {manifest.get('next_id')}"
+            )
         manifest_dim = (f"{MANIFEST_FILE} embedding_dim", manifest["embedding_dim"])
         _check_agree("embedding dimension", manifest_dim, (f"{INDEX_FILE} d", index.d))
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
@@ -213,11 +239,7 @@ class Gallery:
             (f"{MANIFEST_FILE} model_sha256", manifest["model_sha256"]),
             (f"sha256 of {MODEL_FILE}", file_sha256(directory / MODEL_FILE)),
         )
-        if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
-            raise GalleryMismatchError(
-                f"{INDEX_FILE} maps its own ids (IndexIDMap); a gallery's FAISS ids must be "
-                f"the rows of {ITEMS_FILE}"
-            )
+        _check_ids(index, items, removed)
         embedder = OnnxEmbedder(directory / MODEL_FILE, providers=providers)
         probe_embedding, probe_map = _probe_outputs(embedder)
         _check_agree(
@@ -229,7 +251,7 @@ class Gallery:
             (f"{MANIFEST_FILE} probe_embedding length", len(manifest["probe_embedding"])),
         )
         _check_probe(manifest["probe_embedding"], probe_embedding)
-        return cls(directory, manifest, items, index, embedder)
+        return cls(directory, manifest, items, index, embedder, removed)
 
     def has_item(self, item_id: int) -> bool:
         """Whether the gallery holds an item with id ``item_id``."""
@@ -242,39 +264,91 @@ class Gallery:
             raise KeyError(f"no item {item_id} in gallery {self.name!r}")
         return self.items[row]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k inner-product neighbours: scores [M, k'] and ids [M, k'] (int64), k' = min(k, count)."""
+    def search(self, queries: np.ndarray, k: int, filter: SearchFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner-product neighbours among the items ``filter`` allows (all by default): scores [M, k'] and
+        item ids [M, k'] (int64), k' = min(k, items allowed). Approximate indexes pad with id −1 where they find
+        fewer. Up to EXACT_FILTER_MAX allowed items are ranked exactly over their stored vectors."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.d:
             raise ValueError(f"queries must have shape [M, {self.index.d}], got {list(queries.shape)}")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        scores, ids = self._search_index.search(queries, min(k, self.index.ntotal))
+        if filter is None or filter.empty:
+            if self._skip_removed is None:
+                scores, ids = self._search_index.search(queries, min(k, self.index.ntotal))
+                return scores, ids.astype(np.int64, copy=False)
+            return self._search_selected(queries, min(k, len(self.items)), self._skip_removed)
+        allowed = allowed_ids(self.items, filter)
+        k = min(k, len(allowed))
+        if k == 0:
+            return np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64)
+        if len(allowed) <= EXACT_FILTER_MAX:
+            return self._search_exactly(queries, k, allowed)
+        selector = faiss.IDSelectorBatch(allowed)  # allowed holds no removed id: they are not items
+        return self._search_selected(queries, k, selector)
+
+    def _search_selected(
+        self, queries: np.ndarray, k: int, selector: faiss.IDSelector
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The index's own search (on the CPU), skipping the ids ``selector`` rejects."""
+        scores, ids = self.index.search(queries, k, params=_search_parameters(self.index, selector))
         return scores, ids.astype(np.int64, copy=False)
 
+    def _search_exactly(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rank the stored vectors of the ``allowed`` ids by inner product, a block of ids at a time."""
+        heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+        for start in range(0, len(allowed), 4096):
+            block = allowed[start : start + 4096]
+            scores = queries @ self.vectors_of(block).T
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            heap.add_result(np.take_along_axis(scores, top, axis=1), block[top])
+        heap.finalize()
+        return heap.D.astype(np.float32, copy=False), heap.I.astype(np.int64, copy=False)
+
+    def vectors_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """The stored vectors [n, d] of ``item_ids`` (for IVF-PQ: their quantised reconstructions); KeyError
+        naming an id the gallery does not hold."""
+        item_ids = np.ascontiguousarray(item_ids, dtype=np.int64)
+        missing = item_ids[self.items.rows_of(item_ids) < 0]
+        if missing.size:
+            raise KeyError(f"no item {int(missing[0])} in gallery {self.name!r}")
+        return self.vectors().by_id(item_ids)
+
     def embeddings(self) -> np.ndarray:
-        """The stored vectors [N, d] in id order, all in memory (for IVF-PQ: their quantised reconstructions)."""
+        """The stored vectors [N, d] in row order, all in memory (for IVF-PQ: their quantised reconstructions)."""
         return self.vectors()[:]
 
+    @functools.cached_property
+    def _vectors(self) -> StoredVectors:
+        return StoredVectors(self.index, None if self.items.dense else self.items.ids)
+
     def vectors(self) -> StoredVectors:
-        """The stored vectors, read from the index only as sliced: what evaluation streams."""
-        return StoredVectors(self.index)
+        """The stored vectors in row order (row i: item ``items[i]``), read from the index only as sliced: what
+        evaluation streams."""
+        return self._vectors
 
 
 class StoredVectors:
-    """An index's vectors [N, d] in id order, read as sliced: ``vectors[a:b]`` or ``vectors[ids]`` (numpy
+    """A gallery's vectors [N, d] in row order, read as sliced: ``vectors[a:b]`` or ``vectors[rows]`` (numpy
     float32). ``retrieval.metrics.evaluate`` reads a gallery this way a block at a time, so galleries whose
-    vectors do not fit in RAM (an on-disk IVF index) can be evaluated."""
+    vectors do not fit in RAM (an on-disk IVF index) can be evaluated. ``ids`` are the item id of each row;
+    None when they are the rows themselves (nothing was ever removed)."""
 
     ndim = 2
     dtype = np.dtype(np.float32)
 
-    def __init__(self, index: faiss.Index) -> None:
+    def __init__(self, index: faiss.Index, ids: np.ndarray | None = None) -> None:
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
-            ivf.make_direct_map()  # id → (list, offset), so vectors can be read by id
+            # id → (list, offset), so vectors can be read by id: an array while the ids are 0..N-1, a hash table
+            # once removals left gaps
+            if ids is None:
+                ivf.make_direct_map()
+            else:
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         self.index = index
-        self.shape = (int(index.ntotal), int(index.d))
+        self.ids = ids
+        self.shape = (int(index.ntotal) if ids is None else len(ids), int(index.d))
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -284,11 +358,19 @@ class StoredVectors:
             start, stop, step = key.indices(len(self))
             if step != 1:
                 raise ValueError("StoredVectors slices must be contiguous")
-            return self.index.reconstruct_n(start, max(stop - start, 0))
-        ids = np.ascontiguousarray(key, dtype=np.int64)
-        if ids.ndim != 1 or (len(ids) and (ids.min() < 0 or ids.max() >= len(self))):
-            raise IndexError(f"ids must be a 1-d array within 0..{len(self) - 1}")
-        return self.index.reconstruct_batch(ids)
+            if self.ids is None:
+                return self.index.reconstruct_n(start, max(stop - start, 0))
+            return self.by_id(self.ids[start:stop])
+        rows = np.ascontiguousarray(key, dtype=np.int64)
+        if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= len(self))):
+            raise IndexError(f"rows must be a 1-d array within 0..{len(self) - 1}")
+        return self.by_id(rows if self.ids is None else self.ids[rows])
+
+    def by_id(self, item_ids: np.ndarray) -> np.ndarray:
+        """The vectors of ``item_ids`` (ids the index holds)."""
+        if not len(item_ids):
+            return np.zeros((0, self.shape[1]), dtype=np.float32)
+        return self.index.reconstruct_batch(np.ascontiguousarray(item_ids, dtype=np.int64))
 
 
 def _read_index(directory: Path, manifest: dict[str, Any]) -> faiss.Index:
@@ -314,6 +396,51 @@ def _read_index(directory: Path, manifest: dict[str, Any]) -> faiss.Index:
             f"{INDEX_FILE} keeps its inverted lists in another file, but {MANIFEST_FILE} " f"storage is not ondisk"
         )
     return index
+
+
+def _read_removed(directory: Path, manifest: dict[str, Any]) -> np.ndarray:
+    """The sorted ids of REMOVED_FILE (none when the folder has no such file); checked against the manifest."""
+    path = directory / REMOVED_FILE
+    expected = int(manifest.get("removed_in_index", 0))
+    if not path.is_file():
+        if expected:
+            raise UserFileNotFoundError(f"gallery {directory} lacks {REMOVED_FILE} ({expected} removed ids)")
+        return np.zeros(0, dtype=np.int64)
+    try:
+        removed = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise GalleryMismatchError(f"{REMOVED_FILE} is not a readable .npy array: {exc}") from None
+    if removed.dtype != np.int64 or removed.ndim != 1 or (len(removed) > 1 and not (np.diff(removed) > 0).all()):
+        raise GalleryMismatchError(f"{REMOVED_FILE} must hold ascending int64 ids")
+    _check_agree(
+        "removed ids", (f"{MANIFEST_FILE} removed_in_index", expected), (f"{REMOVED_FILE} length", len(removed))
+    )
+    return removed
+
+
+def _check_ids(index: faiss.Index, items: ItemTable, removed: np.ndarray) -> None:
+    """The index must hold the items' ids (and the removed ones it cannot drop): an index that maps its own ids
+    (IndexIDMap2) maps exactly those; one that does not (a new flat or HNSW index) holds ids 0..N-1."""
+    held = np.union1d(items.ids, removed) if len(removed) else items.ids
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap2):
+        mapped = np.sort(faiss.vector_to_array(index.id_map))
+        if not np.array_equal(mapped, held):
+            raise GalleryMismatchError(f"{INDEX_FILE} maps other ids than the items of {ITEMS_FILE} hold")
+    elif isinstance(index, faiss.IndexIDMap):
+        raise GalleryMismatchError(f"{INDEX_FILE} is an IndexIDMap, which cannot read vectors back by id")
+    elif faiss.try_extract_index_ivf(index) is None and not (len(held) == 0 or held[-1] == len(held) - 1):
+        raise GalleryMismatchError(f"{INDEX_FILE} numbers its vectors 0..N-1 but {ITEMS_FILE} has other ids")
+
+
+def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters carrying ``selector`` and the index's own nprobe or efSearch."""
+    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if (ivf := faiss.try_extract_index_ivf(base)) is not None:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+    if isinstance(base, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=base.hnsw.efSearch)
+    return faiss.SearchParameters(sel=selector)
 
 
 def _probe_outputs(embedder: OnnxEmbedder) -> tuple[np.ndarray, np.ndarray]:
@@ -351,7 +478,7 @@ def _check_probe(stored: list[float], embedding: np.ndarray) -> None:
         )
 
 
-def _check_embeddings(embeddings: np.ndarray | Sequence[np.ndarray], items: Sequence[GalleryItem]) -> list[np.ndarray]:
+def check_embeddings(embeddings: np.ndarray | Sequence[np.ndarray], items: Sequence[GalleryItem]) -> list[np.ndarray]:
     """The embeddings as a list of row blocks [n_i, d], checked a chunk at a time (blocks may be memory-mapped)."""
     blocks = [embeddings] if isinstance(embeddings, np.ndarray) else list(embeddings)
     shapes = [list(np.shape(block)) for block in blocks]
@@ -437,7 +564,7 @@ def _make_ondisk_index(
     trained.train(sample)
     log_stage("train", started, f"trained {factory} on {len(sample):,} of {count:,} vectors")
     del sample
-    index = build_ondisk_ivf(trained, blocks, folder, write_index=_write_index)
+    index = build_ondisk_ivf(trained, blocks, folder, write_index=write_index)
     index.nprobe = nprobe
     return index
 
@@ -479,6 +606,20 @@ def _recall_vs_exact(index: faiss.Index, blocks: Sequence[np.ndarray], *, seed: 
     return round(found / (len(rows) * k), 4)
 
 
+def recall_vs_exact_of(gallery: Gallery, *, seed: int = 0) -> float:
+    """``_recall_vs_exact`` of a loaded gallery, whose ids need not be its rows (after --add and --remove)."""
+    vectors = gallery.vectors()
+    count = len(vectors)
+    rows = np.sort(np.random.default_rng(seed).choice(count, min(count, _RECALL_QUERIES), replace=False))
+    queries, k = vectors[rows], min(_RECALL_K, count)
+    blocks = (vectors[start : start + (1 << 16)] for start in range(0, count, 1 << 16))
+    _, exact_rows = knn_ground_truth(queries, blocks, k, metric_type=faiss.METRIC_INNER_PRODUCT)
+    exact = gallery.items.ids[exact_rows]
+    _, approximate = gallery.search(queries, k)
+    found = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact))
+    return round(found / (len(rows) * k), 4)
+
+
 def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
     """Exact (flat) search is one big matrix product; run it on the GPUs when this FAISS build has them."""
     if isinstance(index, faiss.IndexFlat) and faiss.get_num_gpus() > 0:
@@ -495,10 +636,10 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise GalleryMismatchError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise GalleryMismatchError(f"{path} must hold a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:  # before the keys: older formats lack some
+    if manifest.get("format_version") not in READ_FORMATS:  # before the keys: older formats lack some
         raise GalleryMismatchError(
             f"{MANIFEST_FILE} format_version is {manifest.get('format_version')!r}; this version reads "
-            f"{FORMAT_VERSION}: rebuild the gallery with `sct index`"
+            f"{', '.join(map(str, READ_FORMATS))}: rebuild the gallery with `sct index`"
         )
     missing = [key for key in _MANIFEST_KEYS if key not in manifest]
     if missing:

@@ -26,7 +26,8 @@ ITEMS_FILE = "items.csv"
 
 @dataclass(frozen=True, slots=True)  # slots: building a gallery of millions lists millions of these
 class GalleryItem:
-    """One indexed image; ``id`` is its FAISS id and its row in items.csv."""
+    """One indexed image; ``id`` is its FAISS id. A new gallery numbers its items 0..N-1 in row order; ids stay
+    with their items when others are removed (``sct index --remove``) and are never reused."""
 
     id: int
     path: str
@@ -39,10 +40,11 @@ class GalleryMismatchError(UserError, ValueError):
 
 
 class ItemTable(Sequence):
-    """Items 0..N-1 in columns; ``table[i]`` builds the ``GalleryItem`` of row i when asked."""
+    """Items in columns, in ascending id order; ``table[i]`` builds the ``GalleryItem`` of row i when asked."""
 
     def __init__(
         self,
+        ids: np.ndarray,
         paths: bytes,
         ends: np.ndarray,
         labels: Sequence[str],
@@ -50,36 +52,40 @@ class ItemTable(Sequence):
         chains: Sequence[str],
         chain_codes: np.ndarray | None,
     ) -> None:
+        self._ids = ids  # int64, strictly ascending
         self._paths, self._ends = paths, ends  # path i is paths[ends[i-1]:ends[i]]
         self._labels, self._label_codes = tuple(labels), label_codes
         self._chains, self._chain_codes = tuple(chains), chain_codes  # code −1: no chain
 
     @classmethod
     def from_items(cls, items: Iterable[GalleryItem]) -> ItemTable:
-        """The table of ``items``, whose ids must be their row numbers."""
+        """The table of ``items``, whose ids must ascend."""
         builder = _Builder(with_chains=True)
         for row, item in enumerate(items):
-            if item.id != row:
-                raise ValueError(f"item ids must be their row numbers 0..N-1; row {row} has id {item.id}")
-            builder.add(item.path, item.label, item.chain)
+            if builder.ids and item.id <= builder.ids[-1] or item.id < 0:
+                raise ValueError(f"item ids must be at least 0 and ascend; row {row} has id {item.id}")
+            builder.add(item.id, item.path, item.label, item.chain)
         return builder.table()
 
     @classmethod
     def read(cls, path: Path) -> ItemTable:
-        """The rows of items.csv, checked (header, field count, ids 0..N-1)."""
+        """The rows of items.csv, checked (header, field count, ids ascending)."""
         with path.open(newline="", encoding="utf-8") as file:
             reader = csv.reader(file)
             header = next(reader, [])
             if header not in (["id", "path", "label"], ["id", "path", "label", "chain"]):
                 raise GalleryMismatchError(f"{ITEMS_FILE} header must be id,path,label[,chain], got {','.join(header)}")
             builder = _Builder(with_chains=len(header) == 4)
+            previous = -1
             for row_number, row in enumerate(reader):
-                if len(row) != len(header) or row[0] != str(row_number):
+                item_id = int(row[0]) if len(row) == len(header) and row[0].isascii() and row[0].isdigit() else -1
+                if item_id <= previous:
                     raise GalleryMismatchError(
-                        f"{ITEMS_FILE} line {row_number + 2} must have {len(header)} fields starting with id "
-                        f"{row_number}, got {row}"
+                        f"{ITEMS_FILE} line {row_number + 2} must have {len(header)} fields starting with an id "
+                        f"above {previous} (ids ascend), got {row}"
                     )
-                builder.add(row[1], row[2], (row[3] or None) if len(row) == 4 else None)
+                builder.add(item_id, row[1], row[2], (row[3] or None) if len(row) == 4 else None)
+                previous = item_id
         return builder.table()
 
     def __len__(self) -> int:
@@ -98,7 +104,10 @@ class ItemTable(Sequence):
         if self._chain_codes is not None and self._chain_codes[row] >= 0:
             chain = self._chains[self._chain_codes[row]]
         return GalleryItem(
-            row, self._paths[start : int(self._ends[row])].decode("utf-8"), self._labels[self._label_codes[row]], chain
+            int(self._ids[row]),
+            self._paths[start : int(self._ends[row])].decode("utf-8"),
+            self._labels[self._label_codes[row]],
+            chain,
         )
 
     def __iter__(self) -> Iterator[GalleryItem]:
@@ -113,12 +122,30 @@ class ItemTable(Sequence):
 
     @property
     def ids(self) -> np.ndarray:
-        """Every row's item id, ascending (int64)."""
-        return np.arange(len(self), dtype=np.int64)
+        """Every row's item id, ascending (int64, read-only)."""
+        return self._ids
+
+    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """The row of each of ``item_ids`` (int64), −1 where the table has no such item."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        rows = np.searchsorted(self._ids, item_ids)
+        found = rows < len(self._ids)
+        found[found] = self._ids[rows[found]] == item_ids[found]
+        return np.where(found, rows, -1)
 
     def row_of(self, item_id: int) -> int | None:
         """The row of the item with id ``item_id``, or None when the table has no such item."""
-        return item_id if 0 <= item_id < len(self) else None
+        row = int(self.rows_of(np.array([item_id]))[0]) if -(2**63) <= item_id < 2**63 else -1
+        return None if row < 0 else row
+
+    @property
+    def dense(self) -> bool:
+        """Whether the ids are the rows 0..N-1 (a gallery nothing was removed from)."""
+        return not len(self._ids) or int(self._ids[-1]) == len(self._ids) - 1
+
+    def label_codes(self) -> tuple[tuple[str, ...], np.ndarray]:
+        """The distinct labels and every row's index into them (int32): what filters by label compare."""
+        return self._labels, self._label_codes
 
     def label_array(self) -> np.ndarray:
         """Every row's label, as a numpy str array."""
@@ -133,13 +160,14 @@ class ItemTable(Sequence):
     def nbytes(self) -> int:
         """The bytes the columns hold (the distinct labels and chains not counted)."""
         codes = self._chain_codes.nbytes if self._chain_codes is not None else 0
-        return len(self._paths) + self._ends.nbytes + self._label_codes.nbytes + codes
+        return len(self._paths) + self._ids.nbytes + self._ends.nbytes + self._label_codes.nbytes + codes
 
 
 class _Builder:
-    """Appends rows to growable typed arrays (8 + 4 + 4 bytes a row plus the path), then freezes them."""
+    """Appends rows to growable typed arrays (8 + 8 + 4 + 4 bytes a row plus the path), then freezes them."""
 
     def __init__(self, *, with_chains: bool) -> None:
+        self.ids = array.array("q")
         self.paths = bytearray()
         self.ends = array.array("q")
         self.labels: dict[str, int] = {}
@@ -147,7 +175,8 @@ class _Builder:
         self.chains: dict[str, int] = {}
         self.chain_codes = array.array("i") if with_chains else None
 
-    def add(self, path: str, label: str, chain: str | None) -> None:
+    def add(self, item_id: int, path: str, label: str, chain: str | None) -> None:
+        self.ids.append(item_id)
         self.paths += path.encode("utf-8")
         self.ends.append(len(self.paths))
         self.label_codes.append(self.labels.setdefault(label, len(self.labels)))
@@ -159,6 +188,7 @@ class _Builder:
     def table(self) -> ItemTable:
         chain_codes = np.frombuffer(self.chain_codes, dtype=np.int32) if self.chain_codes is not None else None
         return ItemTable(
+            np.frombuffer(self.ids, dtype=np.int64),
             bytes(self.paths),
             np.frombuffer(self.ends, dtype=np.int64),
             list(self.labels),

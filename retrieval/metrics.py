@@ -144,7 +144,7 @@ class _LabelSet:
 class PerQuery:
     """Each evaluated query's results (main labels), in query order: what ``evaluate_per_query`` adds."""
 
-    rows: np.ndarray  # int64 [M]: the query's position among the queries (its gallery id in leave-one-out)
+    rows: np.ndarray  # int64 [M]: the query's position among the queries (its gallery row in leave-one-out)
     label: np.ndarray  # int64 [M]: index into label_names
     label_names: np.ndarray  # [L] the distinct labels of gallery and queries
     first_correct_rank: np.ndarray  # int32 [M]: 1-based rank of the first correct neighbour, 0 = none within depth

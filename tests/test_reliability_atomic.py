@@ -22,7 +22,7 @@ from benchmarks.fixtures.tiny_onnx import make_color_images
 from benchmarks.load_test import build_color_gallery
 from core import atomic
 from retrieval import gallery as gallery_module
-from retrieval.gallery import Gallery, _write_index
+from retrieval.gallery import Gallery, write_index
 from sct.cli import main as sct_main
 from webapp import create_app
 
@@ -136,7 +136,7 @@ def test_an_index_write_on_a_full_disk_raises(count):
     index = faiss.IndexFlatIP(8)
     index.add(np.random.default_rng(0).standard_normal((count, 8)).astype(np.float32))
     with pytest.raises(OSError) as error:
-        _write_index(index, Path("/dev/full"))
+        write_index(index, Path("/dev/full"))
     assert error.value.errno == errno.ENOSPC
 
 

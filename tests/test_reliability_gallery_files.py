@@ -302,7 +302,8 @@ def test_a_swapped_model_with_its_sha256_edited_in_is_refused(gallery_folder):
 def test_a_format_1_gallery_is_refused_with_how_to_rebuild_it(gallery_folder):
     rewrite_manifest(gallery_folder, format_version=1, image_roots=None, probe_embedding=None)
     with pytest.raises(
-        GalleryMismatchError, match=r"format_version is 1; this version reads 2: rebuild the gallery with `sct index`"
+        GalleryMismatchError,
+        match=r"format_version is 1; this version reads 2, 3: rebuild the gallery with `sct index`",
     ):
         Gallery.load(gallery_folder)
 

@@ -21,11 +21,13 @@ from benchmarks.fixtures.tiny_onnx import make_color_images
 from benchmarks.load_test import Client, build_color_gallery, queries_for, run_load, running_server
 from catalog import decode_rgb
 from retrieval.embedder import OnnxEmbedder
+from retrieval.gallery import Gallery
 from retrieval.image_folder import list_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 5
 NEW_CLASSES = {"cyan": (30, 200, 210), "magenta": (200, 30, 200), "yellow": (220, 210, 30)}
+ADDED_CLASSES = {"orange": (240, 140, 20), "violet": (120, 40, 220)}
 RSS_GROWTH_LIMIT_MIB = 16
 
 
@@ -91,76 +93,22 @@ def test_a_gallery_rebuilt_by_sct_index_under_load_is_swapped_in_without_a_failu
     """``sct index`` rebuilds the served folder with other classes while 4 threads search. Every answer must
     be the exact brute-force ranking of either the old or the new gallery (never a mix), and every search
     sent a second after ``sct index`` returned must see the new one."""
-    root, server, queries = setup["root"], setup["server"], setup["queries"]
+    root, queries = setup["root"], setup["queries"]
     new_images = root / "new-images"
     make_color_images(new_images, classes=NEW_CLASSES, per_class=5, seed=3)
     new_sources = list_image_folder(new_images)  # the order `sct index --images` gives its items
     new_embeddings = OnnxEmbedder(setup["model"]).embed_paths([p for p, _ in new_sources], progress=False).embeddings
     old_labels, new_labels = setup["labels"], [label for _, label in new_sources]
-    expected = {}
-    embedder = OnnxEmbedder(setup["model"])
-    for query in queries:
-        vector = embedder.embed_images([decode_rgb(query.image, min_side=embedder.preprocessing.decode_side)])[0]
-        new_ids = np.argsort(-(new_embeddings @ vector), kind="stable")[:K].tolist()
-        expected[query.image] = (query.expected_ids, new_ids)
-
-    def old_or_new(query, answer) -> str | None:
-        ids = [r["id"] for r in answer["results"]]
-        labels = [r["label"] for r in answer["results"]]
-        old_ids, new_ids = expected[query.image]
-        if ids == old_ids and labels == [old_labels[i] for i in old_ids]:
-            return None
-        if ids == new_ids and labels == [new_labels[i] for i in new_ids]:
-            return None
-        return f"ids {ids} labels {labels}: neither the old ranking {old_ids} nor the new {new_ids}"
-
-    stop = threading.Event()
-    outcome = {}
-    load = threading.Thread(
-        target=lambda: outcome.setdefault(
-            "result",
-            run_load(
-                server,
-                queries,
-                threads=4,
-                duration_s=120,
-                max_requests=10**6,
-                k=K,
-                check=old_or_new,
-                keep_answers=True,
-                stop=stop,
-            ),
-        )
+    versions = [
+        (np.arange(len(old_labels)), None, old_labels),
+        (np.arange(len(new_labels)), new_embeddings, new_labels),
+    ]
+    old_or_new = one_of_the_versions(setup, versions, [query.expected_ids for query in queries])
+    result, (rebuilding, swapped), (index,) = searches_while(
+        {**setup, "check": old_or_new},
+        [["index", "--model", str(setup["model"]), "--images", str(new_images), "--out", str(root / "colors")]],
     )
-    load.start()
-    try:
-        time.sleep(0.7)
-        rebuilding = time.monotonic()
-        index = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sct",
-                "index",
-                "--model",
-                str(setup["model"]),
-                "--images",
-                str(new_images),
-                "--out",
-                str(root / "colors"),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=120,
-        )
-        swapped = time.monotonic()
-        time.sleep(2.0)
-    finally:
-        stop.set()
-        load.join()
     assert index.returncode == 0, index.stderr
-    result = outcome["result"]
     assert result.errors == [] and set(result.statuses) == {200}, result.errors[:5]
     new_label_set = set(NEW_CLASSES)
     before = [answer for sent, answer in result.answers if sent < rebuilding]
@@ -172,8 +120,117 @@ def test_a_gallery_rebuilt_by_sct_index_under_load_is_swapped_in_without_a_failu
     )
     assert after and all(is_new)
     assert before and not any(set(r["label"] for r in answer["results"]) & new_label_set for answer in before)
-    status, body = Client(server).get("/healthz")
+    status, body = Client(setup["server"]).get("/healthz")
     assert status == 200 and json.loads(body)["indexes"][0]["count"] == len(new_labels)
+
+
+def one_of_the_versions(setup, versions, first_rankings=None):
+    """A load check accepting exactly the brute-force top K of one of ``versions``: (item ids, their vectors,
+    their labels) of each version of the served gallery. ``first_rankings`` (per query) stands in for the first
+    version's when its vectors are None."""
+    embedder = OnnxEmbedder(setup["model"])
+    expected = {}
+    for number, query in enumerate(setup["queries"]):
+        vector = embedder.embed_images([decode_rgb(query.image, min_side=embedder.preprocessing.decode_side)])[0]
+        rankings = []
+        for ids, vectors, labels in versions:
+            if vectors is None:
+                rows = np.searchsorted(ids, first_rankings[number])
+            else:
+                rows = np.argsort(-(vectors @ vector), kind="stable")[:K]
+            rankings.append(([int(ids[row]) for row in rows], [labels[row] for row in rows]))
+        expected[query.image] = rankings
+
+    def check(query, answer) -> str | None:
+        got = ([r["id"] for r in answer["results"]], [r["label"] for r in answer["results"]])
+        if got in expected[query.image]:
+            # (when, the last version that ranks so): versions can share a query's ranking
+            matched.append((time.monotonic(), max(i for i, r in enumerate(expected[query.image]) if r == got)))
+            return None
+        return f"ids and labels {got}: none of the versions' rankings {expected[query.image]}"
+
+    matched: list[tuple[float, int]] = []
+    check.matched = matched
+    return check
+
+
+def searches_while(setup, commands: list[list[str]]) -> tuple[object, list[float], list[subprocess.CompletedProcess]]:
+    """Run the ``sct`` commands one after the other while 4 threads search; returns the load result, the times
+    each command started and the last one returned, and the commands' outcomes."""
+    stop, outcome, times, runs = threading.Event(), {}, [], []
+    load = threading.Thread(
+        target=lambda: outcome.setdefault(
+            "result",
+            run_load(
+                setup["server"],
+                setup["queries"],
+                threads=4,
+                duration_s=120,
+                max_requests=10**6,
+                k=K,
+                check=setup["check"],
+                keep_answers=True,
+                stop=stop,
+            ),
+        )
+    )
+    load.start()
+    try:
+        time.sleep(0.7)
+        for command in commands:
+            times.append(time.monotonic())
+            runs.append(
+                subprocess.run(
+                    [sys.executable, "-m", "sct", *command], capture_output=True, text=True, cwd=ROOT, timeout=120
+                )
+            )
+        times.append(time.monotonic())
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        load.join()
+    return outcome["result"], times, runs
+
+
+def test_adds_and_removes_under_load_are_swapped_in_without_a_failure(setup):
+    """``sct index --add`` then ``--remove`` change the served folder while 4 threads search. Every answer is the
+    exact brute-force ranking of one of its three versions, never a mix, and every search sent a second after the
+    removal returned sees the last version."""
+    folder = setup["root"] / "colors"
+    served = Gallery.load(folder)  # whichever version the tests above left
+    ids, vectors, labels = served.items.ids, served.vectors()[:], [item.label for item in served.items]
+    added_images = setup["root"] / "added-images"
+    make_color_images(added_images, classes=ADDED_CLASSES, per_class=4, seed=5)
+    added = list_image_folder(added_images)
+    added_vectors = OnnxEmbedder(setup["model"]).embed_paths([p for p, _ in added], progress=False).embeddings
+    first = int(served.manifest.get("next_id", len(ids)))
+    grown = (
+        np.concatenate([ids, np.arange(first, first + len(added))]),
+        np.concatenate([vectors, added_vectors]),
+        labels + [label for _, label in added],
+    )
+    removed = [int(ids[0]), int(ids[3]), first]  # two old items and the first added one
+    keep = ~np.isin(grown[0], removed)
+    last = (grown[0][keep], grown[1][keep], [label for label, kept in zip(grown[2], keep) if kept])
+    check = one_of_the_versions(setup, [(ids, vectors, labels), grown, last])
+    result, times, runs = searches_while(
+        {**setup, "check": check},
+        [
+            ["index", "--add", "--images", str(added_images), "--out", str(folder)],
+            ["index", "--remove", *map(str, removed), "--out", str(folder)],
+        ],
+    )
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr for run in runs]
+    assert result.errors == [] and set(result.statuses) == {200}, result.errors[:5]
+    during = [version for when, version in check.matched if times[0] < when < times[-1]]
+    after = [version for when, version in check.matched if when > times[-1] + 1.0]
+    print(
+        f"\n{result.requests} searches while `sct index` added and removed ({times[-1] - times[0]:.1f} s), none "
+        f"failed; answered from versions {sorted(set(during))} meanwhile, {len(after)} after, all from the last"
+    )
+    assert after and set(after) == {2}
+    status, body = Client(setup["server"]).get("/healthz")
+    assert status == 200 and json.loads(body)["indexes"][0]["count"] == len(last[0])
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -129,7 +129,7 @@ def test_format_version_and_missing_files_are_reported(built, tmp_path):
 def test_corrupt_index_and_items_are_mismatches(built):
     directory, _ = built
     items = (directory / "items.csv").read_text()
-    (directory / "items.csv").write_text("id,path,label\n0,a.jpg,x\n5,b.jpg,y\n")
+    (directory / "items.csv").write_text("id,path,label\n0,a.jpg,x\n0,b.jpg,y\n")
     with pytest.raises(GalleryMismatchError, match="items.csv line 3"):
         Gallery.load(directory)
     (directory / "items.csv").write_text(items)

@@ -48,7 +48,7 @@ def assert_same_gallery(built: Path, expected: Path, queries: list[Path]) -> Non
     """Same items.csv, same vectors (to float rounding), same search results as ``expected``."""
     assert (built / "items.csv").read_text() == (expected / "items.csv").read_text()
     ours, theirs = Gallery.load(built), Gallery.load(expected)
-    assert ours.manifest | {"created": ""} == theirs.manifest | {"created": ""}
+    assert ours.manifest | {"created": "", "history": ""} == theirs.manifest | {"created": "", "history": ""}
     assert np.allclose(ours.embeddings(), theirs.embeddings(), atol=1e-6)
     query_vectors = theirs.embedder.embed_images([load_rgb(path) for path in queries])
     our_scores, our_ids = ours.search(query_vectors, 5)

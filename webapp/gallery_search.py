@@ -10,19 +10,20 @@ itself is left out of its results.
 from __future__ import annotations
 
 import threading
-import weakref
 
 import faiss
 import numpy as np
 
-from retrieval.gallery import Gallery, StoredVectors
+from retrieval.filters import SearchFilter
+from retrieval.gallery import Gallery
 
-#: Each gallery's StoredVectors, made once: for an IVF index it builds the index's id → list map.
-_stored: weakref.WeakKeyDictionary[Gallery, StoredVectors] = weakref.WeakKeyDictionary()
+#: The first read of stored vectors builds an IVF index's id → list map; other requests wait for it.
 _stored_lock = threading.Lock()
 
 
-def search_one_thread(gallery: Gallery, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_one_thread(
+    gallery: Gallery, queries: np.ndarray, k: int, filter: SearchFilter | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``gallery.search`` with one OpenMP thread in this request thread.
 
     FAISS spreads even a single query over every core with OpenMP. On a server
@@ -34,24 +35,24 @@ def search_one_thread(gallery: Gallery, queries: np.ndarray, k: int) -> tuple[np
     previous = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        return gallery.search(queries, k)
+        return gallery.search(queries, k, filter)
     finally:
         faiss.omp_set_num_threads(previous)
 
 
 def stored_vector(gallery: Gallery, item_id: int) -> np.ndarray:
-    """The vector [1, d] that the gallery's index holds for item ``item_id`` (0 <= item_id < count)."""
-    with _stored_lock:  # one request builds an IVF index's direct map; the others wait for it
-        vectors = _stored.get(gallery)
-        if vectors is None:
-            vectors = _stored[gallery] = gallery.vectors()
-    return vectors[np.array([item_id], dtype=np.int64)]
+    """The vector [1, d] that the gallery's index holds for item ``item_id`` (an item of the gallery)."""
+    with _stored_lock:
+        gallery.vectors()
+    return gallery.vectors_of(np.array([item_id], dtype=np.int64))
 
 
-def search_like_item(gallery: Gallery, item_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` items nearest to item ``item_id``'s stored vector, best first, the item itself left out:
-    scores [k'] and ids [k'], k' <= k (fewer when the gallery is smaller or an approximate index finds fewer).
-    Runs in a compute slot (webapp.compute)."""
-    scores, ids = search_one_thread(gallery, stored_vector(gallery, item_id), k + 1)
+def search_like_item(
+    gallery: Gallery, item_id: int, k: int, filter: SearchFilter | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` items nearest to item ``item_id``'s stored vector among those ``filter`` allows, best first, the
+    item itself left out: scores [k'] and ids [k'], k' <= k (fewer when the gallery is smaller or an approximate
+    index finds fewer). Runs in a compute slot (webapp.compute)."""
+    scores, ids = search_one_thread(gallery, stored_vector(gallery, item_id), k + 1, filter)
     keep = (ids[0] != item_id) & (ids[0] >= 0)  # FAISS pads with -1 when an approximate index finds fewer
     return scores[0][keep][:k], ids[0][keep][:k]

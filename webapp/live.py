@@ -1,4 +1,5 @@
-"""A served gallery folder that follows ``sct index`` rebuilding it in place, without a restart.
+"""A served gallery folder that follows ``sct index`` rebuilding or changing it (--add, --remove) in place, without
+a restart.
 
 ``sct index`` replaces a gallery folder atomically (core.atomic), so its
 files all change at once. Each request stats the files a gallery is loaded
@@ -25,14 +26,15 @@ from typing import Any
 
 from PIL import Image
 
-from retrieval.gallery import INDEX_FILE, MANIFEST_FILE, MODEL_FILE, Gallery
+from retrieval.gallery import INDEX_FILE, MANIFEST_FILE, MODEL_FILE, REMOVED_FILE, Gallery
 from retrieval.index_files import IVFDATA_FILE
 from retrieval.items import ITEMS_FILE
 
 log = logging.getLogger(__name__)
 
-#: The files a gallery is loaded from (IVFDATA_FILE only for on-disk indexes).
-_GALLERY_FILES = (MANIFEST_FILE, INDEX_FILE, ITEMS_FILE, MODEL_FILE, IVFDATA_FILE)
+#: The files a gallery is loaded from (IVFDATA_FILE only for on-disk indexes, REMOVED_FILE only for an HNSW
+#: index that items were removed from).
+_GALLERY_FILES = (MANIFEST_FILE, INDEX_FILE, ITEMS_FILE, MODEL_FILE, IVFDATA_FILE, REMOVED_FILE)
 #: What identifies one version of a gallery folder: (device, inode, mtime, size) of each of its files, or None
 #: while it is being swapped or is missing its manifest.
 Stamp = tuple[tuple[int, int, int, int] | None, ...]
