@@ -13,6 +13,7 @@ from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from retrieval.embedder import OnnxEmbedder
 from retrieval.heatmaps import BAR_PANEL
 from tests.test_webapp_api import build_gallery_of, png_bytes, post_search
+from tests.test_webapp_metrics import exposed, scrape, stage_count
 from webapp import create_app
 
 
@@ -151,8 +152,8 @@ def test_gallery_items_are_embedded_and_read_once_per_pair_view(served, monkeypa
     client.get(result["pair_url"])
     client.get(result["heatmap_url"] + "&side=query")
     client.get(result["heatmap_url"])
-    latency = client.get("/metrics").get_json()["latency"]
-    assert latency["item_view"]["count"] == 1 and latency["heatmap"]["count"] == 2
+    found = scrape(client)
+    assert stage_count(found, "item_view") == 1 and stage_count(found, "heatmap") == 2
     image_file = served["paths"][result["id"]]
     assert sum(bytes_read) == image_file.stat().st_size  # the later requests find the view without reading
 
@@ -191,9 +192,9 @@ def test_pairs_work_outside_a_flask_request_on_the_settings_given(served):
     assert (pair.index, pair.item_id, pair.label) == ("colors", 1, gallery.items[1].label)
     assert pair.cosine == pytest.approx(float(view.embedding @ item.embedding), abs=1e-6)
     assert np.sum(pair.query_cells) == pytest.approx(pair.cosine, abs=1e-5)
-    assert len(settings.item_views) == 1 and settings.metrics.snapshot()["latency"]["item_view"]["count"] == 1
+    assert len(settings.item_views) == 1 and stage_count(exposed(settings.metrics), "item_view") == 1
     requested_pair(settings, {"query": query_id, "item": "1"})  # the item's view comes from these settings' cache
-    assert settings.metrics.snapshot()["latency"]["item_view"]["count"] == 1
+    assert stage_count(exposed(settings.metrics), "item_view") == 1
     with pytest.raises(ApiError, match="unknown or expired query id 'gone'.*the latest 2 searches"):
         kept_query(settings.queries, "gone")
     app_settings = served["app"].extensions["sct"]

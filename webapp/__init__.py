@@ -6,7 +6,7 @@
         -b 127.0.0.1:5000 'webapp:create_app(["index_data/NAME"])'
 
 (webapp.server says why that worker). Nothing here imports torch; a serving
-host needs onnxruntime, faiss, flask, gunicorn, gevent, pillow and numpy only.
+host needs onnxruntime, faiss, flask, gunicorn, gevent, prometheus_client, pillow and numpy only.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def create_app(
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES
     metrics = Metrics()
     compute = ComputePool(compute_slots)
-    app.extensions["sct"] = SearchSettings(
+    served = app.extensions["sct"] = SearchSettings(
         indexes=load_indexes(index_dirs, compute),
         default_k=default_k,
         max_k=max_k,
@@ -82,6 +82,8 @@ def create_app(
         metrics=metrics,
         compute=compute,
     )
+    metrics.track_size("queries_kept", "searches kept for their heatmaps", lambda: len(served.queries))
+    metrics.track_size("item_views_cached", "gallery items embedded for heatmaps", lambda: len(served.item_views))
     app.register_blueprint(pages)
     app.register_blueprint(api)
     app.register_blueprint(pair_api)

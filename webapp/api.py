@@ -5,7 +5,7 @@
 ``GET  /api/items/<id>/image?index=NAME`` the gallery image of item ``id`` (default gallery without ``index``)
 ``GET  /api/evaluation/recall.png?index=NAME``  the gallery's Recall@K curve, from its eval.json
 ``GET  /healthz``                         status and the galleries served
-``GET  /metrics``                         request counts and stage latencies of this worker
+``GET  /metrics``                         request counts and latencies of all workers, in Prometheus's text format
 
 Each result's URLs carry ``index``, so they stay valid whichever gallery is
 the default; ``heatmap_url`` and ``pair_url`` carry the search's ``query_id``
@@ -170,10 +170,8 @@ def healthz():
 
 @api.get("/metrics")
 def metrics():
-    served = settings()
-    return jsonify(
-        **served.metrics.snapshot(), queries_kept=len(served.queries), item_views_cached=len(served.item_views)
-    )
+    body, content_type = settings().metrics.exposition()
+    return Response(body, content_type=content_type)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ arrive within ``HEADER_TIMEOUT_S`` (gunicorn's keepalive setting, which the
 gevent worker applies to reading every request), and a connection idle for
 ``IDLE_TIMEOUT_S`` in the middle of a body or a response is closed. The heavy
 work of each request runs in real threads (webapp.compute).
+
+The workers share one fresh folder of metric files (webapp.metrics), made when
+the server starts and removed when it stops; a worker that exits stops counting
+in the gauges but its counts stay in the totals.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import ctypes
 import logging
 import os
 import platform
+import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Flask
@@ -24,6 +31,9 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
+from prometheus_client import multiprocess
+
+from webapp.metrics import MULTIPROC_DIR_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +113,33 @@ def exit_without_exit_handlers(arbiter: Arbiter, worker) -> None:
     os._exit(status)
 
 
+def forget_exited_worker(arbiter: Arbiter, worker) -> None:
+    """gunicorn's ``child_exit`` hook (in the master): drop the gauges of a worker that exited from the sums."""
+    if os.environ.get(MULTIPROC_DIR_VARIABLE):  # else each worker reported its own, and nothing is left to drop
+        multiprocess.mark_process_dead(worker.pid)
+
+
+@contextmanager
+def metrics_folder() -> Iterator[str]:
+    """A fresh, empty ``PROMETHEUS_MULTIPROC_DIR`` for the workers of one server, removed when the server stops.
+
+    Set here in the master, before gunicorn forks, so every worker inherits it; a previous value is restored.
+    """
+    owner = os.getpid()
+    previous = os.environ.get(MULTIPROC_DIR_VARIABLE)
+    folder = tempfile.mkdtemp(prefix="sct-metrics-")
+    os.environ[MULTIPROC_DIR_VARIABLE] = folder
+    try:
+        yield folder
+    finally:
+        if os.getpid() == owner:  # not a forked worker unwinding (they leave through os._exit anyway)
+            if previous is None:
+                del os.environ[MULTIPROC_DIR_VARIABLE]
+            else:
+                os.environ[MULTIPROC_DIR_VARIABLE] = previous
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def return_memory_when_freed() -> None:
     """Make glibc give large freed blocks back to the system at once.
 
@@ -121,18 +158,20 @@ def return_memory_when_freed() -> None:
 
 
 def serve_with_gunicorn(factory: Callable[[], Flask], *, host: str, port: int, workers: int) -> None:
-    GunicornServer(
-        factory,
-        {
-            "bind": f"{host}:{port}",
-            "workers": workers,
-            "worker_class": SlowClientSafeWorker,
-            "keepalive": HEADER_TIMEOUT_S,
-            "timeout": 120,
-            "preload_app": False,
-            "worker_exit": exit_without_exit_handlers,
-            "control_socket_disable": True,  # each server would otherwise listen on one shared path in $HOME
-            "accesslog": "-",
-            "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
-        },
-    ).run()
+    with metrics_folder():
+        GunicornServer(
+            factory,
+            {
+                "bind": f"{host}:{port}",
+                "workers": workers,
+                "worker_class": SlowClientSafeWorker,
+                "keepalive": HEADER_TIMEOUT_S,
+                "timeout": 120,
+                "preload_app": False,
+                "worker_exit": exit_without_exit_handlers,
+                "child_exit": forget_exited_worker,
+                "control_socket_disable": True,  # each server would otherwise listen on one shared path in $HOME
+                "accesslog": "-",
+                "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+            },
+        ).run()
