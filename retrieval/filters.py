@@ -56,9 +56,9 @@ def allowed_ids(table: ItemTable, search_filter: SearchFilter) -> np.ndarray:
     keep = np.ones(len(table), dtype=bool)
     labels, codes = table.label_codes()
     if search_filter.labels is not None:
-        keep &= np.isin(codes, [code for code, label in enumerate(labels) if label in search_filter.labels])
+        keep &= _label_mask(labels, search_filter.labels)[codes]
     if search_filter.exclude_labels:
-        keep &= ~np.isin(codes, [code for code, label in enumerate(labels) if label in search_filter.exclude_labels])
+        keep &= ~_label_mask(labels, search_filter.exclude_labels)[codes]
     ids = table.ids
     if search_filter.id_range is not None:
         start, stop = search_filter.id_range
@@ -66,6 +66,11 @@ def allowed_ids(table: ItemTable, search_filter: SearchFilter) -> np.ndarray:
     if search_filter.ids is not None:
         keep &= np.isin(ids, np.asarray(search_filter.ids, dtype=np.int64))
     return ids[keep]
+
+
+def _label_mask(labels: tuple[str, ...], chosen: frozenset[str]) -> np.ndarray:
+    """For each distinct label (by code), whether it is one of ``chosen``."""
+    return np.fromiter((label in chosen for label in labels), dtype=bool, count=len(labels))
 
 
 def parse_id_list(raw: str) -> np.ndarray:

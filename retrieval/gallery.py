@@ -72,9 +72,9 @@ _TRAIN_POINTS_PER_LIST = 256
 _ONDISK_TRAIN_POINTS_PER_LIST = 64
 _RECALL_QUERIES = 1000
 _RECALL_K = 10
-#: A filtered search that allows at most this many items ranks their stored vectors exactly; one that allows
-#: more searches the index with a FAISS IDSelector (exact for flat, approximate like the unfiltered search for
-#: IVF and HNSW, which may then find fewer than k).
+#: A filtered search of an IVF or HNSW index that allows at most this many items ranks their stored vectors
+#: exactly; one that allows more searches the index with a FAISS IDSelector, approximately like the unfiltered
+#: search (and may then find fewer than k). A flat index always searches with the IDSelector: exact.
 EXACT_FILTER_MAX = 16384
 
 
@@ -282,7 +282,7 @@ class Gallery:
         k = min(k, len(allowed))
         if k == 0:
             return np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64)
-        if len(allowed) <= EXACT_FILTER_MAX:
+        if len(allowed) <= EXACT_FILTER_MAX and not self._exact:
             return self._search_exactly(queries, k, allowed)
         selector = faiss.IDSelectorBatch(allowed)  # allowed holds no removed id: they are not items
         return self._search_selected(queries, k, selector)
@@ -297,13 +297,21 @@ class Gallery:
     def _search_exactly(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rank the stored vectors of the ``allowed`` ids by inner product, a block of ids at a time."""
         heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+        vectors = self.vectors()
         for start in range(0, len(allowed), 4096):
             block = allowed[start : start + 4096]
-            scores = queries @ self.vectors_of(block).T
-            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores = queries @ vectors.by_id(block).T
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < len(block) else np.indices(scores.shape)[1]
             heap.add_result(np.take_along_axis(scores, top, axis=1), block[top])
         heap.finalize()
         return heap.D.astype(np.float32, copy=False), heap.I.astype(np.int64, copy=False)
+
+    @functools.cached_property
+    def _exact(self) -> bool:
+        """Whether the index is flat: its own search, filtered by an IDSelector, is exact."""
+        index = faiss.downcast_index(self.index)
+        base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+        return isinstance(base, faiss.IndexFlat)
 
     def vectors_of(self, item_ids: np.ndarray) -> np.ndarray:
         """The stored vectors [n, d] of ``item_ids`` (for IVF-PQ: their quantised reconstructions); KeyError
