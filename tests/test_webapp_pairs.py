@@ -248,3 +248,99 @@ def test_pairs_work_outside_a_flask_request_on_the_settings_given(served, tmp_pa
     app_settings = served["app"].extensions["sct"]
     assert app_settings.queries.get((view.model_sha256, query_id)) is None
     assert not (served["root"] / "store" / query_id).exists()
+
+
+# --- any server sharing the query store; a posted query -------------------------------------------------------
+
+
+def test_another_server_sharing_the_query_store_answers_the_pairs_of_a_search(served, tmp_path):
+    folders = [served["root"] / "index_data" / name for name in ("colors", "other")]
+    first, second = (create_app(folders, query_store=tmp_path).test_client() for _ in range(2))
+    data = png_bytes(seed=31)
+    body = search(first, data=data)
+    embedder = OnnxEmbedder(served["model"])  # the cosine computed here, apart from the server
+    query = embedder.embed_images([decode_rgb(data, min_side=embedder.preprocessing.decode_side)])[0]
+    for result in body["results"]:
+        url = f"/api/pair?query={body['query_id']}&item={result['id']}&index=colors"
+        there, here = first.get(url), second.get(url)
+        assert here.status_code == 200, here.get_json()
+        assert here.get_json() == there.get_json()
+        pair = here.get_json()
+        item = embedder.embed_images([load_rgb(served["paths"][result["id"]])])[0]
+        assert pair["cosine"] == pytest.approx(float(query @ item), abs=1e-5)
+        for cells in (pair["query_cells"], pair["item_cells"]):
+            assert np.sum(cells) == pytest.approx(float(query @ item), abs=1e-5)
+        for side in ("query", "item"):
+            heatmaps = [client.get(f"{result['heatmap_url']}&side={side}") for client in (first, second)]
+            assert heatmaps[1].status_code == 200 and heatmaps[1].mimetype == "image/png"
+            assert heatmaps[1].data == heatmaps[0].data
+        page = second.get(result["pair_url"])
+        assert page.status_code == 200 and f'id="pair-cosine">{pair["cosine"]:.3f}<' in page.get_data(as_text=True)
+    assert query_views(first) == 0 and query_views(second) == 1  # embedded once from the store, then its LRU
+    elsewhere = create_app(folders, query_store=tmp_path / "elsewhere").test_client()
+    response = elsewhere.get(body["results"][0]["heatmap_url"])
+    assert response.status_code == 404 and "search again" in response.get_json()["error"]
+
+
+def post_pair(client, endpoint: str, data: bytes | list[bytes] | None, **fields):
+    form: dict = {key: str(value) for key, value in fields.items()}
+    if data is not None:
+        form["image"] = [(io.BytesIO(part), "q.png") for part in (data if isinstance(data, list) else [data])]
+    return client.post(endpoint, data=form, content_type="multipart/form-data")
+
+
+URLS = ("query_heatmap_url", "item_heatmap_url", "pair_url")
+
+
+def test_a_posted_image_pairs_as_its_search_does_and_is_kept_nowhere(served, tmp_path):
+    client = create_app([served["root"] / "index_data" / "colors"], query_store=tmp_path).test_client()
+    data = png_bytes(seed=41)
+    posted = post_pair(client, "/api/pair", data, item=2, index="colors")
+    assert posted.status_code == 200, posted.get_json()
+    assert list(tmp_path.iterdir()) == []
+    query_id = hashlib.sha256(data).hexdigest()
+    assert client.get(f"/api/pair?query={query_id}&item=2").status_code == 404  # nor kept by the worker
+    assert search(client, data=data)["query_id"] == query_id
+    got = client.get(f"/api/pair?query={query_id}&item=2&index=colors").get_json()
+    posted = posted.get_json()
+    assert {key: value for key, value in posted.items() if key not in URLS} == {
+        key: value for key, value in got.items() if key not in URLS
+    }
+    assert posted["query_id"] == query_id and all(posted[url] is None for url in URLS) and got["pair_url"]
+    for side in ("query", "item"):
+        drawn = post_pair(client, "/api/heatmap", data, item=2, side=side)
+        assert drawn.status_code == 200 and drawn.mimetype == "image/png"
+        assert drawn.data == client.get(f"{got['item_heatmap_url'][: -len('&side=item')]}&side={side}").data
+
+
+@pytest.mark.parametrize("endpoint", ["/api/pair", "/api/heatmap"])
+@pytest.mark.parametrize(
+    ("image", "fields", "status", "message"),
+    [
+        (None, {"item": 0}, 400, "missing file field 'image'"),
+        ([png_bytes(), png_bytes()], {"item": 0}, 400, "one image per request: the file field 'image' holds 2"),
+        (png_bytes()[:60], {"item": 0}, 400, "cannot read the uploaded image"),
+        (png_bytes(), {}, 400, "parameter 'item' must be a gallery item id"),
+        (png_bytes(), {"item": 0, "query": "0" * 64}, 400, "give one query"),
+        (png_bytes(), {"item": 0, "query_item": 1}, 400, "give one query"),
+        (png_bytes(), {"item": 99}, 404, "no item 99 in gallery 'colors'"),
+        (png_bytes(), {"item": 0, "index": "nope"}, 404, "unknown index 'nope'"),
+    ],
+)
+def test_bad_posted_pairs_are_4xx_json(served, endpoint, image, fields, status, message):
+    response = post_pair(served["client"], endpoint, image, **fields)
+    assert response.status_code == status and message in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("endpoint", ["/api/pair", "/api/heatmap"])
+def test_a_posted_image_has_the_upload_limit_and_errors_of_a_search(served, endpoint, tmp_path):
+    limit = len(png_bytes())
+    client = create_app(
+        [served["root"] / "index_data" / "colors"], max_upload_bytes=limit, query_store=tmp_path
+    ).test_client()
+    assert post_pair(client, endpoint, png_bytes(), item=0).status_code == 200  # exactly the limit
+    for data, status in ((png_bytes() + b"x", 413), (png_bytes()[:60], 400), (b"x" * (1 << 20), 413)):
+        searched = post_search(client, data)
+        paired = post_pair(client, endpoint, data, item=0)
+        assert paired.status_code == searched.status_code == status
+        assert paired.get_json() == searched.get_json()

@@ -26,7 +26,6 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from core.atomic import atomic_write_bytes
@@ -60,12 +59,10 @@ class QueryStore:
         *,
         max_bytes: int,
         max_age_s: float,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         if max_bytes < 1 or max_age_s <= 0:
             raise ValueError(f"max_bytes and max_age_s must be positive, got {max_bytes} and {max_age_s}")
         self.directory, self.max_bytes, self.max_age_s = Path(directory), max_bytes, max_age_s
-        self._clock = clock
         self._written_since_sweep = 0
         self._lock = threading.Lock()
         try:
@@ -85,8 +82,11 @@ class QueryStore:
 
     def put(self, query_id: str, data: bytes) -> None:
         """Store ``data`` under its content id ``query_id``; an image already stored is only marked as searched
-        now. Raises OSError when the folder cannot be written."""
+        now, and one larger than the whole store is not stored. Raises OSError when the folder cannot be
+        written."""
         path = self._path(query_id)
+        if len(data) > self.max_bytes:
+            return
         try:
             os.utime(path)  # the same image again: its age restarts
         except FileNotFoundError:
@@ -103,7 +103,7 @@ class QueryStore:
         """The bytes stored under ``query_id``, or None when they are not there, are too old or do not match it."""
         path = self._path(query_id)
         try:
-            if self._clock() - path.stat().st_mtime > self.max_age_s:
+            if time.time() - path.stat().st_mtime > self.max_age_s:
                 return None
             data = path.read_bytes()
         except FileNotFoundError:
@@ -117,7 +117,7 @@ class QueryStore:
     def sweep(self) -> None:
         """Remove the entries older than ``max_age_s``, then the oldest until at most ``max_bytes`` remain; also
         the temporary files of writes interrupted more than ``max_age_s`` ago."""
-        now = self._clock()
+        now = time.time()
         entries = []  # (mtime, size, path)
         with os.scandir(self.directory) as scan:
             for entry in scan:
