@@ -187,6 +187,18 @@ def test_a_store_of_another_user_is_refused(tmp_path):
         QueryStore(tmp_path, max_bytes=1 << 20, max_age_s=3600)
 
 
+def test_a_store_that_is_a_link_in_a_folder_anyone_can_write_is_refused(tmp_path):
+    public, mine = tmp_path / "public", tmp_path / "mine"
+    public.mkdir()
+    mine.mkdir()
+    public.chmod(0o1777)  # as /tmp
+    (public / "queries").symlink_to(mine)
+    with pytest.raises(UserValueError, match="symbolic link in a folder that anyone can write"):
+        QueryStore(public / "queries", max_bytes=1 << 20, max_age_s=3600)
+    public.chmod(0o755)
+    QueryStore(public / "queries", max_bytes=1 << 20, max_age_s=3600)  # a link of the owner's own making
+
+
 def test_servers_of_one_user_share_the_default_store(colors, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert default_query_store().parent == tmp_path and str(os.getuid()) in default_query_store().name

@@ -114,13 +114,13 @@ def requested_pair(served: SearchSettings, args: Mapping[str, str], posted: byte
 
 def keep_query(served: SearchSettings, data: bytes, view: ImageView) -> str:
     """Keep an uploaded query, its bytes ``data`` embedded as ``view``, for later heatmaps: the bytes in the
-    query store, the view in this worker's LRU. Returns its id. A store that cannot be written is logged and
-    leaves the query to this worker."""
+    query store (written in a compute slot, off the event loop), the view in this worker's LRU. Returns its id.
+    A store that cannot be written, or no free slot, is logged and leaves the query to this worker."""
     query_id = query_id_of(data)
     served.queries.put((view.model_sha256, query_id), view)
     try:
-        served.query_store.put(query_id, data)
-    except OSError as exc:
+        served.compute.run(served.query_store.put, query_id, data)
+    except (OSError, ApiError) as exc:
         log.warning("cannot write query %s to the query store %s: %s", query_id, served.query_store.directory, exc)
     return query_id
 

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -71,6 +72,11 @@ class QueryStore:
             raise UserValueError(f"cannot create the query store {self.directory}: {exc.strerror}") from None
         if not self.directory.is_dir():
             raise UserValueError(f"the query store {self.directory} is not a folder")
+        if self.directory.is_symlink() and self.directory.parent.stat().st_mode & stat.S_IWOTH:
+            raise UserValueError(
+                f"the query store {self.directory} is a symbolic link in a folder that anyone can write, so "
+                "anyone could have made it; give the folder it points to"
+            )
         owner = self.directory.stat().st_uid
         if hasattr(os, "getuid") and owner != os.getuid():
             raise UserValueError(
@@ -122,12 +128,12 @@ class QueryStore:
         with os.scandir(self.directory) as scan:
             for entry in scan:
                 try:
-                    stat = entry.stat(follow_symlinks=False)
+                    status = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:  # removed by another process meanwhile
                     continue
                 if is_query_id(entry.name):
-                    entries.append((stat.st_mtime, stat.st_size, Path(entry.path)))
-                elif entry.name.startswith(".") and ".tmp-" in entry.name and now - stat.st_mtime > self.max_age_s:
+                    entries.append((status.st_mtime, status.st_size, Path(entry.path)))
+                elif entry.name.startswith(".") and ".tmp-" in entry.name and now - status.st_mtime > self.max_age_s:
                     Path(entry.path).unlink(missing_ok=True)
         entries.sort()
         total = sum(size for _, size, _ in entries)
