@@ -90,7 +90,11 @@ def test_results_of_the_default_gallery_pair_without_index(served):
 PAIR_ERRORS = [
     ("item=0", 400, "missing parameter 'query'"),
     ("query=nope&item=0", 404, "unknown or expired query id 'nope': the query_id of a search response is 64 hex"),
-    (f"query={'0' * 64}&item=0", 404, f"unknown or expired query id '{'0' * 64}': the images of searches are kept"),
+    (
+        f"query={'0' * 64}&item=0",
+        404,
+        f"unknown or expired query id '{'0' * 64}': this server's query store keeps the image",
+    ),
     ("query={qid}", 400, "parameter 'item' must be a gallery item id"),
     ("query={qid}&item=abc", 400, "parameter 'item' must be a gallery item id"),
     ("query={qid}&item=-1", 400, "parameter 'item' must be a gallery item id"),
@@ -243,7 +247,7 @@ def test_pairs_work_outside_a_flask_request_on_the_settings_given(served, tmp_pa
     assert len(settings.item_views) == 1 and settings.metrics.snapshot()["latency"]["item_view"]["count"] == 1
     requested_pair(settings, {"query": query_id, "item": "1"})  # the item's view comes from these settings' cache
     assert settings.metrics.snapshot()["latency"]["item_view"]["count"] == 1
-    with pytest.raises(ApiError, match="unknown or expired query id '0+'.*kept for 1 hours.*search again"):
+    with pytest.raises(ApiError, match="unknown or expired query id '0+'.*search for 1 h, up to 1 MiB.*search again"):
         kept_query(settings, "0" * 64, gallery)
     app_settings = served["app"].extensions["sct"]
     assert app_settings.queries.get((view.model_sha256, query_id)) is None

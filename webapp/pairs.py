@@ -157,9 +157,8 @@ def kept_query(served: SearchSettings, query_id: str, gallery: Gallery) -> Image
         store = served.query_store
         raise ApiError(
             404,
-            f"unknown or expired query id {quoted(query_id)}: the images of searches are kept for "
-            f"{store.max_age_s / 3600:g} hours (at most {store.max_bytes / (1 << 20):g} MiB of the latest, in the "
-            "query store that this server shares with the servers given the same folder); search again",
+            f"unknown or expired query id {quoted(query_id)}: this server's query store keeps the image of a search "
+            f"for {store.max_age_s / 3600:g} h, up to {store.max_bytes / (1 << 20):g} MiB of the latest; search again",
         )
     served.queries.put(key, view)
     return view
