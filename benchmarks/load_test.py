@@ -132,8 +132,10 @@ def running_server(
     max_upload_mb: float = 16,
     log_dir: Path | None = None,
     startup_timeout_s: float = 90,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Server]:
-    """``python -m sct serve`` on 127.0.0.1 and a free port (its default host), until the block ends."""
+    """``python -m sct serve`` on 127.0.0.1 and a free port (its default host), with ``extra_args``, until the
+    block ends."""
     port = free_port()
     log = Path(log_dir or tempfile.mkdtemp()) / f"serve-{port}.log"
     command = [
@@ -149,6 +151,7 @@ def running_server(
         str(threads),
         "--max-upload-mb",
         str(max_upload_mb),
+        *extra_args,
     ]
     for directory in index_dirs:
         command += ["--index", str(directory)]

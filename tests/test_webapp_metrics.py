@@ -105,7 +105,8 @@ def test_metrics_count_requests_by_endpoint_and_code_and_time_requests_and_stage
         for stage in ("decode", "embed", "search", "render")
     )
     assert 0 < stage_seconds <= search_seconds  # the stages of the searches are parts of their requests
-    assert value(found, "sct_queries_kept") == 4 and value(found, "sct_item_views_cached") == 1
+    # one image searched 4 times: one query id
+    assert value(found, "sct_queries_kept") == 1 and value(found, "sct_item_views_cached") == 1
     again = scrape(client)
     assert value(again, "sct_requests_total", endpoint="api.metrics", code="200") == 1
     assert value(again, "sct_request_duration_seconds_count", endpoint="api.metrics") == 1
@@ -206,7 +207,8 @@ def test_gunicorn_workers_report_the_sums_over_all_workers(gallery, tmp_path, mo
     """3 workers answer requests on fresh connections; /metrics, whichever worker answers, reports every request,
     also after a worker is killed (its counts stay, its cache sizes go); the metrics folder goes with the server."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the server makes its metrics folder
-    searches, image = 6, png_bytes()
+    searches = 6
+    images = [png_bytes(seed=seed) for seed in range(searches)]  # 6 queries kept: each image is one query id
     with running_server([gallery], workers=3, threads=1, log_dir=tmp_path) as server:
         (folder,) = tmp_path.glob("sct-metrics-*")
 
@@ -215,7 +217,7 @@ def test_gunicorn_workers_report_the_sums_over_all_workers(gallery, tmp_path, mo
             return _per_worker(folder, "sct_requests_total", endpoint=endpoint, code="200")
 
         with ThreadPoolExecutor(12) as pool:
-            assert list(pool.map(lambda _: _post_search(server.port, image), range(searches))) == [200] * searches
+            assert list(pool.map(lambda image: _post_search(server.port, image), images)) == [200] * searches
             sent = 0  # /healthz requests, in batches until at least two workers have answered some
             while sent < 600 and len(answered_by("api.healthz")) < 2:
                 assert set(pool.map(lambda _: _get(server.port, "/healthz")[0], range(60))) == {200}

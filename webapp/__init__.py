@@ -24,6 +24,7 @@ from webapp.eval_browser import eval_browser
 from webapp.metrics import Metrics, count_requests
 from webapp.pages import pages
 from webapp.pair_api import pair_api
+from webapp.query_store import QueryStore, default_query_store
 from webapp.security import install_security
 from webapp.served import SearchSettings, load_indexes
 
@@ -48,6 +49,9 @@ def create_app(
     kept_queries: int = 128,
     query_ttl_s: float = 15 * 60,
     cached_items: int = 64,
+    query_store: str | os.PathLike[str] | None = None,
+    query_store_bytes: int = 256 * MiB,
+    query_store_age_s: float = 24 * 3600,
     allowed_hosts: Sequence[str] = (),
     compute_slots: int = 2,
 ) -> Flask:
@@ -56,9 +60,13 @@ def create_app(
     Each gallery is named after its folder. Loading fails (FileNotFoundError,
     retrieval.gallery.GalleryMismatchError, ValueError) before any request is
     served when a gallery is missing or inconsistent. Afterwards each gallery
-    follows its folder being rebuilt (webapp.live). Each worker keeps the
-    latest ``kept_queries`` searches for ``query_ttl_s`` seconds, for their
-    heatmaps, and the views of ``cached_items`` gallery items. At most
+    follows its folder being rebuilt (webapp.live). The uploaded images of
+    searches go to the folder ``query_store`` (default: webapp.query_store's
+    default_query_store, shared by the servers of one user on one machine), at
+    most ``query_store_bytes`` of them, each for ``query_store_age_s`` seconds,
+    so that any worker of any server reading that folder draws their heatmaps.
+    Each worker also keeps the views of its latest ``kept_queries`` searches
+    for ``query_ttl_s`` seconds, and of ``cached_items`` gallery items. At most
     ``compute_slots`` requests decode, embed or draw at once (webapp.compute). Requests must name
     the server by an IP address, localhost, the machine's name or one of
     ``allowed_hosts`` (webapp.security).
@@ -78,6 +86,11 @@ def create_app(
         max_pixels=max_pixels,
         max_upload_bytes=max_upload_bytes,
         queries=LruCache(kept_queries, query_ttl_s),
+        query_store=QueryStore(
+            default_query_store() if query_store is None else query_store,
+            max_bytes=query_store_bytes,
+            max_age_s=query_store_age_s,
+        ),
         item_views=LruCache(cached_items, query_ttl_s),
         metrics=metrics,
         compute=compute,

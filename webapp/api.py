@@ -69,7 +69,7 @@ def search():
     for stage, seconds in timings.items():
         served.metrics.observe(stage, seconds)
     with served.metrics.timed("render", timings):
-        query_id = keep_query(served.queries, name, query.view)
+        query_id = keep_query(served, data, query.view)
         results = _results(name, gallery, query.scores[0], query.ids[0], {"query": query_id})
     return _search_response(started, results, name, timings, query_id=query_id, query_item=None)
 

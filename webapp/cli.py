@@ -12,6 +12,7 @@ from flask import Flask
 from core.errors import UserValueError, as_user_error
 from retrieval.cli_options import add_workers
 from webapp import MiB, create_app
+from webapp.query_store import default_query_store
 
 EPILOG = """\
 Examples:
@@ -20,8 +21,17 @@ Examples:
   sct serve --index index_data/sop --host 0.0.0.0 --max-upload-mb 32   # reachable from other hosts
   sct serve --index index_data/sop --workers 4 --threads 2              # more processes on a bigger machine
   sct serve --index index_data/sop --host 0.0.0.0 --allowed-host search.example.org   # served under a name
+  sct serve --index index_data/sop --port 5001 --query-store /srv/sct-queries   # heatmaps from either server
+  sct serve --index index_data/sop --port 5002 --query-store /srv/sct-queries
 
   The first --index is the default gallery; each is named after its folder.
+
+A search by upload names its query by the SHA-256 of the image and keeps the
+image in the --query-store folder, so that any worker, and any server reading
+the same folder, draws its heatmaps. By default that folder is under the temp
+dir and shared by the servers of one user on one machine; servers on several
+machines need a folder they all mount, or clients that POST the image to
+/api/pair and /api/heatmap, which keeps nothing.
 
 `sct serve` runs the app under gunicorn with gevent workers: slow or stalled
 clients hold a greenlet, not a thread, so they cannot take the server down
@@ -72,6 +82,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(other Host headers are refused, against DNS rebinding); .example.org allows that domain and its "
         "subdomains, * any name; repeat for several",
     )
+    parser.add_argument(
+        "--query-store",
+        metavar="DIR",
+        help="folder of the uploaded images of recent searches, for their heatmaps; give servers the same folder "
+        f"to answer each other's query ids (default: {default_query_store()})",
+    )
+    parser.add_argument(
+        "--query-store-mb",
+        type=float,
+        default=256,
+        metavar="MB",
+        help="most MiB the query store holds; the oldest images go first (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--query-store-hours",
+        type=float,
+        default=24,
+        metavar="H",
+        help="how long a search's query id stays valid after its last search (default: %(default)s)",
+    )
     parser.add_argument("--dev-server", action="store_true", help="use Flask's development server instead of gunicorn")
     parser.set_defaults(func=serve)
 
@@ -82,6 +112,8 @@ def serve(args: argparse.Namespace) -> int:
         ("--max-upload-mb", args.max_upload_mb),
         ("--workers", args.workers),
         ("--threads", args.threads),
+        ("--query-store-mb", args.query_store_mb),
+        ("--query-store-hours", args.query_store_hours),
     ):
         if value <= 0:
             raise UserValueError(f"{flag} must be positive")
@@ -92,6 +124,9 @@ def serve(args: argparse.Namespace) -> int:
             max_upload_bytes=int(args.max_upload_mb * MiB),
             allowed_hosts=args.allowed_host,
             compute_slots=args.threads,
+            query_store=args.query_store,
+            query_store_bytes=int(args.query_store_mb * MiB),
+            query_store_age_s=args.query_store_hours * 3600,
         )
 
     with as_user_error(OSError):  # a gallery folder that cannot be read; mismatched files are UserErrors already

@@ -1,22 +1,26 @@
-"""Query ↔ result pairs for similarity heatmaps: what a search keeps, and the pair it later compares.
+"""Query ↔ result pairs for similarity heatmaps: the query a search names, and the pair it later compares.
 
-A search keeps its query's view (unit embedding, feature map and the crop the
-model saw) in a bounded LRU under a random query id, so that heatmaps can be
-drawn after the response went out. A gallery item's view is computed on
-demand by embedding its image file, found by id through items.csv, with the
-gallery's own model, and cached by (model, file) for the few requests of one
-pair view. The query of a pair can also be a gallery item (``query_item``):
-its view is made the same way, so such a pair needs no state kept by the
-server process and any worker answers it.
+A search by upload names its query by the content id of the uploaded bytes
+(webapp.query_store) and writes them to the query store, a folder that every
+worker of the server, and every server given the same folder, reads. The
+worker that ran the search also keeps the query's view (unit embedding,
+feature map and the crop the model saw) in a bounded LRU; on any other worker,
+or after the LRU dropped it, the view is made again by embedding the stored
+bytes with the gallery's model, so that any worker answers a pair. A gallery
+item's view is computed on demand by embedding its image file, found by id
+through items.csv, with the gallery's own model, and cached by (model, file)
+for the few requests of one pair view. The query of a pair can also be a
+gallery item (``query_item``), whose view is made the same way, or an image
+posted with the request, which nothing keeps.
 
-The functions take the served state they use (``SearchSettings``, or just its
-kept queries) as arguments, so that they also run outside a Flask request; the
-views pass in their app's settings.
+The functions take the served state they use (``SearchSettings``) as
+arguments, so that they also run outside a Flask request; the views pass in
+their app's settings.
 """
 
 from __future__ import annotations
 
-import secrets
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,11 +31,14 @@ import catalog
 from retrieval.gallery import Gallery
 from retrieval.heatmaps import contribution_grid, crop_of, symmetric_limit
 from retrieval.preprocessing import preprocess
-from webapp.cache import LruCache
 from webapp.errors import ApiError, quoted
 from webapp.item_files import opened_item_file
 from webapp.params import check_item, item_id_param
+from webapp.query_store import QueryStore, is_query_id, query_id_of
 from webapp.served import SearchSettings
+from webapp.uploads import unreadable_upload
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,9 @@ class Pair:
     item_cells: np.ndarray  # [h, w], sums to the cosine
     limit: float  # the colour scale ±limit shared by both heatmaps
     gallery: Gallery  # the version of gallery ``index`` compared in
-    query_id: str | None  # the kept query's id, or None when the query is a gallery item
-    query_item: int | None  # the gallery item that is the query, or None for a kept query
+    query_id: str | None  # the uploaded query's content id, or None when the query is a gallery item
+    query_item: int | None  # the gallery item that is the query, or None for an uploaded query
+    posted: bool = False  # whether the query is an image posted with this request (no URL names it)
 
     @property
     def query_ref(self) -> dict[str, str | int]:
@@ -80,51 +88,96 @@ def view_of(pixels: np.ndarray, embedding: np.ndarray, feature_map: np.ndarray, 
     )
 
 
-def requested_pair(served: SearchSettings, args: Mapping[str, str]) -> Pair:
-    """The pair named by the request parameters ``item``, ``index`` and one of ``query`` (a kept query's id;
-    ``index`` defaults to the gallery it was searched in) or ``query_item`` (an item of the same gallery;
-    ``index`` defaults to the default gallery)."""
+def requested_pair(served: SearchSettings, args: Mapping[str, str], posted: bytes | None = None) -> Pair:
+    """The pair named by the request parameters ``item``, ``index`` (default: the default gallery) and one of
+    ``query`` (a search's query id), ``query_item`` (an item of the same gallery) or ``posted``, the bytes of an
+    image sent with the request."""
     item = item_id_param("item", args.get("item"))
+    if sum(given is not None for given in (args.get("query"), args.get("query_item"), posted)) > 1:
+        raise ApiError(
+            400,
+            "give one query: parameter 'query' (a search's query_id) or 'query_item' (a gallery item id), "
+            "or in a POST the file field 'image'; not several",
+        )
+    name, gallery = served.gallery(args.get("index"), unknown_status=404)
+    if posted is not None:
+        query = posted_view(served, posted, gallery)
+        return compare(served, query, name, gallery, item, query_id=query_id_of(posted), posted=True)
     if args.get("query_item") is not None:
-        if args.get("query") is not None:
-            raise ApiError(
-                400,
-                "give one query: parameter 'query' (a search's query_id) or 'query_item' "
-                "(a gallery item id), not both",
-            )
         query_item = item_id_param("query_item", args["query_item"])
-        name, gallery = served.gallery(args.get("index"), unknown_status=404)
         check_item(name, gallery, query_item)
         query = item_view(served, name, gallery, query_item)
         return compare(served, query, name, gallery, item, query_item=query_item)
-    searched_in, query = kept_query(served.queries, args.get("query"))
-    name, gallery = served.gallery(args.get("index") or searched_in, unknown_status=404)
-    return compare(served, query, name, gallery, item, query_id=args["query"])
+    query_id = checked_query_id(args.get("query"))
+    return compare(served, kept_query(served, query_id, gallery), name, gallery, item, query_id=query_id)
 
 
-def keep_query(queries: LruCache[str, tuple[str, ImageView]], name: str, view: ImageView) -> str:
-    """Keep the view of a query searched in gallery ``name`` in ``queries`` for later heatmaps; returns its new
-    random id."""
-    query_id = secrets.token_urlsafe(12)
-    queries.put(query_id, (name, view))
+def keep_query(served: SearchSettings, data: bytes, view: ImageView) -> str:
+    """Keep an uploaded query, its bytes ``data`` embedded as ``view``, for later heatmaps: the bytes in the
+    query store (written in a compute slot, off the event loop), the view in this worker's LRU. Returns its id.
+    A store that cannot be written, or no free slot, is logged and leaves the query to this worker."""
+    query_id = query_id_of(data)
+    served.queries.put((view.model_sha256, query_id), view)
+    try:
+        served.compute.run(served.query_store.put, query_id, data)
+    except (OSError, ApiError) as exc:
+        log.warning("cannot write query %s to the query store %s: %s", query_id, served.query_store.directory, exc)
     return query_id
 
 
-def kept_query(queries: LruCache[str, tuple[str, ImageView]], query_id: str | None) -> tuple[str, ImageView]:
-    """The gallery name and view of a query kept in ``queries``."""
+def checked_query_id(query_id: str | None) -> str:
+    """``query_id`` when it is one (64 hexadecimal digits); else a 400 when missing, a 404 when malformed."""
     if not query_id:
         raise ApiError(
             400,
             "missing parameter 'query' (the query_id of a search response), or 'query_item' (a gallery item id)",
         )
-    kept = queries.get(query_id)
-    if kept is None:
+    if not is_query_id(query_id):
         raise ApiError(
             404,
-            f"unknown or expired query id {quoted(query_id)}: queries are kept for {queries.ttl_s / 60:g} minutes "
-            f"(the latest {queries.capacity} searches of this server process); search again",
+            f"unknown or expired query id {quoted(query_id)}: the query_id of a search response is 64 hexadecimal "
+            "digits; search again",
         )
-    return kept
+    return query_id
+
+
+def kept_query(served: SearchSettings, query_id: str, gallery: Gallery) -> ImageView:
+    """The view of query ``query_id`` as embedded by the model of ``gallery``: from this worker's LRU, or made
+    again from the query store (and kept in the LRU)."""
+    key = (gallery.manifest["model_sha256"], query_id)
+    view = served.queries.get(key)
+    if view is not None:
+        return view
+    with served.metrics.timed("query_view"):
+        try:
+            view = served.compute.run(stored_view, served.query_store, query_id, gallery, served.max_pixels)
+        except catalog.ImageLoadError as exc:
+            raise unreadable_upload(exc) from None
+    if view is None:
+        store = served.query_store
+        raise ApiError(
+            404,
+            f"unknown or expired query id {quoted(query_id)}: this server's query store keeps the image of a search "
+            f"for {store.max_age_s / 3600:g} h, up to {store.max_bytes / (1 << 20):g} MiB of the latest; search again",
+        )
+    served.queries.put(key, view)
+    return view
+
+
+def stored_view(store: QueryStore, query_id: str, gallery: Gallery, max_pixels: int) -> ImageView | None:
+    """The view of the image stored under ``query_id``, embedded by the model of ``gallery``; None when it is not
+    stored (in a compute slot: it reads a file and runs the model)."""
+    data = store.get(query_id)
+    return None if data is None else embedded_view(data, gallery, max_pixels)
+
+
+def posted_view(served: SearchSettings, data: bytes, gallery: Gallery) -> ImageView:
+    """The view of an image posted with the request, embedded by the model of ``gallery``; kept nowhere."""
+    with served.metrics.timed("query_view"):
+        try:
+            return served.compute.run(embedded_view, data, gallery, served.max_pixels)
+        except catalog.ImageLoadError as exc:
+            raise unreadable_upload(exc) from None
 
 
 def compare(
@@ -136,11 +189,13 @@ def compare(
     *,
     query_id: str | None = None,
     query_item: int | None = None,
+    posted: bool = False,
 ) -> Pair:
-    """The pair of a query and gallery item ``item_id``. The query is the kept query ``query_id`` or the gallery
-    item ``query_item`` (one of them, for the pair's URLs) and must come from the gallery's model."""
+    """The pair of a query and gallery item ``item_id``. The query is the uploaded query ``query_id`` (``posted``
+    with this request, or stored) or the gallery item ``query_item`` (one of them, for the pair's URLs) and must
+    come from the gallery's model."""
     if (query_id is None) == (query_item is None):
-        raise ValueError("a pair's query is either a kept query (query_id) or a gallery item (query_item)")
+        raise ValueError("a pair's query is either an uploaded query (query_id) or a gallery item (query_item)")
     if query.model_sha256 != gallery.manifest["model_sha256"]:
         raise ApiError(
             409,
@@ -152,7 +207,9 @@ def compare(
     item_cells = contribution_grid(item.feature_map, query.embedding)
     limit = symmetric_limit(query_cells, item_cells)
     label = gallery.item(item_id).label
-    return Pair(name, item_id, label, query, item, query_cells, item_cells, limit, gallery, query_id, query_item)
+    return Pair(
+        name, item_id, label, query, item, query_cells, item_cells, limit, gallery, query_id, query_item, posted
+    )
 
 
 def item_view(served: SearchSettings, name: str, gallery: Gallery, item_id: int) -> ImageView:

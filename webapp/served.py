@@ -17,6 +17,7 @@ from webapp.compute import ComputePool
 from webapp.errors import ApiError, quoted
 from webapp.live import LiveGallery
 from webapp.metrics import Metrics
+from webapp.query_store import QueryStore
 
 if TYPE_CHECKING:
     from webapp.pairs import ImageView
@@ -31,7 +32,8 @@ class SearchSettings:
     max_k: int
     max_pixels: int
     max_upload_bytes: int
-    queries: LruCache[str, tuple[str, ImageView]]  # (gallery name, view) of recent searches, by query id
+    queries: LruCache[tuple[str, str], ImageView]  # views of uploaded queries, by (model sha256, query id)
+    query_store: QueryStore  # the uploaded images of searches, by query id, for every worker and server
     item_views: LruCache[tuple, ImageView]  # gallery items embedded for heatmaps, by (model, file)
     metrics: Metrics
     compute: ComputePool  # where decoding, embedding and drawing run
