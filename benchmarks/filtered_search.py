@@ -4,7 +4,7 @@ Builds a gallery of N random unit vectors (labels: 1,000 classes of equal size) 
 for single queries with one FAISS thread (as the server searches), interleaved: unfiltered, then filters that
 allow about 0.1%, 1%, 10% and 50% of the items (a set of labels), and an id range of 50%. Filters allowing up
 to EXACT_FILTER_MAX items are ranked exactly over their stored vectors, larger ones through FAISS's
-IDSelectorBatch. Medians over the queries go to benchmarks/results/filtered_search.md, as ms and as a ratio to
+IDSelectorBitmap. Medians over the queries go to benchmarks/results/filtered_search.md, as ms and as a ratio to
 the unfiltered search of the same run.
 
     python -m benchmarks.filtered_search                        # 100,000 × 128, flat
@@ -39,7 +39,7 @@ HEADER = f"""\
 Single queries, one FAISS thread, median ms per query; in brackets the ratio to the unfiltered search.
 "0.1%" … "50%": a filter by label allowing that share of the items; "ids 50%": an id range of half of them.
 Up to {EXACT_FILTER_MAX:,} allowed items are ranked exactly over their stored vectors; more go through FAISS's
-IDSelectorBatch.
+IDSelectorBitmap.
 
 | date (UTC) | command | machine | gallery | unfiltered ms | {" | ".join(name for name, _ in FILTERS)} | queries |
 |---|---|---|---|---|{"---|" * len(FILTERS)}---|

@@ -3,7 +3,7 @@
 A filter is resolved against a gallery's item table into the sorted array of the ids it allows
 (``allowed_ids``, vectorised over the label codes and ids: a million items take milliseconds).
 ``retrieval.gallery.Gallery.search`` then searches only those: exactly, over their stored vectors, when
-they are few or the index is exact, else through a FAISS ``IDSelectorBatch`` inside the index's own search.
+they are few and the index approximate, else through a FAISS ``IDSelectorBitmap`` inside the index's own search.
 """
 
 from __future__ import annotations
