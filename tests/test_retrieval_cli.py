@@ -94,7 +94,9 @@ def test_eval_with_query_images(gallery_dir, workspace, capsys):
 def test_search_prints_the_nearest_items(gallery_dir, workspace, capsys):
     query = workspace["queries"][0]  # a red image not in the gallery
     assert sct(["search", "--index", str(gallery_dir), str(query), "--k", "3"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    assert "embedding" not in captured.err  # one batch: no progress bar
+    lines = captured.out.splitlines()
     assert lines[0] == f"query: {query}" and lines[1].split() == ["rank", "score", "label", "id", "path"]
     gallery = Gallery.load(gallery_dir)
     expected_scores, expected_ids = gallery.search(gallery.embedder.embed_images([load_rgb(query)]), 3)
@@ -185,6 +187,7 @@ def test_search_a_folder_writes_results_equal_to_brute_force(gallery_dir, query_
     err = capsys.readouterr().err
     assert "error: cannot load 2 of 8 query images:" in err and f"wrote {out}: 6 queries" in err
     assert err.count("broken.jpg") == 1 and err.count("empty.png") == 1  # listed once, in the summary
+    assert "embedding: 100%" in err and "8/8" in err  # the progress bar of more than one batch
     readable = sorted(p for p in query_folder.rglob("*.png") if p.stat().st_size)
     gallery = Gallery.load(gallery_dir)
     ids, scores = _brute_force_top(gallery, readable, k)
