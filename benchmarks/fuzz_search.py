@@ -99,14 +99,18 @@ class Fuzzer:
         return str(status), None
 
     def check_ranking(self, request, answer: dict) -> None:
-        assert request.image is not None, f"{request.kind} answered 200"
+        images = request.batch or (request.image,)
+        assert images[0] is not None, f"{request.kind} answered 200"
+        queries = answer["queries"] if request.batch else [answer]
+        assert len(queries) == len(images), f"{len(images)} images answered with {len(queries)} queries"
         k = int(request.k) if request.k is not None and request.k.strip() else DEFAULT_K
         spec = self.embedder.preprocessing
-        query = self.embedder.embed_images([decode_rgb(request.image, min_side=spec.decode_side)])[0]
-        scores = self.embeddings @ query
-        expected = np.argsort(-scores, kind="stable")[: min(k, len(scores))].tolist()
-        ids = [result["id"] for result in answer["results"]]
-        assert ids == expected, f"ranking {ids} differs from brute force {expected}"
+        for image, query_answer in zip(images, queries):
+            query = self.embedder.embed_images([decode_rgb(image, min_side=spec.decode_side)])[0]
+            scores = self.embeddings @ query
+            expected = np.argsort(-scores, kind="stable")[: min(k, len(scores))].tolist()
+            ids = [result["id"] for result in query_answer["results"]]
+            assert ids == expected, f"ranking {ids} differs from brute force {expected}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

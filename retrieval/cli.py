@@ -13,9 +13,9 @@ from core.argtypes import non_negative_int, positive_int
 from core.errors import UserError, UserFileNotFoundError, UserValueError, as_user_error
 from core.shards import ShardSpec
 from retrieval.cli_options import add_image_source, add_workers
-from retrieval.columns import format_columns
 from retrieval.embedder import OnnxEmbedder, Providers, default_providers, file_sha256
 from retrieval.evaluation import evaluate_gallery, format_class_table, format_table, save_eval
+from retrieval.filter_params import build_filter
 from retrieval.gallery import (
     EVAL_FILE,
     INDEX_TYPES,
@@ -28,8 +28,10 @@ from retrieval.gallery import (
     read_manifest,
 )
 from retrieval.gallery_update import add_items, remove_items
+from retrieval.image_folder import list_image_folder
 from retrieval.items import ITEMS_FILE, read_items
 from retrieval.query_results import QUERY_RESULTS_FILE, per_class, save_query_results
+from retrieval.search_output import FORMATS, output_format, print_results, ranked, write_results
 from retrieval.shards import list_sha256, merge_shards, write_shard
 from retrieval.sources import IMAGE_FOLDER, index_sources, report_unreadable
 
@@ -90,6 +92,19 @@ SEARCH_EPILOG = """\
 Examples:
   sct search --index index_data/cub bird.jpg
   sct search --index index_data/sop chair.png lamp.png --k 5
+  sct search --index index_data/sop queries/ --output results.csv            # a row per query and rank
+  sct search --index index_data/sop queries/ --output results.jsonl --k 20   # an object per query
+  sct search --index index_data/cub bird.jpg --label 017.Cardinal --label 018.Spotted_Catbird
+  sct search --index index_data/photos sofa.jpg --exclude-label chairs --id-range 0-5000
+  sct search --index index_data/photos q.jpg --ids 3,17,42
+
+  A folder is searched with all its images (at any depth when it has
+  subfolders). Queries are embedded --batch-size at a time. Unreadable query
+  images are listed at the end and the exit status is then 2. The results
+  file (path, as in the gallery's items.csv) is replaced atomically.
+  --label keeps only items of those labels, --exclude-label leaves those out,
+  --ids keeps only those item ids, --id-range START-STOP only ids from START
+  up to but not including STOP; together, an item must pass them all.
 """
 
 
@@ -189,13 +204,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search = subparsers.add_parser(
         "search",
         help="print the nearest gallery images of query images",
-        description="Embed each query image with the gallery's model and print its top K gallery images.",
+        description="Embed each query image with the gallery's model and print its top K gallery images, or "
+        "write them to a CSV or JSON Lines file.",
         epilog=SEARCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     search.add_argument("--index", required=True, metavar="DIR", help="gallery folder")
-    search.add_argument("images", nargs="+", metavar="IMAGE", help="query image file(s)")
+    search.add_argument("images", nargs="+", metavar="IMAGE", help="query image files or folders of them")
     search.add_argument("--k", type=positive_int, default=10, help="results per query (default: %(default)s)")
+    search.add_argument("--output", metavar="FILE", help="write the results to FILE (.csv or .jsonl) instead")
+    search.add_argument("--format", choices=FORMATS, help="format of --output (default: from its extension)")
+    search.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="query images per model call (default: %(default)s)",
+    )
+    search.add_argument("--label", action="append", default=[], help="only items of this label; repeat for several")
+    search.add_argument("--exclude-label", action="append", default=[], metavar="LABEL", help="no items of this label")
+    search.add_argument(
+        "--ids", action="append", default=[], metavar="ID,ID,...", help="only these item ids; repeatable"
+    )
+    search.add_argument("--id-range", metavar="START-STOP", help="only item ids from START up to but not STOP")
     search.set_defaults(func=search_command)
 
 
@@ -400,21 +431,44 @@ def search_command(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    search_filter = build_filter(
+        labels=args.label,
+        exclude_labels=args.exclude_label,
+        ids=args.ids,
+        id_range=args.id_range,
+        names={"ids": "--ids", "id_range": "--id-range"},
+    )
+    if args.format and not args.output:
+        raise UserValueError("--format goes with --output")
+    fmt = output_format(args.output, args.format) if args.output else None
+    paths = _query_paths(args.images)
     gallery = Gallery.load(args.index)
-    unreadable = 0
-    for path in args.images:
-        try:
-            image = catalog.load_rgb(path, min_side=gallery.embedder.preprocessing.decode_side)
-        except catalog.ImageLoadError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            unreadable += 1
-            continue
-        scores, ids = gallery.search(gallery.embedder.embed_images([image]), args.k)
-        rows = [
-            (rank, f"{score:.4f}", gallery.item(item).label, item, gallery.item(item).path)
-            for rank, (score, item) in enumerate(zip(scores[0], ids[0].tolist()), start=1)
-        ]
-        print(f"query: {path}")
-        print(format_columns(("rank", "score", "label", "id", "path"), rows, (True, True, False, True, False)))
-        print()
-    return 2 if unreadable else 0
+    embedded = gallery.embedder.embed_paths(paths, batch_size=args.batch_size, progress=len(paths) > args.batch_size)
+    queries = [paths[i] for i in embedded.kept_indices]
+    results = []
+    if queries:
+        scores, ids = gallery.search(embedded.embeddings, args.k, search_filter)
+        results = [ranked(gallery, *row) for row in zip(scores, ids)]
+    if fmt is None:
+        print_results(queries, results)
+    elif queries:  # all unreadable: the file, if any, is kept as it was
+        write_results(args.output, fmt, queries, results)
+        print(f"wrote {args.output}: {len(queries):,} queries", file=sys.stderr)
+    if embedded.failures:
+        lines = [f"  {path}: {reason}" for path, reason in embedded.failures]
+        kept = "" if queries or fmt is None else f"; {args.output} not written"
+        print(f"error: cannot load {len(embedded.failures):,} of {len(paths):,} query images{kept}:", file=sys.stderr)
+        print("\n".join(lines), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _query_paths(arguments: Sequence[str]) -> list[str]:
+    """The query image files named, each folder replaced by its images (sorted)."""
+    paths = []
+    for argument in arguments:
+        if os.path.isdir(argument):
+            paths.extend(path for path, _ in list_image_folder(argument))
+        else:
+            paths.append(argument)
+    return paths

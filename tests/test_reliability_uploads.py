@@ -37,7 +37,7 @@ from retrieval import preprocessing
 from retrieval.embedder import OnnxEmbedder
 from retrieval.preprocessing import Preprocessing, preprocess
 from tests.test_webapp_api import build_gallery_of, png_bytes
-from webapp import create_app
+from webapp import DEFAULT_MAX_BATCH, MAX_FORM_PARTS, create_app
 
 #: Pillow warns about the broken files this module sends on purpose.
 pytestmark = [
@@ -89,21 +89,25 @@ def assert_correct(served, request, status, content_type, body) -> dict:
     """``check_answer``, and for a 200 the same ranking as brute force over the gallery's embeddings."""
     answer = check_answer(status, content_type, body)
     if status == 200:
-        assert request.image is not None, f"{request.kind} was answered 200: {answer}"
+        images = request.batch or (request.image,)
+        assert images[0] is not None, f"{request.kind} was answered 200: {answer}"
+        queries = answer["queries"] if request.batch else [answer]
+        assert len(queries) == len(images), (request.kind, answer)
         name = request.index or "colors"
         k = DEFAULT_K if request.k is None or not request.k.strip() else int(request.k)
         gallery = served["embeddings"][name]
-        query = served["embedder"].embed_images(
-            [
-                catalog.decode_rgb(
-                    request.image, max_pixels=MAX_PIXELS, min_side=served["embedder"].preprocessing.decode_side
-                )
-            ]
-        )[0]
-        scores = gallery @ query
-        expected = np.argsort(-scores, kind="stable")[: min(k, len(gallery))]
-        assert [r["id"] for r in answer["results"]] == expected.tolist(), (request.kind, answer)
-        np.testing.assert_allclose([r["score"] for r in answer["results"]], scores[expected], atol=1e-5)
+        for image, query_answer in zip(images, queries):
+            query = served["embedder"].embed_images(
+                [
+                    catalog.decode_rgb(
+                        image, max_pixels=MAX_PIXELS, min_side=served["embedder"].preprocessing.decode_side
+                    )
+                ]
+            )[0]
+            scores = gallery @ query
+            expected = np.argsort(-scores, kind="stable")[: min(k, len(gallery))]
+            assert [r["id"] for r in query_answer["results"]] == expected.tolist(), (request.kind, answer)
+            np.testing.assert_allclose([r["score"] for r in query_answer["results"]], scores[expected], atol=1e-5)
     return answer
 
 
@@ -226,9 +230,7 @@ EXPECTED_STRUCTURE_ERRORS = {
     "multipart without boundary": (400, "missing file field 'image'"),
     "wrong boundary": (400, "missing file field 'image'"),
     "garbage multipart": (400, "missing file field 'image'"),
-    "two images": (400, "one image per search: the file field 'image' holds 2 files"),
-    "many images": (400, "one image per search"),
-    "many parts": (413, "form too large: at most 16 parts"),
+    "many parts": (413, f"form too large: at most {MAX_FORM_PARTS} parts"),
     "huge text field": (413, "form too large"),
     "oversized body": (413, "upload too large: the limit is 262,144 bytes per image"),
 }
@@ -244,8 +246,13 @@ def test_a_broken_request_gets_an_error_naming_it(served, case):
         if case == "truncated multipart":  # depends on where the cut falls
             assert status == 400 and ("missing file field" in answer["error"] or "cannot read" in answer["error"])
             continue
-        if case == "many images" and status == 413:  # more than 16 parts
-            assert "form too large" in answer["error"]
+        if request.batch:  # a search of several images: each one's results, up to the server's limit
+            count = len(request.batch)
+            if count <= DEFAULT_MAX_BATCH:
+                assert status == 200 and len(answer["queries"]) == count, answer
+                assert_correct(served, request, status, content_type, body)
+            else:
+                assert status == 400 and f"too many images: the file field 'image' holds {count};" in answer["error"]
             continue
         expected_status, message = EXPECTED_STRUCTURE_ERRORS[case]
         assert (status, message in answer["error"]) == (expected_status, True), answer

@@ -105,3 +105,26 @@ def test_gunicorn_server_builds_the_app_from_the_factory():
     assert (server.cfg.workers, server.cfg.threads, server.cfg.bind) == (3, 2, ["127.0.0.1:0"])
     assert not built  # nothing is built before a worker asks for it
     assert server.load() is built[0]
+
+
+def test_batch_limits_reach_the_app_and_are_checked(monkeypatch, capsys):
+    from core.errors import UserError
+
+    given = []
+
+    def fake_create_app(index_dirs, **settings):
+        given.append(settings)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(cli, "create_app", fake_create_app)
+    assert main(["serve", "--index", "x", "--max-batch", "5", "--max-batch-mb", "40"]) == 2
+    assert (given[0]["max_batch"], given[0]["max_batch_bytes"]) == (5, 40 << 20)
+    assert main(["serve", "--index", "x"]) == 2
+    assert (given[1]["max_batch"], given[1]["max_batch_bytes"]) == (16, None)  # create_app's default total
+    capsys.readouterr()
+    assert main(["serve", "--index", "x", "--max-batch-mb", "8"]) == 2
+    assert "--max-batch-mb (8) must be at least --max-upload-mb (16)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--index", "x", "--max-batch", "0"])
+    assert "--max-batch" in capsys.readouterr().err
+    assert len(given) == 2

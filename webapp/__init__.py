@@ -26,12 +26,14 @@ from webapp.pages import pages
 from webapp.pair_api import pair_api
 from webapp.query_store import QueryStore, default_query_store
 from webapp.security import install_security
-from webapp.served import SearchSettings, load_indexes
+from webapp.served import DEFAULT_MAX_BATCH, SearchSettings, load_indexes
 
 MiB = 1 << 20
-#: A search form has three parts (image, k, index) of which two are short text fields; werkzeug parses
-#: every part before a handler runs, so a request of thousands of parts is refused (413) up front.
-MAX_FORM_PARTS = 16
+#: The text fields a search form may have besides its images (k, index, item and the filters, some repeated);
+#: werkzeug parses every part before a handler runs, so a request of thousands of parts is refused (413) up front.
+MAX_TEXT_PARTS = 32
+#: The form parts a search may have with the default ``max_batch``.
+MAX_FORM_PARTS = DEFAULT_MAX_BATCH + MAX_TEXT_PARTS
 #: The largest text field kept in memory. Werkzeug's multipart decoder counts against this limit its whole buffer:
 #: the next 64 KiB read plus the bytes of a file part held back because they might begin a boundary (up to a
 #: boundary line, at most 8 KiB behind gunicorn's header limit). At 64 KiB, the limit refused every upload whose
@@ -43,6 +45,8 @@ def create_app(
     index_dirs: Sequence[str | os.PathLike[str]],
     *,
     max_upload_bytes: int = 16 * MiB,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_batch_bytes: int | None = None,
     default_k: int = 10,
     max_k: int = 100,
     max_pixels: int = 40_000_000,
@@ -69,14 +73,12 @@ def create_app(
     for ``query_ttl_s`` seconds, and of ``cached_items`` gallery items. At most
     ``compute_slots`` requests decode, embed or draw at once (webapp.compute). Requests must name
     the server by an IP address, localhost, the machine's name or one of
-    ``allowed_hosts`` (webapp.security).
+    ``allowed_hosts`` (webapp.security). A search may send up to ``max_batch`` images of up to
+    ``max_upload_bytes`` each and ``max_batch_bytes`` (default: ``BATCH_UPLOADS`` × ``max_upload_bytes``, webapp.served) together.
     """
     if not 1 <= default_k <= max_k:
         raise ValueError(f"default_k must be between 1 and max_k = {max_k}, got {default_k}")
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes + FORM_OVERHEAD_BYTES
-    app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
-    app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES
     metrics = Metrics()
     compute = ComputePool(compute_slots)
     served = app.extensions["sct"] = SearchSettings(
@@ -85,6 +87,8 @@ def create_app(
         max_k=max_k,
         max_pixels=max_pixels,
         max_upload_bytes=max_upload_bytes,
+        max_batch=max_batch,
+        max_batch_bytes=max_batch_bytes,
         queries=LruCache(kept_queries, query_ttl_s),
         query_store=QueryStore(
             default_query_store() if query_store is None else query_store,
@@ -97,6 +101,9 @@ def create_app(
     )
     metrics.track_size("queries_kept", "searches kept for their heatmaps", lambda: len(served.queries))
     metrics.track_size("item_views_cached", "gallery items embedded for heatmaps", lambda: len(served.item_views))
+    app.config["MAX_CONTENT_LENGTH"] = served.max_batch_bytes + FORM_OVERHEAD_BYTES
+    app.config["MAX_FORM_PARTS"] = max_batch + MAX_TEXT_PARTS
+    app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES
     app.register_blueprint(pages)
     app.register_blueprint(api)
     app.register_blueprint(pair_api)

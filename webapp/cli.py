@@ -9,10 +9,12 @@ import sys
 
 from flask import Flask
 
+from core.argtypes import positive_int
 from core.errors import UserValueError, as_user_error
 from retrieval.cli_options import add_workers
 from webapp import MiB, create_app
 from webapp.query_store import default_query_store
+from webapp.served import BATCH_UPLOADS, DEFAULT_MAX_BATCH
 
 EPILOG = """\
 Examples:
@@ -64,6 +66,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=16,
         metavar="MB",
         help="largest accepted upload in MiB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help="most images one search may send (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch-mb",
+        type=float,
+        metavar="MB",
+        help=f"most MiB the images of one search may take together (default: {BATCH_UPLOADS} × --max-upload-mb)",
     )
     add_workers(parser, default=1, help="gunicorn worker processes (default: %(default)s)")
     parser.add_argument(
@@ -117,11 +132,18 @@ def serve(args: argparse.Namespace) -> int:
     ):
         if value <= 0:
             raise UserValueError(f"{flag} must be positive")
+    if args.max_batch_mb is not None and args.max_batch_mb < args.max_upload_mb:
+        raise UserValueError(
+            f"--max-batch-mb ({args.max_batch_mb:g}) must be at least --max-upload-mb ({args.max_upload_mb:g})"
+        )
+    max_batch_bytes = None if args.max_batch_mb is None else int(args.max_batch_mb * MiB)
 
     def factory() -> Flask:
         return create_app(
             args.index,
             max_upload_bytes=int(args.max_upload_mb * MiB),
+            max_batch=args.max_batch,
+            max_batch_bytes=max_batch_bytes,
             allowed_hosts=args.allowed_host,
             compute_slots=args.threads,
             query_store=args.query_store,

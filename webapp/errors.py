@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
-#: Room in a request body for the form around an image of the largest accepted size (boundaries, part headers,
-#: the ``k`` and ``index`` fields), so that an image of exactly the limit is accepted.
+if TYPE_CHECKING:
+    from webapp.served import SearchSettings
+
+#: Room in a request body for the form around images of the largest accepted size (boundaries, part headers,
+#: the text fields), so that images of exactly the limit are accepted.
 FORM_OVERHEAD_BYTES = 64 << 10
 
 
@@ -46,9 +51,10 @@ def register_error_handlers(app: Flask) -> None:
             return error_response(
                 413,
                 f"form too large: at most {parts} parts and {field:,} bytes per text "
-                "field; send one image in the file field 'image'",
+                "field; send the images in the file field 'image'",
             )
-        return error_response(413, upload_too_large(limit - FORM_OVERHEAD_BYTES))
+        served = app.extensions["sct"]
+        return error_response(413, f"{upload_too_large(served.max_upload_bytes)}, {batch_limit(served)}")
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
@@ -87,6 +93,11 @@ def drain_refused_bodies(app: Flask) -> None:
 def upload_too_large(max_upload_bytes: int) -> str:
     """The 413 message of an image over the upload limit, whether werkzeug or the search handler finds it."""
     return f"upload too large: the limit is {_size(max_upload_bytes)} per image"
+
+
+def batch_limit(served: SearchSettings) -> str:
+    """The limits of a search of several images (webapp.served.SearchSettings ``served``), for 413 and 400 messages."""
+    return f"at most {served.max_batch} images and {_size(served.max_batch_bytes)} in all per search"
 
 
 def _size(count: int) -> str:

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from webapp.pairs import ImageView
 
 
+#: Images one search may send, unless the app is given another ``max_batch``.
+DEFAULT_MAX_BATCH = 16
+#: Uploads of the largest size one search may send together, unless the app is given another ``max_batch_bytes``.
+BATCH_UPLOADS = 4
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """Everything the request handlers need, stored in ``app.extensions["sct"]``."""
@@ -31,12 +37,25 @@ class SearchSettings:
     default_k: int
     max_k: int
     max_pixels: int
-    max_upload_bytes: int
+    max_upload_bytes: int  # per image
     queries: LruCache[tuple[str, str], ImageView]  # views of uploaded queries, by (model sha256, query id)
     query_store: QueryStore  # the uploaded images of searches, by query id, for every worker and server
     item_views: LruCache[tuple, ImageView]  # gallery items embedded for heatmaps, by (model, file)
     metrics: Metrics
     compute: ComputePool  # where decoding, embedding and drawing run
+    max_batch: int = DEFAULT_MAX_BATCH  # images one search may send
+    max_batch_bytes: int | None = None  # the images of one search together; None: BATCH_UPLOADS × max_upload_bytes
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.max_batch_bytes is None:
+            object.__setattr__(self, "max_batch_bytes", BATCH_UPLOADS * self.max_upload_bytes)
+        if self.max_batch_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"max_batch_bytes ({self.max_batch_bytes:,}) must be at least max_upload_bytes "
+                f"({self.max_upload_bytes:,})"
+            )
 
     @property
     def default_index(self) -> str:

@@ -15,9 +15,15 @@ def one_upload(uploads: list[FileStorage], max_upload_bytes: int) -> bytes:
         raise ApiError(400, "missing file field 'image' (send the image as multipart/form-data)")
     if len(uploads) > 1:
         raise ApiError(400, f"one image per request: the file field 'image' holds {len(uploads)} files")
-    data = uploads[0].read(max_upload_bytes + 1)
+    return read_limited(uploads[0], max_upload_bytes)
+
+
+def read_limited(upload: FileStorage, max_upload_bytes: int, which: str = "") -> bytes:
+    """The bytes of ``upload``, read no further than one byte over ``max_upload_bytes``; 413 when it is over,
+    naming the upload as ``which`` says (e.g. " (image 2 of 3 ('b.png'))")."""
+    data = upload.read(max_upload_bytes + 1)
     if len(data) > max_upload_bytes:
-        raise ApiError(413, upload_too_large(max_upload_bytes))
+        raise ApiError(413, upload_too_large(max_upload_bytes) + which)
     return data
 
 
