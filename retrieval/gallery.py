@@ -76,7 +76,7 @@ _RECALL_K = 10
 #: exactly; one that allows more searches the index with a FAISS IDSelector, approximately like the unfiltered
 #: search (and may then find fewer than k). A flat index always searches with the IDSelector: exact.
 #: The selector is a bitmap over the ids (IDSelectorBitmap).
-EXACT_FILTER_MAX = 16384
+EXACT_FILTER_MAX = 4096
 
 
 def build_gallery(
