@@ -1,10 +1,11 @@
 """A gallery's items (items.csv): what each FAISS id is, held compactly for galleries of millions.
 
 ``ItemTable`` is a read-only sequence of ``GalleryItem`` that keeps columns, not
-objects: the paths in one UTF-8 buffer with their end offsets, and the labels and
-chains as integer codes into their distinct values. A million Hotels-50K-like
-rows take about 90 MiB of resident memory this way, against 243 MiB as a list of
-``GalleryItem`` (benchmarks/item_table.py), and every server worker holds one.
+objects: the ids, the paths in one UTF-8 buffer with their end offsets, and the
+labels and chains as integer codes into their distinct values. A million
+Hotels-50K-like rows take about 102 MiB of resident memory this way, against 197 MiB
+as a list of ``GalleryItem`` (benchmarks/item_table.py), and every server worker
+holds one. Rows are in ascending id order, so an id is found by binary search.
 """
 
 from __future__ import annotations
