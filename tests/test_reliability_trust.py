@@ -62,15 +62,20 @@ def add_an_item(folder: Path) -> None:
 
 
 def replace_index(
-    folder: Path, *, count: int | None = None, dim: int = DIM, metric=faiss.METRIC_INNER_PRODUCT, id_map: bool = False
+    folder: Path,
+    *,
+    count: int | None = None,
+    dim: int = DIM,
+    metric=faiss.METRIC_INNER_PRODUCT,
+    id_map: type[faiss.Index] | None = None,
 ) -> None:
     original = faiss.read_index(str(folder / "index.faiss"))
     count = original.ntotal if count is None else count
     vectors = np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index = faiss.IndexFlat(dim, metric)
-    if id_map:
-        index = faiss.IndexIDMap(index)
+    if id_map is not None:
+        index = id_map(index)
         index.add_with_ids(vectors, np.arange(1000, 1000 + count, dtype=np.int64))
     else:
         index.add(vectors)
@@ -124,7 +129,14 @@ TAMPERING = {
         ["embedding dimension mismatch", "manifest.json embedding_dim = 32", "index.faiss d = 16"],
     ),
     "index.faiss uses L2": (lambda f: replace_index(f, metric=faiss.METRIC_L2), ["metric"]),
-    "index.faiss maps its own ids": (lambda f: replace_index(f, id_map=True), ["maps its own ids (IndexIDMap)"]),
+    "index.faiss maps other ids": (
+        lambda f: replace_index(f, id_map=faiss.IndexIDMap2),
+        ["index.faiss maps other ids than the items of items.csv hold"],
+    ),
+    "index.faiss is an IndexIDMap": (
+        lambda f: replace_index(f, id_map=faiss.IndexIDMap),
+        ["is an IndexIDMap, which cannot read vectors back by id"],
+    ),
     "model.onnx swapped": (
         lambda f: replace_model(f, update_manifest=False),
         ["model sha256 mismatch", "sha256 of model.onnx"],
