@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import numpy as np
 import pytest
 
+from benchmarks.fixtures.tiny_onnx import make_color_images, make_tiny_model
 from core.errors import UserValueError
-from retrieval.rerank import Reranker, RerankParams, VectorSource, rerank_knn
+from retrieval.gallery import Gallery
+from retrieval.metrics import evaluate
+from retrieval.rerank import Reranker, RerankParams, VectorSource, rerank_knn, rerank_search
+from sct.cli import main
 
 
 def _unit(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
@@ -188,3 +193,64 @@ def test_k_reciprocal_memory_stays_below_a_gallery_squared():
 def test_bad_settings_are_refused(settings):
     with pytest.raises(UserValueError):
         RerankParams(**settings)
+
+
+@pytest.fixture(scope="module")
+def colors(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rerank")
+    model = make_tiny_model(root / "model.onnx")
+    make_color_images(root / "images", per_class=5)
+    out = root / "colors"
+    assert main(["index", "--model", str(model), "--images", str(root / "images"), "--out", str(out)]) == 0
+    return out
+
+
+def test_sct_eval_rerank_scores_the_reranked_lists_and_records_them(colors, capsys):
+    argv = ["eval", "--index", str(colors), "--k", "1", "2", "--rerank", "k-reciprocal", "--rerank-k1", "3"]
+    assert main([*argv, "--rerank-k2", "2", "--rerank-candidates", "6"]) == 0
+    saved = json.loads((colors / "eval.json").read_text())
+    assert saved["rerank"] == {"method": "k-reciprocal", "k1": 3, "k2": 2, "lam": 0.3, "candidates": 6}
+    gallery = Gallery.load(colors)
+    params = RerankParams("k-reciprocal", k1=3, k2=2, candidates=6)
+    expected = evaluate(gallery.embeddings(), gallery.labels, (1, 2), knn=rerank_knn(params))
+    assert {key: saved[key] for key in expected} == pytest.approx(expected)
+    # each query's saved results are the re-ranked lists, with their re-ranking scores
+    saved_top = np.load(colors / "eval_queries.npz")
+    reranked = Reranker(VectorSource.of_rows(gallery.embeddings()), params).search(
+        gallery.embeddings(), 10, np.arange(15)
+    )
+    np.testing.assert_array_equal(saved_top["top_ids"], reranked[1])
+    np.testing.assert_allclose(saved_top["top_scores"], reranked[0], atol=1e-6)
+    assert not np.allclose(saved_top["top_scores"], evaluate_top_scores(gallery.embeddings()))
+    assert main(["eval", "--index", str(colors)]) == 0
+    assert json.loads((colors / "eval.json").read_text())["rerank"] == {"method": "none"}
+    capsys.readouterr()
+
+
+def evaluate_top_scores(embeddings: np.ndarray) -> np.ndarray:
+    similarity = embeddings @ embeddings.T
+    np.fill_diagonal(similarity, -np.inf)
+    return -np.sort(-similarity, axis=1)[:, :10]
+
+
+def test_sct_eval_refuses_bad_rerank_settings(colors, capsys):
+    assert main(["eval", "--index", str(colors), "--rerank", "k-reciprocal", "--rerank-lambda", "2"]) == 2
+    assert "lambda must be within 0..1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--index", str(colors), "--rerank", "rank-fusion"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["none", "k-reciprocal", "qe", "dba"])
+def test_rerank_search_of_a_gallery_is_its_vectors_reranked(colors, method):
+    gallery = Gallery.load(colors)
+    queries = gallery.embeddings()[:3] * 0.9 + gallery.embeddings()[3:6] * 0.1
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    settings = {"k1": 3, "k2": 2, "n": 2} if method != "none" else {}
+    scores, ids = rerank_search(gallery, queries, 4, method, **settings)
+    params = RerankParams(method, **settings)
+    expected = Reranker(VectorSource.of_rows(gallery.embeddings()), params).search(queries, 4)
+    np.testing.assert_array_equal(ids, expected[1])
+    np.testing.assert_allclose(scores, expected[0], atol=1e-5)
+    with pytest.raises(UserValueError):
+        rerank_search(gallery, queries, 0, method)
