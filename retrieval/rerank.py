@@ -343,8 +343,7 @@ class _Augmented:
         self.source, self.params = source, params
         self.ids = np.asarray(source.ids(), dtype=np.int64)
         n = params.n
-        first = source.vectors_of(self.ids[:1])
-        self.vectors = np.empty((len(self.ids), first.shape[1]), dtype=np.float32)
+        self.index = faiss.IndexFlatIP(source.vectors_of(self.ids[:1]).shape[1])  # the augmented vectors
         self.neighbours = np.full((len(self.ids), n + 1), -1, dtype=np.int64)
         self.similarity = np.zeros((len(self.ids), n + 1), dtype=np.float32)
         for start in range(0, len(self.ids), BLOCK):
@@ -354,11 +353,7 @@ class _Augmented:
             self.neighbours[start : start + len(block), : found.shape[1]] = found
             self.similarity[start : start + len(block), : found.shape[1]] = np.where(found >= 0, scores, 0)
             neighbours, similarity = _neighbour_vectors(source, found[:, :n], scores[:, :n])
-            self.vectors[start : start + len(block)] = (
-                _expand(own, neighbours, similarity, params.alpha) if neighbours.shape[-1] else own
-            )
-        self.index = faiss.IndexFlatIP(self.vectors.shape[1])
-        self.index.add(self.vectors)
+            self.index.add(_expand(own, neighbours, similarity, params.alpha) if neighbours.shape[-1] else own)
         # who drew on whom: the items whose top n holds a given item, for leave-one-out
         drawn = self.neighbours[:, :n].ravel()
         by_neighbour = np.argsort(drawn, kind="stable")
