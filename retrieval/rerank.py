@@ -66,6 +66,8 @@ class RerankParams:
         for name in ("k1", "k2", "candidates", "n"):
             if int(getattr(self, name)) < 1:
                 raise UserValueError(f"re-ranking {name} must be at least 1, got {getattr(self, name)}")
+        if self.k2 > self.k1 + 1:
+            raise UserValueError(f"re-ranking k2 ({self.k2}) must be at most k1 + 1 ({self.k1 + 1})")
         if not 0.0 <= self.lam <= 1.0:
             raise UserValueError(f"re-ranking lambda must be within 0..1, got {self.lam}")
         if not (math.isfinite(self.alpha) and self.alpha >= 0):

@@ -187,6 +187,7 @@ def test_k_reciprocal_memory_stays_below_a_gallery_squared():
         {"method": "k-reciprocal", "k1": 0},
         {"method": "qe", "n": 0},
         {"method": "k-reciprocal", "lam": 1.5},
+        {"method": "k-reciprocal", "k1": 4, "k2": 6},
         {"method": "dba", "alpha": float("nan")},
     ],
 )
