@@ -21,6 +21,7 @@ from retrieval.gallery import Gallery, GalleryMismatchError
 from retrieval.image_folder import list_image_folder
 from retrieval.metrics import PerQuery, evaluate, evaluate_per_query
 from retrieval.query_results import ClassResult, QueryResults
+from retrieval.rerank import RerankParams, rerank_knn
 
 #: Hotels-50K reports chain Recall@1/3/5 besides instance recall (catalog.registry's label set); any gallery
 #: whose items carry chains gets them.
@@ -50,6 +51,7 @@ def evaluate_gallery(
     batch_size: int = ...,
     progress: bool = ...,
     per_query_top: None = ...,
+    rerank: RerankParams | None = ...,
 ) -> dict[str, Any]: ...
 
 
@@ -63,6 +65,7 @@ def evaluate_gallery(
     batch_size: int = ...,
     progress: bool = ...,
     per_query_top: int,
+    rerank: RerankParams | None = ...,
 ) -> tuple[dict[str, Any], QueryResults]: ...
 
 
@@ -75,6 +78,7 @@ def evaluate_gallery(
     batch_size: int = 64,
     progress: bool = True,
     per_query_top: int | None = None,
+    rerank: RerankParams | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], QueryResults]:
     """Recall@K, MAP@R and P@1 of a gallery, as one flat dict ready for eval.json.
 
@@ -85,8 +89,11 @@ def evaluate_gallery(
     Recall@1/3/5 is added. Unreadable query images are skipped and listed
     under "unreadable_queries". With ``per_query_top`` K, each evaluated
     query's own results, with its top K gallery ids, come back too:
-    ``(results, QueryResults)``.
+    ``(results, QueryResults)``. ``rerank`` re-ranks each query's results
+    (``retrieval.rerank``; in leave-one-out the query is left out of all it
+    draws on); the results record it under "rerank".
     """
+    rerank = rerank or RerankParams()
     embedder = embedder or gallery.embedder
     if embedder is not gallery.embedder and embedder.sha256 != gallery.manifest["model_sha256"]:
         raise GalleryMismatchError(
@@ -98,7 +105,7 @@ def evaluate_gallery(
         mode = "leave-one-out"
         query_paths = None
         chains = {"chain": (gallery.chains, None, CHAIN_KS)} if gallery.chains is not None else None
-        metrics, per_query = _evaluate(gallery, ks, per_query_top, extra_labels=chains)
+        metrics, per_query = _evaluate(gallery, ks, per_query_top, rerank, extra_labels=chains)
     else:
         mode = "queries"
         queries = list_image_folder(queries) if isinstance(queries, (str, os.PathLike)) else list(queries)
@@ -116,6 +123,7 @@ def evaluate_gallery(
             gallery,
             ks,
             per_query_top,
+            rerank,
             query_emb=result.embeddings,
             query_labels=[query[1] for query in kept],
             extra_labels=chains,
@@ -126,6 +134,7 @@ def evaluate_gallery(
         "faiss_factory": gallery.manifest["faiss_factory"],
         "mode": mode,
         "ks": sorted(set(ks)),
+        "rerank": rerank.record(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **metrics,
         "unreadable_queries": unreadable,
@@ -136,9 +145,12 @@ def evaluate_gallery(
 
 
 def _evaluate(
-    gallery: Gallery, ks: Sequence[int], top: int | None, **kwargs: Any
+    gallery: Gallery, ks: Sequence[int], top: int | None, rerank: RerankParams, **kwargs: Any
 ) -> tuple[dict[str, float | int], PerQuery | None]:
-    """``metrics.evaluate`` of the gallery's vectors, or with ``top`` ``metrics.evaluate_per_query``."""
+    """``metrics.evaluate`` of the gallery's vectors, or with ``top`` ``metrics.evaluate_per_query``, searched
+    through ``rerank`` unless it is "none"."""
+    if rerank.method != "none":
+        kwargs["knn"] = rerank_knn(rerank)
     if top is None:
         return evaluate(gallery.vectors(), gallery.labels, ks, **kwargs), None
     return evaluate_per_query(gallery.vectors(), gallery.labels, ks, top=top, **kwargs)

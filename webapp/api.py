@@ -31,6 +31,8 @@ from retrieval.filter_params import build_filter
 from retrieval.filters import SearchFilter
 from retrieval.gallery import Gallery
 from retrieval.preprocessing import preprocess
+from retrieval.rerank import METHODS as RERANK_METHODS
+from retrieval.rerank import RERANK_WITH_FILTER
 from webapp.errors import ApiError, batch_limit, quoted
 from webapp.evaluation import recall_curve_png
 from webapp.gallery_search import search_like_item, search_one_thread
@@ -63,13 +65,14 @@ def search():
     k = _parse_k(request.form.get("k"))
     name, gallery = served.gallery(request.form.get("index"), unknown_status=400)
     search_filter = _parse_filter()
+    rerank = _parse_rerank(search_filter)
     if items:
-        return _search_like_item(started, name, gallery, items, k, search_filter)
+        return _search_like_item(started, name, gallery, items, k, search_filter, rerank)
     if len(uploads) > served.max_batch:
         raise ApiError(400, f"too many images: the file field 'image' holds {len(uploads)}; {batch_limit(served)}")
     data = _read_uploads(uploads)
     try:
-        searched = served.compute.run(embed_and_search, data, gallery, k, served.max_pixels, search_filter)
+        searched = served.compute.run(embed_and_search, data, gallery, k, served.max_pixels, search_filter, rerank)
     except UnreadableUpload as exc:
         if len(uploads) == 1:
             raise ApiError(400, f"cannot read the uploaded image: {exc.reason}") from None
@@ -130,8 +133,25 @@ def _parse_filter() -> SearchFilter | None:
         raise ApiError(400, str(exc)) from None
 
 
+def _parse_rerank(search_filter: SearchFilter | None) -> str:
+    """The form field ``rerank``: a re-ranking method of retrieval.rerank ("none" when absent); ApiError 400 for
+    another value, or for re-ranking a filtered search."""
+    method = request.form.get("rerank") or "none"
+    if method not in RERANK_METHODS:
+        raise ApiError(400, f"rerank must be one of {', '.join(RERANK_METHODS)}, got {quoted(method)}")
+    if method != "none" and search_filter is not None:
+        raise ApiError(400, f"{RERANK_WITH_FILTER}: drop the filter fields or rerank")
+    return method
+
+
 def _search_like_item(
-    started: float, name: str, gallery: Gallery, items: list[str], k: int, search_filter: SearchFilter | None
+    started: float,
+    name: str,
+    gallery: Gallery,
+    items: list[str],
+    k: int,
+    search_filter: SearchFilter | None,
+    rerank: str,
 ) -> Response:
     """The search for more like gallery item ``items[0]`` (its stored vector; the item itself left out)."""
     served = settings()
@@ -141,7 +161,7 @@ def _search_like_item(
     check_item(name, gallery, item)
     timings: dict[str, float] = {}
     with served.metrics.timed("search", timings):
-        scores, ids = served.compute.run(search_like_item, gallery, item, k, search_filter)
+        scores, ids = served.compute.run(search_like_item, gallery, item, k, search_filter, rerank)
     with served.metrics.timed("render", timings):
         results = _results(name, gallery, scores, ids, {"query_item": item})
     return _search_response(
@@ -260,7 +280,12 @@ class UnreadableUpload(Exception):
 
 
 def embed_and_search(
-    uploads: list[bytes], gallery: Gallery, k: int, max_pixels: int, search_filter: SearchFilter | None = None
+    uploads: list[bytes],
+    gallery: Gallery,
+    k: int,
+    max_pixels: int,
+    search_filter: SearchFilter | None = None,
+    rerank: str = "none",
 ) -> SearchedQueries:
     """Decode each upload (no more pixels than the model needs, one at a time), embed them in one model call and
     search them in one FAISS call; runs in a compute slot. UnreadableUpload names the first that cannot be read."""
@@ -277,7 +302,7 @@ def embed_and_search(
     decoded = time.perf_counter()
     embeddings, maps = gallery.embedder.embed_pixels_with_maps(np.stack(pixels))
     embedded = time.perf_counter()
-    scores, ids = search_one_thread(gallery, embeddings, k, search_filter)
+    scores, ids = search_one_thread(gallery, embeddings, k, search_filter, rerank)
     searched = time.perf_counter()
     timings = {"decode": decoded - started, "embed": embedded - decoded, "search": searched - embedded}
     views = [view_of(*view, gallery) for view in zip(pixels, embeddings, maps)]

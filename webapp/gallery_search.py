@@ -16,15 +16,17 @@ import numpy as np
 
 from retrieval.filters import SearchFilter
 from retrieval.gallery import Gallery
+from retrieval.rerank import rerank_search
 
 #: The first read of stored vectors builds an IVF index's id → list map; other requests wait for it.
 _stored_lock = threading.Lock()
 
 
 def search_one_thread(
-    gallery: Gallery, queries: np.ndarray, k: int, filter: SearchFilter | None = None
+    gallery: Gallery, queries: np.ndarray, k: int, filter: SearchFilter | None = None, rerank: str = "none"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``gallery.search`` with one OpenMP thread in this request thread.
+    """``gallery.search`` with one OpenMP thread in this request thread, re-ranked by ``rerank``
+    (retrieval.rerank; not with a filter, which ``check_rerank`` refuses first).
 
     FAISS spreads even a single query over every core with OpenMP. On a server
     the other cores are busy (ONNX Runtime, other requests), and waiting for
@@ -35,6 +37,8 @@ def search_one_thread(
     previous = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
+        if rerank != "none":
+            return rerank_search(gallery, queries, k, rerank)
         return gallery.search(queries, k, filter)
     finally:
         faiss.omp_set_num_threads(previous)
@@ -48,11 +52,11 @@ def stored_vector(gallery: Gallery, item_id: int) -> np.ndarray:
 
 
 def search_like_item(
-    gallery: Gallery, item_id: int, k: int, filter: SearchFilter | None = None
+    gallery: Gallery, item_id: int, k: int, filter: SearchFilter | None = None, rerank: str = "none"
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` items nearest to item ``item_id``'s stored vector among those ``filter`` allows, best first, the
     item itself left out: scores [k'] and ids [k'], k' <= k (fewer when the gallery is smaller or an approximate
     index finds fewer). Runs in a compute slot (webapp.compute)."""
-    scores, ids = search_one_thread(gallery, stored_vector(gallery, item_id), k + 1, filter)
+    scores, ids = search_one_thread(gallery, stored_vector(gallery, item_id), k + 1, filter, rerank)
     keep = (ids[0] != item_id) & (ids[0] >= 0)  # FAISS pads with -1 when an approximate index finds fewer
     return scores[0][keep][:k], ids[0][keep][:k]
