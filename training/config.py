@@ -243,6 +243,13 @@ class TrainConfig:
     dist_backend: DistBackend = setting(
         "auto", help="under torchrun: process-group backend (auto: nccl on CUDA, " "gloo on CPU)"
     )
+    # Under torchrun on CUDA: more processes than GPUs on a node share them (local rank modulo the GPU count) and
+    # talk over gloo, since NCCL refuses two processes on one GPU. For checking DDP on a one-GPU machine; off by
+    # default, so that each process having its own GPU stays a checked requirement.
+    share_gpus: bool = setting(
+        False,
+        help="under torchrun on CUDA: let more processes than GPUs share them, over gloo (for checking DDP on one GPU)",
+    )
     # Not a setting: the layer of resolve_config that set each setting it set ("dataset:cub", "flag", ...); the
     # others have their default. Saved in config.yaml and checkpoints; a --config file's own is ignored.
     provenance: dict[str, str] = field(default_factory=dict, compare=False)

@@ -111,7 +111,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.gather = config.gather_embeddings and self.world > 1
         self.run = RunFolder(config.out, writes=self.is_main)
-        self.device = pick_device(config.device, distributed.local_rank() if self.world > 1 else None)
+        self.device = pick_device(config.device, distributed.gpu_index(config.share_gpus) if self.world > 1 else None)
         _seed_everything(config.seed)
 
         records = catalog.read_dataset(config.dataset, config.data_root)
@@ -381,11 +381,14 @@ def _seed_everything(seed: int) -> None:
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Train a model as ``config`` says; returns the run folder. Started by torchrun, this process joins the
-    process group first (one GPU per process on CUDA) and leaves it at the end."""
+    process group first (one GPU per process on CUDA, unless ``share_gpus``) and leaves it after a successful run."""
     if not distributed.launched_by_torchrun():
         return Trainer(config, resume=resume, progress=progress).fit()
-    distributed.init(config.dist_backend, pick_device(config.device, distributed.local_rank()))
-    try:
-        return Trainer(config, resume=resume, progress=progress).fit()
-    finally:
-        distributed.cleanup()
+    device = pick_device(config.device, distributed.gpu_index(config.share_gpus))
+    distributed.init(config.dist_backend, device, shared_gpu=distributed.shares_a_gpu(device, config.share_gpus))
+    # The group is left only after a successful run. A process that failed exits with its error without
+    # destroying it: its peers may be waiting in a collective, and tearing down a group under them can block
+    # (NCCL's abort), so torchrun would never see this process end. torchrun stops the others when it exits.
+    run = Trainer(config, resume=resume, progress=progress).fit()
+    distributed.cleanup()
+    return run
