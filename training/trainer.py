@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import catalog
+from core.cpus import processes_on_this_machine
 from core.errors import UserValueError
 from retrieval.preprocessing import Preprocessing
 from training import distributed
@@ -343,14 +345,25 @@ class Trainer:
             print(message)
 
 
+PREFETCH_FACTOR = 4  # batches each training loader worker prepares ahead, when shared memory holds them
+SHARED_MEMORY = "/dev/shm"
+
+
 def training_loader(
     dataset: RecordImages, sampler: Sampler, config: TrainConfig, device: torch.device, *, stream: int = 0
 ) -> DataLoader:
     """The DataLoader of every training epoch: ``config.workers`` decoding processes that persist across epochs,
     4 batches prefetched by each, batches pinned for the copy to CUDA. Each image's random crop and flip is drawn
     from its own seed (``SeededBatches``), so the batches depend on neither the number of workers nor a resume.
-    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch."""
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch. Fewer batches are prefetched when
+    /dev/shm cannot hold them all (``fitting_prefetch_factor``)."""
     workers = config.workers
+    prefetch = None
+    if workers:
+        batch_bytes = max(1, config.batch_size // distributed.world_size()) * 3 * config.image_size**2
+        prefetch, note = fitting_prefetch_factor(batch_bytes, workers, processes=processes_on_this_machine())
+        if note:
+            print(note, flush=True)
     return DataLoader(
         dataset,
         batch_sampler=SeededBatches(sampler, config.seed, stream),
@@ -359,8 +372,44 @@ def training_loader(
         generator=torch.Generator().manual_seed(config.seed * 1_000_003 + stream),
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=prefetch,
     )
+
+
+def fitting_prefetch_factor(
+    batch_bytes: int,
+    workers: int,
+    *,
+    processes: int = 1,
+    wanted: int = PREFETCH_FACTOR,
+    shared_memory: str = SHARED_MEMORY,
+) -> tuple[int, str | None]:
+    """The batches each DataLoader worker may prefetch, and a note when that is fewer than ``wanted``.
+
+    A worker hands each batch over in shared memory (/dev/shm on Linux), and each of the ``processes`` on this
+    machine has ``workers`` workers with up to the prefetch factor of batches of ``batch_bytes`` outstanding. A
+    container's /dev/shm can be as small as 64 MB, and running out of it kills a worker with a bus error in the
+    middle of a run. So the factor is lowered (down to 1) to what the free space holds, and when even one batch
+    per worker does not fit, this is a UserValueError naming the sizes. No /dev/shm: ``wanted``, unchecked.
+    """
+    try:
+        free = shutil.disk_usage(shared_memory).free
+    except OSError:
+        return wanted, None
+    per_batch_each = batch_bytes * workers * processes
+    fitting = min(wanted, free // per_batch_each)
+    if fitting >= wanted:
+        return wanted, None
+    sizes = (
+        f"{processes} process(es) × {workers} loader worker(s) × {batch_bytes / 2**20:.1f} MiB a batch "
+        f"= {per_batch_each / 2**20:.1f} MiB a prefetched batch each, and {free / 2**20:.1f} MiB free in {shared_memory}"
+    )
+    if fitting < 1:
+        raise UserValueError(
+            f"the training loader does not fit in shared memory: {sizes}; use fewer --workers or a smaller "
+            f"--batch-size, or give {shared_memory} more space (docker run --shm-size)"
+        )
+    return int(fitting), f"note: {fitting} batch(es) prefetched per loader worker, not {wanted}: {sizes}"
 
 
 def evaluation_splits(records: list[catalog.ImageRecord], dataset: str) -> tuple[list, list | None]:
