@@ -73,6 +73,16 @@ def single_pixel_strided_convs(model: nn.Module, image_size: int) -> list[str]:
     return found
 
 
+def apply_fp32_policy(precision: str) -> None:
+    """``precision`` "fp32" means IEEE fp32 on CUDA too: TF32 off for matmuls and for cuDNN's convolutions, whose
+    torch default is TF32 (a 10-bit mantissa). These are process-wide torch settings. "auto" and "bf16" leave
+    them as torch has them, where TF32 convolutions are allowed: those runs compute in bf16 under autocast, and
+    the few fp32 convolutions outside it may as well use the faster TF32."""
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """torch.autocast for ``dtype``, or a no-op for fp32."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

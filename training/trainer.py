@@ -35,7 +35,7 @@ from training.evaluator import Evaluator
 from training.htl_schedule import HTLSchedule
 from training.losses import SCTLoss, build_loss, warm_start_weight
 from training.model import build_model
-from training.precision import autocast, training_autocast_dtype
+from training.precision import apply_fp32_policy, autocast, training_autocast_dtype
 from training.run_folder import LAST, RunFolder
 from training.sampler import HTLBatchSampler, PKBatchSampler
 from training.shared_embedding import SharedEmbedder, UnreadableImages
@@ -163,6 +163,7 @@ class Trainer:
         # it; training steps go through self.train_model: DistributedDataParallel around it when several train,
         # torch.compile around that with --compile. They share the parameters.
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        apply_fp32_policy(config.precision)  # fp32 means fp32: no TF32 on CUDA
         self.amp_dtype, precision_note = training_autocast_dtype(
             self.model, self.device, config.precision, config.image_size
         )
@@ -174,7 +175,10 @@ class Trainer:
             self.device,
             dim=config.dim,
             workers=config.workers,
-            amp_dtype=self.amp_dtype,
+            # fp32, whatever the training precision: Recall@K, best.pt and the HTL tree come from the embeddings
+            # that the exported fp32 model serves, not from bf16 ones that swap near-ties (decoding, not the
+            # model, bounds an evaluation's speed on a GPU)
+            amp_dtype=None,
             unreadable=self.unreadable,
         )
         self.evaluator = Evaluator(queries, gallery, evaluated_split, config.eval_ks, embed, self.run)
