@@ -45,3 +45,36 @@ def test_evaluation_embeds_without_autocast_while_training_steps_use_bf16(tmp_pa
     assert trainer.amp_dtype == torch.bfloat16  # the training steps' precision
     trainer.evaluate(-1)
     assert asked and set(asked) == {None}  # every evaluation batch in fp32
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch, tf32_allowed):
+    """Undo make_deterministic's process-wide settings after the test."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
+    torch.use_deterministic_algorithms(saved[2])
+
+
+def test_deterministic_sets_the_whole_recipe(tmp_path: Path, restore_determinism) -> None:
+    import os
+
+    torch.backends.cudnn.benchmark = True
+    data = _images(tmp_path / "data")
+    Trainer(_config(data, tmp_path / "plain", epochs=1, precision="fp32"), progress=False)
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    Trainer(_config(data, tmp_path / "det", epochs=1, precision="fp32", deterministic=True), progress=False)
+    assert _tf32() == (False, False)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_deterministic_needs_fp32(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="deterministic needs precision fp32.*not auto"):
+        _config(tmp_path, tmp_path / "run", deterministic=True)

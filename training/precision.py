@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -81,6 +82,23 @@ def apply_fp32_policy(precision: str) -> None:
     if precision == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+
+
+#: cuBLAS's workspace setting for deterministic results (CUDA's documentation: ":4096:8" or ":16:8").
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def make_deterministic() -> None:
+    """Process-wide torch settings for arithmetic that repeats run to run, for comparing runs to 1e-4 (DDP
+    against one GPU): fp32 without TF32, cuDNN's deterministic algorithms chosen without benchmarking, cuBLAS with
+    a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts: set here before the first matmul unless
+    already set), and torch.use_deterministic_algorithms, under which an operation that has no deterministic
+    version raises naming itself."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    apply_fp32_policy("fp32")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -35,7 +35,7 @@ from training.evaluator import Evaluator
 from training.htl_schedule import HTLSchedule
 from training.losses import SCTLoss, build_loss, warm_start_weight
 from training.model import build_model
-from training.precision import apply_fp32_policy, autocast, training_autocast_dtype
+from training.precision import apply_fp32_policy, autocast, make_deterministic, training_autocast_dtype
 from training.run_folder import LAST, RunFolder
 from training.sampler import HTLBatchSampler, PKBatchSampler
 from training.shared_embedding import SharedEmbedder, UnreadableImages
@@ -164,6 +164,8 @@ class Trainer:
         # torch.compile around that with --compile. They share the parameters.
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         apply_fp32_policy(config.precision)  # fp32 means fp32: no TF32 on CUDA
+        if config.deterministic:
+            make_deterministic()
         self.amp_dtype, precision_note = training_autocast_dtype(
             self.model, self.device, config.precision, config.image_size
         )
