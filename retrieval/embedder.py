@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import multiprocessing
 import os
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+log = logging.getLogger(__name__)
+
 #: What onnxruntime takes as providers: names, or (name, options) pairs.
 Providers = Sequence[str | tuple[str, dict[str, object]]]
 
@@ -46,6 +49,27 @@ def default_providers(device_id: int | None = None) -> list[str | tuple[str, dic
         cuda = "CUDAExecutionProvider" if device_id is None else ("CUDAExecutionProvider", {"device_id": device_id})
         return [cuda, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def warn_on_fallback(requested: Providers, actual: Sequence[str], model: str | os.PathLike[str]) -> bool:
+    """Log a warning, and return True, when the session does not run on the first provider ``requested``.
+
+    ONNX Runtime lists CUDA as available whenever its build has it, but a session falls back to the CPU with no
+    exception when the CUDA or cuDNN libraries it needs fail to load (onnxruntime-gpu is built against one CUDA
+    major version); only the session's own provider list shows it."""
+    wanted = [provider if isinstance(provider, str) else provider[0] for provider in requested]
+    if not wanted or not actual or actual[0] == wanted[0]:
+        return False
+    log.warning(
+        "ONNX Runtime runs %s on %s, not on %s as requested (providers requested: %s; the session has: %s); "
+        "check that the CUDA and cuDNN libraries this onnxruntime build needs can be loaded",
+        Path(model).name,
+        actual[0],
+        wanted[0],
+        ", ".join(wanted),
+        ", ".join(actual),
+    )
+    return True
 
 
 @dataclass(frozen=True)
@@ -78,6 +102,7 @@ class OnnxEmbedder:
             self.session = onnxruntime.InferenceSession(str(self.model_path), options, providers=self.providers)
         except Exception as exc:  # onnxruntime's errors derive from Exception only
             raise UserValueError(f"cannot load ONNX model {self.model_path}: {exc}") from exc
+        warn_on_fallback(self.providers, self.session.get_providers(), self.model_path)
         self._check_signature()
         metadata = self.session.get_modelmeta().custom_metadata_map
         try:

@@ -50,7 +50,7 @@ def knn_exclude_self(
     in-memory array and holds more than ``block_bytes`` (default
     ``GALLERY_BLOCK_BYTES``) is read a block at a time, once per chunk of queries.
     """
-    import faiss  # here: training imports these metrics without FAISS
+    faiss = _faiss()
 
     gallery = _rows(gallery)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -77,6 +77,19 @@ def knn_exclude_self(
     return scores, ids
 
 
+def _faiss():
+    """The faiss module, imported here and not at the top: training imports these metrics on machines without
+    FAISS (on CUDA it searches with ``training.knn.TorchKnn``). Its absence is an ImportError naming it."""
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            f"exact search on the CPU needs FAISS (the faiss-cpu package), which cannot be imported: {error}; "
+            "install it, or pass another knn (training evaluates on CUDA with training.knn.TorchKnn)"
+        ) from error
+    return faiss
+
+
 def _in_memory(vectors) -> bool:
     return isinstance(vectors, np.ndarray) and not isinstance(vectors, np.memmap)
 
@@ -91,7 +104,7 @@ def _rows(vectors):
 
 def _knn_by_blocks(queries: np.ndarray, gallery, searched: int, rows_per_block: int) -> tuple[np.ndarray, np.ndarray]:
     """faiss.knn against each block of ``gallery`` in turn, the top ``searched`` merged (faiss.ResultHeap)."""
-    import faiss  # here: training imports these metrics without FAISS
+    faiss = _faiss()
 
     heap = faiss.ResultHeap(len(queries), searched, keep_max=True)
     for offset in range(0, len(gallery), rows_per_block):

@@ -243,6 +243,20 @@ class TrainConfig:
     dist_backend: DistBackend = setting(
         "auto", help="under torchrun: process-group backend (auto: nccl on CUDA, " "gloo on CPU)"
     )
+    # Under torchrun on CUDA: more processes than GPUs on a node share them (local rank modulo the GPU count) and
+    # talk over gloo, since NCCL refuses two processes on one GPU. For checking DDP on a one-GPU machine; off by
+    # default, so that each process having its own GPU stays a checked requirement.
+    share_gpus: bool = setting(
+        False,
+        help="under torchrun on CUDA: let more processes than GPUs share them, over gloo (for checking DDP on one GPU)",
+    )
+    # Reproducible arithmetic for comparing runs (DDP against one GPU): fp32 only, no TF32, deterministic cuDNN and
+    # cuBLAS, torch.use_deterministic_algorithms (training.precision.make_deterministic). Slower; needs fp32.
+    deterministic: bool = setting(
+        False,
+        help="deterministic fp32 arithmetic on CUDA (cuDNN, cuBLAS, no TF32) for comparing runs; needs --precision "
+        "fp32; slower",
+    )
     # Not a setting: the layer of resolve_config that set each setting it set ("dataset:cub", "flag", ...); the
     # others have their default. Saved in config.yaml and checkpoints; a --config file's own is ignored.
     provenance: dict[str, str] = field(default_factory=dict, compare=False)
@@ -517,6 +531,10 @@ def _validate(config: TrainConfig) -> None:
         value = getattr(config, setting_field.name)
         if choices is not None and value not in choices:
             raise ValueError(f"{setting_field.name} must be one of {', '.join(choices)}, not {value!r}")
+    if config.deterministic and config.precision != "fp32":
+        raise ValueError(
+            f"deterministic needs precision fp32 (bf16 autocast rounds differently), not {config.precision}"
+        )
     if config.loss == "htl":
         _validate_htl(config)
 

@@ -43,21 +43,40 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def choose_backend(requested: str, device: torch.device) -> str:
-    """NCCL for CUDA devices and gloo for the CPU when ``requested`` is "auto"; an explicit choice is checked."""
+def gpu_index(share_gpus: bool = False) -> int:
+    """The GPU this process trains on: its local rank, or with ``share_gpus`` the local rank modulo the GPUs
+    torch sees, so that more processes than GPUs share them (two processes on a one-GPU machine both use cuda:0)."""
+    gpus = torch.cuda.device_count()
+    return local_rank() % gpus if share_gpus and gpus else local_rank()
+
+
+def shares_a_gpu(device: torch.device, share_gpus: bool) -> bool:
+    """Whether ``share_gpus`` puts several of this node's processes (torchrun's LOCAL_WORLD_SIZE) on one GPU."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return share_gpus and device.type == "cuda" and local_processes > torch.cuda.device_count()
+
+
+def choose_backend(requested: str, device: torch.device, *, shared_gpu: bool = False) -> str:
+    """NCCL for CUDA devices and gloo for the CPU when ``requested`` is "auto"; an explicit choice is checked.
+    Processes that share a GPU (``shared_gpu``) use gloo: NCCL refuses two processes on one device."""
     if requested not in BACKENDS:
         raise ValueError(f"dist_backend must be one of {', '.join(BACKENDS)}, not {requested!r}")
     if requested == "auto":
-        return "nccl" if device.type == "cuda" else "gloo"
+        return "nccl" if device.type == "cuda" and not shared_gpu else "gloo"
     if requested == "nccl" and device.type != "cuda":
         raise ValueError("--dist-backend nccl needs CUDA devices; this run trains on the CPU (use gloo or auto)")
+    if requested == "nccl" and shared_gpu:
+        raise ValueError(
+            "--dist-backend nccl cannot run two processes on one GPU (--share-gpus with more processes per node "
+            "than GPUs); use gloo or auto"
+        )
     return requested
 
 
-def init(backend: str, device: torch.device) -> str:
+def init(backend: str, device: torch.device, *, shared_gpu: bool = False) -> str:
     """Join the process group that torchrun's environment describes, with ``device`` as this process's device;
     returns the backend's name."""
-    name = choose_backend(backend, device)
+    name = choose_backend(backend, device, shared_gpu=shared_gpu)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(

@@ -36,7 +36,7 @@ from training.config import TrainConfig
 from training.data import EmbeddedRecords, embed_records_kept
 from training.export import load_checkpoint_model
 from training.model import EmbeddingNet
-from training.precision import autocast_dtype
+from training.precision import apply_fp32_policy, autocast_dtype
 from training.trainer import pick_device, preprocessing_of
 
 #: Least cosine between the torch and the ONNX embedding of a check image, per precision of the torch path.
@@ -181,6 +181,7 @@ def _embed(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(device, args.precision)
+    apply_fp32_policy(args.precision)  # --precision fp32: no TF32 on CUDA
     model, config = load_checkpoint_model(args.checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)
     if device.type == "cuda":

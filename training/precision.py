@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -71,6 +72,33 @@ def single_pixel_strided_convs(model: nn.Module, image_size: int) -> list[str]:
             handle.remove()
         model.train(training)
     return found
+
+
+def apply_fp32_policy(precision: str) -> None:
+    """``precision`` "fp32" means IEEE fp32 on CUDA too: TF32 off for matmuls and for cuDNN's convolutions, whose
+    torch default is TF32 (a 10-bit mantissa). These are process-wide torch settings. "auto" and "bf16" leave
+    them as torch has them, where TF32 convolutions are allowed: those runs compute in bf16 under autocast, and
+    the few fp32 convolutions outside it may as well use the faster TF32."""
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+#: cuBLAS's workspace setting for deterministic results (CUDA's documentation: ":4096:8" or ":16:8").
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def make_deterministic() -> None:
+    """Process-wide torch settings for arithmetic that repeats run to run, for comparing runs to 1e-4 (DDP
+    against one GPU): fp32 without TF32, cuDNN's deterministic algorithms chosen without benchmarking, cuBLAS with
+    a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts: set here before the first matmul unless
+    already set), and torch.use_deterministic_algorithms, under which an operation that has no deterministic
+    version raises naming itself."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    apply_fp32_policy("fp32")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import catalog
+from core.cpus import processes_on_this_machine
 from core.errors import UserValueError
 from retrieval.preprocessing import Preprocessing
 from training import distributed
@@ -33,7 +35,7 @@ from training.evaluator import Evaluator
 from training.htl_schedule import HTLSchedule
 from training.losses import SCTLoss, build_loss, warm_start_weight
 from training.model import build_model
-from training.precision import autocast, training_autocast_dtype
+from training.precision import apply_fp32_policy, autocast, make_deterministic, training_autocast_dtype
 from training.run_folder import LAST, RunFolder
 from training.sampler import HTLBatchSampler, PKBatchSampler
 from training.shared_embedding import SharedEmbedder, UnreadableImages
@@ -111,7 +113,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.gather = config.gather_embeddings and self.world > 1
         self.run = RunFolder(config.out, writes=self.is_main)
-        self.device = pick_device(config.device, distributed.local_rank() if self.world > 1 else None)
+        self.device = pick_device(config.device, distributed.gpu_index(config.share_gpus) if self.world > 1 else None)
         _seed_everything(config.seed)
 
         records = catalog.read_dataset(config.dataset, config.data_root)
@@ -161,6 +163,9 @@ class Trainer:
         # it; training steps go through self.train_model: DistributedDataParallel around it when several train,
         # torch.compile around that with --compile. They share the parameters.
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        apply_fp32_policy(config.precision)  # fp32 means fp32: no TF32 on CUDA
+        if config.deterministic:
+            make_deterministic()
         self.amp_dtype, precision_note = training_autocast_dtype(
             self.model, self.device, config.precision, config.image_size
         )
@@ -172,7 +177,10 @@ class Trainer:
             self.device,
             dim=config.dim,
             workers=config.workers,
-            amp_dtype=self.amp_dtype,
+            # fp32, whatever the training precision: Recall@K, best.pt and the HTL tree come from the embeddings
+            # that the exported fp32 model serves, not from bf16 ones that swap near-ties (decoding, not the
+            # model, bounds an evaluation's speed on a GPU)
+            amp_dtype=None,
             unreadable=self.unreadable,
         )
         self.evaluator = Evaluator(queries, gallery, evaluated_split, config.eval_ks, embed, self.run)
@@ -343,14 +351,25 @@ class Trainer:
             print(message)
 
 
+PREFETCH_FACTOR = 4  # batches each training loader worker prepares ahead, when shared memory holds them
+SHARED_MEMORY = "/dev/shm"
+
+
 def training_loader(
     dataset: RecordImages, sampler: Sampler, config: TrainConfig, device: torch.device, *, stream: int = 0
 ) -> DataLoader:
     """The DataLoader of every training epoch: ``config.workers`` decoding processes that persist across epochs,
     4 batches prefetched by each, batches pinned for the copy to CUDA. Each image's random crop and flip is drawn
     from its own seed (``SeededBatches``), so the batches depend on neither the number of workers nor a resume.
-    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch."""
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch. Fewer batches are prefetched when
+    /dev/shm cannot hold them all (``fitting_prefetch_factor``)."""
     workers = config.workers
+    prefetch = None
+    if workers:
+        batch_bytes = max(1, config.batch_size // distributed.world_size()) * 3 * config.image_size**2
+        prefetch, note = fitting_prefetch_factor(batch_bytes, workers, processes=processes_on_this_machine())
+        if note:
+            print(note, flush=True)
     return DataLoader(
         dataset,
         batch_sampler=SeededBatches(sampler, config.seed, stream),
@@ -359,8 +378,44 @@ def training_loader(
         generator=torch.Generator().manual_seed(config.seed * 1_000_003 + stream),
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=prefetch,
     )
+
+
+def fitting_prefetch_factor(
+    batch_bytes: int,
+    workers: int,
+    *,
+    processes: int = 1,
+    wanted: int = PREFETCH_FACTOR,
+    shared_memory: str = SHARED_MEMORY,
+) -> tuple[int, str | None]:
+    """The batches each DataLoader worker may prefetch, and a note when that is fewer than ``wanted``.
+
+    A worker hands each batch over in shared memory (/dev/shm on Linux), and each of the ``processes`` on this
+    machine has ``workers`` workers with up to the prefetch factor of batches of ``batch_bytes`` outstanding. A
+    container's /dev/shm can be as small as 64 MB, and running out of it kills a worker with a bus error in the
+    middle of a run. So the factor is lowered (down to 1) to what the free space holds, and when even one batch
+    per worker does not fit, this is a UserValueError naming the sizes. No /dev/shm: ``wanted``, unchecked.
+    """
+    try:
+        free = shutil.disk_usage(shared_memory).free
+    except OSError:
+        return wanted, None
+    per_batch_each = batch_bytes * workers * processes
+    fitting = min(wanted, free // per_batch_each)
+    if fitting >= wanted:
+        return wanted, None
+    sizes = (
+        f"{processes} process(es) × {workers} loader worker(s) × {batch_bytes / 2**20:.1f} MiB a batch "
+        f"= {per_batch_each / 2**20:.1f} MiB a prefetched batch each, and {free / 2**20:.1f} MiB free in {shared_memory}"
+    )
+    if fitting < 1:
+        raise UserValueError(
+            f"the training loader does not fit in shared memory: {sizes}; use fewer --workers or a smaller "
+            f"--batch-size, or give {shared_memory} more space (docker run --shm-size)"
+        )
+    return int(fitting), f"note: {fitting} batch(es) prefetched per loader worker, not {wanted}: {sizes}"
 
 
 def evaluation_splits(records: list[catalog.ImageRecord], dataset: str) -> tuple[list, list | None]:
@@ -381,11 +436,14 @@ def _seed_everything(seed: int) -> None:
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Train a model as ``config`` says; returns the run folder. Started by torchrun, this process joins the
-    process group first (one GPU per process on CUDA) and leaves it at the end."""
+    process group first (one GPU per process on CUDA, unless ``share_gpus``) and leaves it after a successful run."""
     if not distributed.launched_by_torchrun():
         return Trainer(config, resume=resume, progress=progress).fit()
-    distributed.init(config.dist_backend, pick_device(config.device, distributed.local_rank()))
-    try:
-        return Trainer(config, resume=resume, progress=progress).fit()
-    finally:
-        distributed.cleanup()
+    device = pick_device(config.device, distributed.gpu_index(config.share_gpus))
+    distributed.init(config.dist_backend, device, shared_gpu=distributed.shares_a_gpu(device, config.share_gpus))
+    # The group is left only after a successful run. A process that failed exits with its error without
+    # destroying it: its peers may be waiting in a collective, and tearing down a group under them can block
+    # (NCCL's abort), so torchrun would never see this process end. torchrun stops the others when it exits.
+    run = Trainer(config, resume=resume, progress=progress).fit()
+    distributed.cleanup()
+    return run

@@ -58,6 +58,7 @@ def create_app(
     query_store_age_s: float = 24 * 3600,
     allowed_hosts: Sequence[str] = (),
     compute_slots: int = 2,
+    providers: Sequence[str] | None = None,
 ) -> Flask:
     """Build the Flask app serving the galleries in ``index_dirs``; the first is the default.
 
@@ -75,6 +76,7 @@ def create_app(
     the server by an IP address, localhost, the machine's name or one of
     ``allowed_hosts`` (webapp.security). A search may send up to ``max_batch`` images of up to
     ``max_upload_bytes`` each and ``max_batch_bytes`` (default: ``BATCH_UPLOADS`` × ``max_upload_bytes``, webapp.served) together.
+    The galleries' models run on ONNX Runtime's execution ``providers`` (None: CUDA when it has it, else the CPU).
     """
     if not 1 <= default_k <= max_k:
         raise ValueError(f"default_k must be between 1 and max_k = {max_k}, got {default_k}")
@@ -82,7 +84,7 @@ def create_app(
     metrics = Metrics()
     compute = ComputePool(compute_slots)
     served = app.extensions["sct"] = SearchSettings(
-        indexes=load_indexes(index_dirs, compute),
+        indexes=load_indexes(index_dirs, compute, providers),
         default_k=default_k,
         max_k=max_k,
         max_pixels=max_pixels,

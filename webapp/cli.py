@@ -6,6 +6,7 @@ import argparse
 import gc
 import ipaddress
 import sys
+from collections.abc import Sequence
 
 from flask import Flask
 
@@ -15,6 +16,9 @@ from retrieval.cli_options import add_workers
 from webapp import MiB, create_app
 from webapp.query_store import default_query_store
 from webapp.served import BATCH_UPLOADS, DEFAULT_MAX_BATCH
+
+#: ONNX Runtime providers of the galleries that `sct serve` loads in gunicorn's master to check them.
+CHECK_PROVIDERS = ("CPUExecutionProvider",)
 
 EPILOG = """\
 Examples:
@@ -138,7 +142,7 @@ def serve(args: argparse.Namespace) -> int:
         )
     max_batch_bytes = None if args.max_batch_mb is None else int(args.max_batch_mb * MiB)
 
-    def factory() -> Flask:
+    def factory(providers: Sequence[str] | None = None) -> Flask:
         return create_app(
             args.index,
             max_upload_bytes=int(args.max_upload_mb * MiB),
@@ -149,10 +153,15 @@ def serve(args: argparse.Namespace) -> int:
             query_store=args.query_store,
             query_store_bytes=int(args.query_store_mb * MiB),
             query_store_age_s=args.query_store_hours * 3600,
+            providers=providers,
         )
 
+    # Load once here, so a bad gallery is reported before any worker starts. Under gunicorn this copy only checks
+    # the galleries, on the CPU: a CUDA session made before the fork would be inherited by every worker (CUDA
+    # does not survive a fork); each worker loads its own with the default providers. The development server
+    # serves this copy, so it gets the default providers too.
     with as_user_error(OSError):  # a gallery folder that cannot be read; mismatched files are UserErrors already
-        app = factory()  # load once here, so a bad gallery is reported before any worker starts
+        app = factory(None if args.dev_server else CHECK_PROVIDERS)
     names = ", ".join(app.extensions["sct"].indexes)
     print(f"serving {names} at http://{args.host}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr, flush=True)
     if args.dev_server:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +45,17 @@ class LiveGallery:
     """The latest good version of the gallery in ``directory``; ``current()`` is the one to serve now."""
 
     def __init__(
-        self, directory: str | os.PathLike[str], run: Runner = lambda function, *args: function(*args)
+        self,
+        directory: str | os.PathLike[str],
+        run: Runner = lambda function, *args: function(*args),
+        providers: Sequence[str] | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self._providers = providers  # ONNX Runtime execution providers (None: Gallery.load's default)
         self.name = self.directory.resolve().name
         self._run = run
         self._stamp = _folder_stamp(self.directory)
-        self._gallery = _load(self.directory)  # errors here are fatal: nothing to fall back on
+        self._gallery = _load(self.directory, providers)  # errors here are fatal: nothing to fall back on
         self._problem: str | None = None
         self._reloading = threading.Lock()
 
@@ -79,7 +83,7 @@ class LiveGallery:
         if stamp is None or stamp == self._stamp:  # being swapped, or another request reloaded it meanwhile
             return
         try:
-            gallery = self._run(_load, self.directory)
+            gallery = self._run(_load, self.directory, self._providers)
         except Exception as exc:  # whatever breaks the new folder (mismatch, bad model), the old one keeps serving
             if _folder_stamp(self.directory) == stamp:  # else it was replaced again meanwhile: retry that one
                 self._stamp = stamp
@@ -99,10 +103,10 @@ class LiveGallery:
         )
 
 
-def _load(directory: Path) -> Gallery:
+def _load(directory: Path, providers: Sequence[str] | None = None) -> Gallery:
     """Load a gallery and pay one-off costs before it serves a request: Gallery.load runs the model once
     (onnxruntime's first run), and Pillow's plugin registry is filled here."""
-    gallery = Gallery.load(directory)
+    gallery = Gallery.load(directory, providers=providers)
     Image.init()
     return gallery
 

@@ -69,16 +69,18 @@ class SearchSettings:
         return name, self.indexes[name].current()
 
 
-def load_indexes(index_dirs: Sequence[str | os.PathLike[str]], compute: ComputePool) -> dict[str, LiveGallery]:
-    """Load each gallery folder (with the embedder for its own model.onnx), keyed by folder name; reloads of a
-    rebuilt folder run in ``compute``."""
+def load_indexes(
+    index_dirs: Sequence[str | os.PathLike[str]], compute: ComputePool, providers: Sequence[str] | None = None
+) -> dict[str, LiveGallery]:
+    """Load each gallery folder (with the embedder for its own model.onnx, on ONNX Runtime's ``providers``, None
+    for its default), keyed by folder name; reloads of a rebuilt folder run in ``compute``."""
     if not index_dirs:
         raise UserValueError("no gallery folder given")
     names = [Path(d).resolve().name for d in index_dirs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise UserValueError(f"gallery names must be unique; several folders are named {', '.join(duplicates)}")
-    return {name: LiveGallery(directory, compute.run) for name, directory in zip(names, index_dirs)}
+    return {name: LiveGallery(directory, compute.run, providers) for name, directory in zip(names, index_dirs)}
 
 
 def settings() -> SearchSettings:
