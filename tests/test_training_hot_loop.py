@@ -1,0 +1,133 @@
+"""The training step's hot loop: what makes the host wait for the device, the files and progress bar it touches
+per step, and the settings for a CUDA device, checked on the CPU by counting the calls that would wait."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_training_trainer import _config as trainer_config
+from tests.test_training_trainer import _images
+from training.htl import build_tree, margins
+from training.losses import LOSSES, HTLLoss, build_loss
+from training.trainer import Trainer
+
+# Tensor methods that copy a device tensor's value to the host, so that on CUDA the host waits for the device.
+_WAITING = ("item", "__bool__", "__int__", "__float__", "__index__", "cpu", "tolist", "numpy", "nonzero")
+
+
+@contextlib.contextmanager
+def host_waits() -> Iterator[Counter]:
+    """Counts, by name, the calls inside that would make the host wait on a CUDA device: the methods above, and
+    indexing with a boolean mask (whose result's size the host must learn)."""
+    counts: Counter = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in _WAITING + ("__getitem__",)}
+
+    def counting(name):
+        original = originals[name]
+
+        def wrapper(self, *args, **kwargs):
+            if name != "__getitem__":
+                counts[name] += 1
+            else:
+                index = args[0] if isinstance(args[0], tuple) else (args[0],)
+                if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                    counts["boolean mask"] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in originals:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_the_counter_sees_each_kind_of_wait() -> None:
+    """The instrument itself: each waiting call is counted (so a test finding none is not blind)."""
+    x = torch.tensor([1.0, -1.0])
+    with host_waits() as counts:
+        bool(x[0] > 0), int(x[0]), float(x[1]), x.sum().item(), x.cpu(), x.tolist(), x.nonzero(), x[x > 0]
+    assert counts == Counter({n: 1 for n in ("__bool__", "__int__", "__float__", "item", "cpu", "tolist")}) + Counter(
+        {"nonzero": 1, "boolean mask": 1}
+    )
+
+
+def _batch(classes: int = 4, per_class: int = 3, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(classes * per_class, dim, generator=generator, requires_grad=True)
+    return embeddings, torch.arange(classes).repeat_interleave(per_class)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("sct_weight", [1.0, 0.5])
+def test_no_loss_makes_the_host_wait_in_its_forward_or_backward_pass(name: str, sct_weight: float) -> None:
+    if sct_weight < 1 and name != "sct":
+        pytest.skip("the warm start is SCT's")
+    loss_fn = build_loss(name, lam=1.0, temperature=0.1, hard_threshold=None)
+    if name == "sct":
+        loss_fn.sct_weight = sct_weight
+    if name == "htl":
+        loss_fn.set_tree(_tree(classes=4))
+    embeddings, labels = _batch()
+    with host_waits() as counts:
+        loss_fn(embeddings, labels).backward()
+    assert sum(counts.values()) == 0, dict(counts)
+
+
+def _tree(classes: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), 3)
+    centres = rng.normal(size=(classes, 16))[labels] + 0.5 * rng.normal(size=(len(labels), 16))
+    unit = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    return build_tree(unit.astype(np.float32), labels, classes, levels=4, neighbours=3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_htl_margins_on_the_device_equal_the_numpy_margins_of_the_tree(seed: int) -> None:
+    classes = 30
+    tree = _tree(classes, seed)
+    assert 1 < len(np.unique(tree.level_ids[1])) < classes, "level 1 merges some classes, not all"
+    rng = np.random.default_rng(seed + 10)
+    anchors, negatives = rng.integers(0, classes, size=40), rng.integers(0, classes, size=64)
+    loss_fn = HTLLoss(beta=0.2)
+    loss_fn.set_tree(tree)
+    ours = loss_fn.class_margins(torch.from_numpy(anchors), torch.from_numpy(negatives))
+    expected = margins(tree, anchors[:, None], negatives[None, :], 0.2).astype(np.float32)
+    assert ours.dtype == torch.float32 and ours.shape == (40, 64)
+    assert np.array_equal(ours.numpy(), expected)
+    assert len(np.unique(expected)) > 2, "the pairs merge at several levels"
+
+
+def _config(tmp_path: Path, **overrides):
+    """One epoch, no evaluation until the last, no triplet snapshots, fp32, on the CPU (the trainer tests' data)."""
+    settings = dict(epochs=1, batch_size=8, eval_every=0, triplets_every=0, precision="fp32")
+    return trainer_config(_images(tmp_path / "data", classes=4), tmp_path / "run", **{**settings, **overrides})
+
+
+@pytest.mark.parametrize("loss", ["sct", "ep", "batch-all"])
+def test_a_training_step_waits_for_the_device_once(tmp_path: Path, loss: str) -> None:
+    """The step's loss and statistics come to the host in one copy (step_summary's .tolist()); the loss, its
+    backward pass and the optimizer step never wait. (SGD here: AdamW reads its step counters with .item(), but
+    they live on the host even on CUDA, so that is no wait for the device, which this counter cannot tell.)"""
+    from training.trainer import training_loader
+
+    config = _config(tmp_path, loss=loss, optimizer="sgd")
+    trainer = Trainer(config, progress=False)
+    trainer._start()
+    loader = training_loader(trainer.dataset, trainer.sampler, config, trainer.device)
+    loader.batch_sampler.set_epoch(0)
+    batch = next(iter(loader))
+    with host_waits() as counts:
+        record = trainer._train_step(batch, 0)
+    assert counts == Counter({"tolist": 1}), dict(counts)
+    assert np.isfinite(record["loss"]) and 0.0 <= record["hard_fraction"] <= 1.0
