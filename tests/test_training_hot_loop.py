@@ -131,3 +131,114 @@ def test_a_training_step_waits_for_the_device_once(tmp_path: Path, loss: str) ->
         record = trainer._train_step(batch, 0)
     assert counts == Counter({"tolist": 1}), dict(counts)
     assert np.isfinite(record["loss"]) and 0.0 <= record["hard_fraction"] <= 1.0
+
+
+class _RecordingBar:
+    """Stands in for tqdm in the trainer, keeping each set_postfix call's keywords."""
+
+    calls: list[dict] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        _RecordingBar.calls.append(kwargs)
+
+    def update(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_run_opens_metrics_jsonl_once_and_never_forces_the_progress_bar_to_redraw(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import builtins
+
+    import training.run_folder as run_folder_module
+    import training.trainer as trainer_module
+
+    opened: list[str] = []
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(Path(file).name)
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(run_folder_module, "open", counting_open, raising=False)
+    monkeypatch.setattr(trainer_module, "tqdm", _RecordingBar)
+    _RecordingBar.calls = []
+    run = Trainer(_config(tmp_path, epochs=2, batch_size=4), progress=True).fit()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    steps = [line for line in lines if '"type"' not in line]
+    assert len(steps) >= 4 and len(lines) > len(steps), "several steps and an evaluation logged"
+    assert opened.count("metrics.jsonl") == 1
+    assert len(_RecordingBar.calls) == len(steps)
+    assert all(call.get("refresh") is False for call in _RecordingBar.calls)
+
+
+def test_each_metrics_line_is_in_the_file_as_soon_as_it_is_logged_and_a_resume_writes_to_the_kept_lines(
+    tmp_path: Path,
+) -> None:
+    """Kept open, the file still holds every line logged (a crash loses none), and truncating it for a resume
+    sends the next lines to the truncated file, not to the one it replaced."""
+    from training.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    folder.start_metrics()
+    for iteration in range(3):
+        folder.log({"iter": iteration})
+        assert (tmp_path / "metrics.jsonl").read_text().count("\n") == iteration + 1  # before any close
+    assert [line["iter"] for line in folder.truncate_metrics(2)] == [0, 1]
+    folder.log({"iter": 2, "again": True})
+    folder.close()
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [
+        '{"iter": 0}',
+        '{"iter": 1}',
+        '{"iter": 2, "again": true}',
+    ]
+
+
+@pytest.mark.parametrize("device,expected", [("cuda", True), ("cuda:1", True), ("cpu", False)])
+def test_the_convolution_autotuner_is_on_for_cuda_only(monkeypatch, device: str, expected: bool) -> None:
+    from training.cuda_step import tune_convolutions
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    tune_convolutions(torch.device(device))
+    assert torch.backends.cudnn.benchmark is expected
+
+
+def test_the_trainer_tunes_convolutions_for_its_device(tmp_path: Path, monkeypatch) -> None:
+    import training.trainer as trainer_module
+
+    seen: list[torch.device] = []
+    monkeypatch.setattr(trainer_module, "tune_convolutions", seen.append)
+    trainer = Trainer(_config(tmp_path), progress=False)
+    assert seen == [trainer.device] == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 5])
+def test_the_prefetcher_yields_every_batch_in_order_with_the_next_copy_already_started(count: int) -> None:
+    from training.cuda_step import one_ahead
+
+    events: list[tuple[str, int]] = []
+
+    def start(item: int) -> int:
+        events.append(("start", item))
+        return item * 10
+
+    def finish(started: int) -> int:
+        events.append(("finish", started // 10))
+        return started + 1
+
+    yielded = []
+    for item in one_ahead(iter(range(count)), start, finish):
+        events.append(("use", (item - 1) // 10))
+        yielded.append(item)
+    assert yielded == [10 * i + 1 for i in range(count)]
+    for i in range(count):  # batch i is used after batch i + 1's copy was started, and after its own finished
+        used = events.index(("use", i))
+        assert events.index(("start", i)) < events.index(("finish", i)) < used
+        if i + 1 < count:
+            assert events.index(("start", i + 1)) < used
+    assert sum(kind == "start" for kind, _ in events) == count
