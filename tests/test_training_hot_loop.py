@@ -242,3 +242,18 @@ def test_the_prefetcher_yields_every_batch_in_order_with_the_next_copy_already_s
         if i + 1 < count:
             assert events.index(("start", i + 1)) < used
     assert sum(kind == "start" for kind, _ in events) == count
+
+
+@pytest.mark.parametrize("sync_batchnorm", [False, True])
+def test_ddp_broadcasts_buffers_only_without_synchronised_batchnorm(monkeypatch, sync_batchnorm: bool) -> None:
+    from training import distributed
+    from training.model import build_model
+
+    made: list[dict] = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "DistributedDataParallel", lambda model, **kwargs: made.append(kwargs) or model)
+    model = build_model("resnet18", 8, "none", embedding_bn=True)
+    if sync_batchnorm:
+        model = distributed.convert_sync_batchnorm(model, torch.device("cpu"))
+    distributed.wrap(model, torch.device("cpu"))
+    assert made == [{"device_ids": None, "broadcast_buffers": not sync_batchnorm}]
