@@ -294,3 +294,15 @@ def test_drawing_a_batch_of_many_classes_grows_about_linearly_with_its_classes()
     small, large = batch_seconds(1_000), batch_seconds(20_000)
     assert large < 80 * max(small, 1e-3), (small, large)
 
+
+@pytest.mark.parametrize(
+    "cpus,processes,cap,expected",
+    [(16, 1, 16, 14), (18, 1, 16, 16), (40, 8, 16, 3), (3, 1, 16, 1), (1, 1, 16, 1), (64, 1, 4, 4), (5, 1, 4, 3)],
+)
+def test_the_default_worker_count_leaves_two_cpus_to_the_process(
+    monkeypatch, cpus: int, processes: int, cap: int, expected: int
+) -> None:
+    import core.cpus
+
+    monkeypatch.setattr(core.cpus, "usable_cpus", lambda: cpus)
+    assert core.cpus.default_workers({"LOCAL_WORLD_SIZE": str(processes)}, cap=cap) == expected
