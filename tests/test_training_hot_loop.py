@@ -306,3 +306,45 @@ def test_the_default_worker_count_leaves_two_cpus_to_the_process(
 
     monkeypatch.setattr(core.cpus, "usable_cpus", lambda: cpus)
     assert core.cpus.default_workers({"LOCAL_WORLD_SIZE": str(processes)}, cap=cap) == expected
+
+
+def test_training_decodes_a_large_jpeg_reduced_and_evaluation_decodes_it_whole(tmp_path: Path, monkeypatch) -> None:
+    """The training dataset asks Pillow for a reduced JPEG decode (draft) no smaller than twice the resize side;
+    the evaluation loader's dataset decodes the whole image, as sct index and the exported model do."""
+    from PIL import Image, JpegImagePlugin
+
+    import training.data as data_module
+    from catalog import ImageRecord
+    from training.trainer import preprocessing_of
+    from training.transforms import eval_pixels, train_pixels
+
+    path = tmp_path / "large.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, size=(1200, 1600, 3), dtype=np.uint8)).save(path, quality=90)
+    drafts: list[tuple] = []
+    original_draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(
+        JpegImagePlugin.JpegImageFile, "draft", lambda self, *a: drafts.append(a) or original_draft(self, *a)
+    )
+    decoded: list[tuple[int, int]] = []
+    original_load = data_module.load_rgb
+
+    def recording_load(*args, **kwargs):
+        image = original_load(*args, **kwargs)
+        decoded.append(image.size)
+        return image
+
+    monkeypatch.setattr(data_module, "load_rgb", recording_load)
+    config = _config(tmp_path, image_size=224)
+    spec = preprocessing_of(config)
+    records = [ImageRecord(path=str(path), label="a", split="train")]
+    side = data_module.training_decode_side(spec, augment=True)
+    assert side == 2 * int(224 * 1.1)
+    data_module.RecordImages(records, {"a": 0}, train_pixels(spec), min_side=side)[0]
+    assert drafts == [(None, (side, side))] and decoded == [(800, 600)]  # 1/2 scale: 600 ≥ 492 > 1200 / 4
+    drafts.clear(), decoded.clear()
+    data_module.RecordImages(records, {"a": 0}, eval_pixels(spec))[0]  # what embed_records_kept builds
+    assert drafts == [] and decoded == [(1600, 1200)]
+    for augment, expected in ((True, side), (False, 2 * 224)):  # the trainer's training images
+        trainer = Trainer(_config(tmp_path / str(augment), image_size=224, augment=augment), progress=False)
+        assert trainer.dataset.min_side == expected

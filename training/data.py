@@ -16,7 +16,7 @@ from tqdm import tqdm
 from catalog import ImageLoadError, ImageRecord, load_rgb
 from retrieval.preprocessing import Preprocessing
 from training.precision import autocast
-from training.transforms import Normalizer, eval_pixels
+from training.transforms import TRAIN_RESIZE_FACTOR, Normalizer, eval_pixels
 
 MIN_IMAGES_PER_CLASS = 2  # an anchor needs at least one positive
 
@@ -56,13 +56,24 @@ class RecordImages(Dataset):
     returns it (uint8 pixels from ``training.transforms``) after its first
     load, which only makes sense for a deterministic transform read in the
     main process: small datasets trained without augmentation on CPU.
+
+    With ``min_side`` (training only: ``training_decode_side``), a large JPEG is decoded at a reduced scale by
+    its DCT (Pillow's draft) and box-reduced, its shorter side kept at least ``min_side`` (``catalog.load_rgb``);
+    without it (evaluation, whose embeddings must match the exported model's) every image is decoded whole.
     """
 
     def __init__(
-        self, records: Sequence[ImageRecord], class_index: dict[str, int], transform: Callable, *, cache: bool = False
+        self,
+        records: Sequence[ImageRecord],
+        class_index: dict[str, int],
+        transform: Callable,
+        *,
+        cache: bool = False,
+        min_side: int | None = None,
     ) -> None:
         self.records, self.class_index, self.transform = records, class_index, transform
         self.cache: dict[int, Tensor] | None = {} if cache else None
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.records)
@@ -75,7 +86,7 @@ class RecordImages(Dataset):
         if self.cache is not None and index in self.cache:
             return self.cache[index], label
         try:
-            image = load_rgb(record.path)
+            image = load_rgb(record.path, min_side=self.min_side)
             with _seeded_torch_rng(seed):
                 image = self.transform(image)
         except ImageLoadError as error:
@@ -109,6 +120,18 @@ class SeededBatches(Sampler):
         for number, batch in enumerate(self.batches):
             seeds = np.random.SeedSequence([self.seed, self.stream, self.epoch, number]).generate_state(len(batch))
             yield [(int(index), int(seed)) for index, seed in zip(batch, seeds)]
+
+
+TRAIN_DECODE_MARGIN = 2  # a training image is decoded to at least twice the side it is resized to
+
+
+def training_decode_side(spec: Preprocessing, augment: bool) -> int:
+    """The shorter side a training image is decoded to at least: TRAIN_DECODE_MARGIN times the side the training
+    transform resizes it to (Resize(1.1 × size) with augmentation, the evaluation resize without). Resizing then
+    still reads at least twice its output's pixels per side; decoding a 2,000 × 1,500 JPEG for 224-pixel crops
+    reads a quarter of its pixels."""
+    resized = int(spec.image_size * TRAIN_RESIZE_FACTOR) if augment else spec.resize_size
+    return TRAIN_DECODE_MARGIN * resized
 
 
 @contextlib.contextmanager

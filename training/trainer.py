@@ -30,7 +30,14 @@ from retrieval.preprocessing import Preprocessing
 from training import distributed
 from training.config import TrainConfig
 from training.cuda_step import CudaPrefetcher, tune_convolutions
-from training.data import RecordImages, SeededBatches, class_index_of, collate_skipping_failures, drop_small_classes
+from training.data import (
+    RecordImages,
+    SeededBatches,
+    class_index_of,
+    collate_skipping_failures,
+    drop_small_classes,
+    training_decode_side,
+)
 from training.evaluator import Evaluator
 from training.htl_schedule import HTLSchedule
 from training.losses import SCTLoss, build_loss, warm_start_weight
@@ -144,7 +151,13 @@ class Trainer:
         cache = config.cache_images and not config.augment and config.workers == 0
         if config.cache_images and not cache:
             self._say("note: cache_images is ignored: it needs augment: false and workers: 0")
-        self.dataset = RecordImages(self.train_records, self.class_index, transform, cache=cache)
+        self.dataset = RecordImages(
+            self.train_records,
+            self.class_index,
+            transform,
+            cache=cache,
+            min_side=training_decode_side(self.spec, config.augment),  # large JPEGs decoded at a reduced scale
+        )
         self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
         self.total_iterations = config.epochs * self.iters_per_epoch
         self.stall = StallWatch(StallDetector(stall_window(self.total_iterations)), self.run.log, active=self.is_main)
