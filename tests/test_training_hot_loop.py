@@ -348,3 +348,40 @@ def test_training_decodes_a_large_jpeg_reduced_and_evaluation_decodes_it_whole(t
     for augment, expected in ((True, side), (False, 2 * 224)):  # the trainer's training images
         trainer = Trainer(_config(tmp_path / str(augment), image_size=224, augment=augment), progress=False)
         assert trainer.dataset.min_side == expected
+
+
+def test_a_second_evaluation_decodes_nothing_and_scores_the_same(tmp_path: Path, monkeypatch) -> None:
+    """The evaluation's crops are kept after the first evaluation (its loader too): the second decodes no image
+    and logs the same scores."""
+    import training.data as data_module
+
+    decoded: list[str] = []
+    original_load = data_module.load_rgb
+
+    def counting_load(path, *args, **kwargs):
+        decoded.append(str(path))
+        return original_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "load_rgb", counting_load)
+    trainer = Trainer(_config(tmp_path), progress=False)
+    queries = len(trainer.evaluator.queries)
+    first = trainer.evaluate(0)
+    assert len(decoded) == queries > 0
+    second = trainer.evaluate(0)
+    assert len(decoded) == queries, "the second evaluation decoded images again"
+    lines = [line for line in (trainer.run.path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert first == second and len(lines) == 2 and lines[0] == lines[1]
+
+
+def test_evaluation_crops_are_kept_only_within_the_memory_budget(tmp_path: Path) -> None:
+    from training.data import embedding_loader
+    from training.trainer import preprocessing_of
+
+    trainer = Trainer(_config(tmp_path), progress=False)
+    records, spec = trainer.evaluator.queries, preprocessing_of(trainer.config)
+    need = len(records) * 3 * spec.image_size**2
+    cpu = torch.device("cpu")
+    assert embedding_loader(records, spec, cpu, keep=True, cache_bytes=need).dataset.cache == {}
+    assert embedding_loader(records, spec, cpu, keep=True, cache_bytes=need - 1).dataset.cache is None
+    assert embedding_loader(records, spec, cpu, keep=False, cache_bytes=need).dataset.cache is None
+    assert embedding_loader(records, spec, cpu, workers=2, keep=True).persistent_workers

@@ -192,12 +192,45 @@ def embed_records(
     batch_size: int = 256,
     workers: int = 0,
     amp_dtype: torch.dtype | None = None,
+    loader: DataLoader | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Unit embeddings and labels of the readable records (preprocessed as ``spec`` says), plus the failures."""
+    """Unit embeddings and labels of the readable records (preprocessed as ``spec`` says), plus the failures;
+    ``loader`` as in ``embed_records_kept``."""
     result = embed_records_kept(
-        model, records, spec, device, batch_size=batch_size, workers=workers, amp_dtype=amp_dtype
+        model, records, spec, device, batch_size=batch_size, workers=workers, amp_dtype=amp_dtype, loader=loader
     )
     return result.embeddings, result.labels, [str(failure) for failure in result.unreadable]
+
+
+EVAL_CACHE_BYTES = 16 * 2**30  # at most this much of a process's evaluation crops are kept in memory (uint8)
+
+
+def embedding_loader(
+    records: Sequence[ImageRecord],
+    spec: Preprocessing,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    prefetch_factor: int | None = None,
+    keep: bool = False,
+    cache_bytes: int = EVAL_CACHE_BYTES,
+) -> DataLoader:
+    """The DataLoader ``embed_records_kept`` reads ``records`` with, in order. With ``keep`` (a loader used for
+    every evaluation of a run) its worker processes persist, and when the records' uint8 crops fit in
+    ``cache_bytes`` each image's crop is kept after its first decode where it was decoded (the main process, or
+    the worker that reads its batch: the batches go to the workers in the same turn at every pass)."""
+    crop_bytes = 3 * spec.image_size * spec.image_size
+    cache = keep and len(records) * crop_bytes <= cache_bytes
+    return DataLoader(
+        RecordImages(records, class_index_of(records), eval_pixels(spec), cache=cache),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_skipping_failures,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=prefetch_factor if workers else None,
+        persistent_workers=keep and workers > 0,
+    )
 
 
 @torch.no_grad()
@@ -213,25 +246,22 @@ def embed_records_kept(
     prefetch_factor: int | None = None,
     progress: bool = False,
     desc: str = "embedding",
+    loader: DataLoader | None = None,
 ) -> EmbeddedRecords:
     """``embed_records``, also saying which record each row is; optionally with a progress bar (images/s).
 
     The records are read in order (one pass, no shuffling), so the positions of
     a batch's items follow from the number of items before it. Batches travel
     as uint8 (pinned on CUDA, copied without blocking) and are normalised on
-    the device.
+    the device. ``loader``: one made by ``embedding_loader`` for these records, kept between calls.
     """
     class_index = class_index_of(records)
     names = np.array(sorted(class_index))
     normalize = Normalizer(spec)
-    loader = DataLoader(
-        RecordImages(records, class_index, eval_pixels(spec)),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_skipping_failures,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=prefetch_factor if workers else None,
-    )
+    if loader is None:
+        loader = embedding_loader(
+            records, spec, device, batch_size=batch_size, workers=workers, prefetch_factor=prefetch_factor
+        )
     was_training = model.training
     model.eval()
     embeddings, labels, kept, unreadable = [], [], [], []

@@ -237,6 +237,7 @@ class Trainer:
                 distributed.barrier()
         finally:
             self.loader = None  # stops its persistent worker processes
+            self.evaluator.embed.kept.clear()  # and the evaluation loaders'
             self.run.close()
         skipped = int(distributed.all_reduce_sum(torch.tensor(self.unreadable.count, device=self.device)))
         if skipped:
