@@ -29,6 +29,9 @@ def cpu_share(environ: Mapping[str, str] = os.environ) -> int:
     return max(1, usable_cpus() // processes_on_this_machine(environ))
 
 
+RESERVED_CPUS = 2  # of each process's share, left to its main thread (launching the steps) and its pinning thread
+
+
 def default_workers(environ: Mapping[str, str] = os.environ, *, cap: int = MAX_DEFAULT_WORKERS) -> int:
-    """min(cap, this process's share of the usable CPUs), at least 1."""
-    return max(1, min(cap, cpu_share(environ)))
+    """min(cap, this process's share of the usable CPUs less RESERVED_CPUS), at least 1."""
+    return max(1, min(cap, cpu_share(environ) - RESERVED_CPUS))

@@ -76,18 +76,19 @@ def test_on_cuda_each_process_gets_its_share_of_the_cpus_as_decoders(monkeypatch
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert _resolve("cub").workers == 16  # capped
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 torchrun processes on this machine
-    assert _resolve("cub").workers == 5
+    assert _resolve("cub").workers == 3  # 40 / 8 = 5 CPUs each, 2 of them left to the process itself
     assert _resolve("cub", workers=3).workers == 3  # a flag wins
     assert _resolve("fashion-mnist").workers == DATASET_DEFAULTS["fashion-mnist"]["workers"]  # so does the dataset
     cpu = resolve_config("cub", "data", "out", cuda_available=False)
-    assert cpu.workers == resolve_config("cub", "data", "out", overrides={"device": "cpu"}).workers == 4
+    assert cpu.workers == resolve_config("cub", "data", "out", overrides={"device": "cpu"}).workers == 3  # 5 − 2
 
 
 def test_on_a_cpu_the_decoders_follow_the_usable_cpus_and_torch_does_not_warn(monkeypatch) -> None:
     """torch's DataLoader warns when it gets more workers than the CPUs in os.sched_getaffinity."""
     import torch.utils.data
 
-    for cpus, expected in ((2, 2), (1, 1), (40, 4)):  # 4 at most: on a CPU the other cores run the model
+    # 4 at most: on a CPU the other cores run the model; 2 CPUs are left to the training process, 1 worker at least
+    for cpus, expected in ((2, 1), (3, 1), (5, 3), (1, 1), (40, 4)):
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, cpus=cpus: set(range(cpus)))
         config = resolve_config("cub", "data", "out", cuda_available=False)
         assert config.workers == expected

@@ -210,7 +210,8 @@ class TrainConfig:
         help="K of the logged Recall@K, the first choosing best.pt (default: the dataset's, as in sct eval: "
         "1 10 20 30 40 for inshop, 1 10 100 for hotels50k, else 1 2 4 8)",
     )
-    # resolved: this process's share of the usable CPUs, at most 16 on CUDA and 4 on the CPU
+    # resolved: this process's share of the usable CPUs less 2 (core.cpus.default_workers), at most 16 on CUDA and
+    # 4 on the CPU
     workers: int = setting(
         4,
         metavar="N",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from catalog import ImageLoadError, ImageRecord, load_rgb
 from retrieval.preprocessing import Preprocessing
 from training.precision import autocast
-from training.transforms import Normalizer, eval_pixels
+from training.transforms import TRAIN_RESIZE_FACTOR, Normalizer, eval_pixels
 
 MIN_IMAGES_PER_CLASS = 2  # an anchor needs at least one positive
 
@@ -56,13 +57,24 @@ class RecordImages(Dataset):
     returns it (uint8 pixels from ``training.transforms``) after its first
     load, which only makes sense for a deterministic transform read in the
     main process: small datasets trained without augmentation on CPU.
+
+    With ``min_side`` (training only: ``training_decode_side``), a large JPEG is decoded at a reduced scale by
+    its DCT (Pillow's draft) and box-reduced, its shorter side kept at least ``min_side`` (``catalog.load_rgb``);
+    without it (evaluation, whose embeddings must match the exported model's) every image is decoded whole.
     """
 
     def __init__(
-        self, records: Sequence[ImageRecord], class_index: dict[str, int], transform: Callable, *, cache: bool = False
+        self,
+        records: Sequence[ImageRecord],
+        class_index: dict[str, int],
+        transform: Callable,
+        *,
+        cache: bool = False,
+        min_side: int | None = None,
     ) -> None:
         self.records, self.class_index, self.transform = records, class_index, transform
         self.cache: dict[int, Tensor] | None = {} if cache else None
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.records)
@@ -75,7 +87,7 @@ class RecordImages(Dataset):
         if self.cache is not None and index in self.cache:
             return self.cache[index], label
         try:
-            image = load_rgb(record.path)
+            image = load_rgb(record.path, min_side=self.min_side)
             with _seeded_torch_rng(seed):
                 image = self.transform(image)
         except ImageLoadError as error:
@@ -109,6 +121,18 @@ class SeededBatches(Sampler):
         for number, batch in enumerate(self.batches):
             seeds = np.random.SeedSequence([self.seed, self.stream, self.epoch, number]).generate_state(len(batch))
             yield [(int(index), int(seed)) for index, seed in zip(batch, seeds)]
+
+
+TRAIN_DECODE_MARGIN = 2  # a training image is decoded to at least twice the side it is resized to
+
+
+def training_decode_side(spec: Preprocessing, augment: bool) -> int:
+    """The shorter side a training image is decoded to at least: TRAIN_DECODE_MARGIN times the side the training
+    transform resizes it to (Resize(1.1 × size) with augmentation, the evaluation resize without). Resizing then
+    still reads at least twice its output's pixels per side; decoding a 2,000 × 1,500 JPEG for 224-pixel crops
+    reads a quarter of its pixels."""
+    resized = int(spec.image_size * TRAIN_RESIZE_FACTOR) if augment else spec.resize_size
+    return TRAIN_DECODE_MARGIN * resized
 
 
 @contextlib.contextmanager
@@ -169,12 +193,55 @@ def embed_records(
     batch_size: int = 256,
     workers: int = 0,
     amp_dtype: torch.dtype | None = None,
+    loader: DataLoader | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Unit embeddings and labels of the readable records (preprocessed as ``spec`` says), plus the failures."""
+    """Unit embeddings and labels of the readable records (preprocessed as ``spec`` says), plus the failures;
+    ``loader`` as in ``embed_records_kept``."""
     result = embed_records_kept(
-        model, records, spec, device, batch_size=batch_size, workers=workers, amp_dtype=amp_dtype
+        model, records, spec, device, batch_size=batch_size, workers=workers, amp_dtype=amp_dtype, loader=loader
     )
     return result.embeddings, result.labels, [str(failure) for failure in result.unreadable]
+
+
+def _eval_cache_bytes() -> int:
+    """16 GiB, or a quarter of the machine's memory when that is less: a 24 GiB machine keeps 6 GiB of crops."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+    return min(16 * 2**30, physical // 4)
+
+
+#: at most this much of a process's evaluation crops are kept in memory (uint8)
+EVAL_CACHE_BYTES = _eval_cache_bytes()
+
+
+def embedding_loader(
+    records: Sequence[ImageRecord],
+    spec: Preprocessing,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    prefetch_factor: int | None = None,
+    keep: bool = False,
+    cache_bytes: int = EVAL_CACHE_BYTES,
+) -> DataLoader:
+    """The DataLoader ``embed_records_kept`` reads ``records`` with, in order. With ``keep`` (a loader used for
+    every evaluation of a run) its worker processes persist, and when the records' uint8 crops fit in
+    ``cache_bytes`` each image's crop is kept after its first decode where it was decoded (the main process, or
+    the worker that reads its batch: the batches go to the workers in the same turn at every pass)."""
+    crop_bytes = 3 * spec.image_size * spec.image_size
+    cache = keep and len(records) * crop_bytes <= cache_bytes
+    return DataLoader(
+        RecordImages(records, class_index_of(records), eval_pixels(spec), cache=cache),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_skipping_failures,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=prefetch_factor if workers else None,
+        persistent_workers=keep and workers > 0,
+    )
 
 
 @torch.no_grad()
@@ -190,25 +257,22 @@ def embed_records_kept(
     prefetch_factor: int | None = None,
     progress: bool = False,
     desc: str = "embedding",
+    loader: DataLoader | None = None,
 ) -> EmbeddedRecords:
     """``embed_records``, also saying which record each row is; optionally with a progress bar (images/s).
 
     The records are read in order (one pass, no shuffling), so the positions of
     a batch's items follow from the number of items before it. Batches travel
     as uint8 (pinned on CUDA, copied without blocking) and are normalised on
-    the device.
+    the device. ``loader``: one made by ``embedding_loader`` for these records, kept between calls.
     """
     class_index = class_index_of(records)
     names = np.array(sorted(class_index))
     normalize = Normalizer(spec)
-    loader = DataLoader(
-        RecordImages(records, class_index, eval_pixels(spec)),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_skipping_failures,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=prefetch_factor if workers else None,
-    )
+    if loader is None:
+        loader = embedding_loader(
+            records, spec, device, batch_size=batch_size, workers=workers, prefetch_factor=prefetch_factor
+        )
     was_training = model.training
     model.eval()
     embeddings, labels, kept, unreadable = [], [], [], []

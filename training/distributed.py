@@ -117,7 +117,12 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` in DistributedDataParallel when several processes train, else ``model`` itself."""
     if world_size() == 1:
         return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        # synchronised BatchNorm keeps the buffers (running statistics) equal: broadcasting them each step is waste
+        broadcast_buffers=not any(isinstance(m, (nn.SyncBatchNorm, GlooSyncBatchNorm)) for m in model.modules()),
+    )
 
 
 def all_reduce_sum(values: Tensor) -> Tensor:

@@ -49,8 +49,10 @@ class Evaluator:
         """Recall@K of ``model``'s embeddings: on rank 0 the first K's recall, after logging and printing the
         results; on the other processes None, after embedding their share."""
         distributed.broadcast_buffers(model)
-        query_emb, query_labels = self.embed(model, self.queries)
-        gallery_emb, gallery_labels = self.embed(model, self.gallery) if self.gallery is not None else (None, None)
+        query_emb, query_labels = self.embed(model, self.queries, keep=True)  # crops kept for the next evaluation
+        gallery_emb, gallery_labels = (
+            self.embed(model, self.gallery, keep=True) if self.gallery is not None else (None, None)
+        )
         if distributed.rank() != 0:
             return None
         results = scores(

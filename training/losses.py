@@ -19,24 +19,71 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.config import Loss, WarmLoss
-from training.htl import ClassTree, margins
+from training.htl import ClassTree
 
 
 @dataclass(frozen=True)
 class TripletStats:
-    """What one batch looked like, measured on the hardest negative of each anchor."""
+    """What one batch looked like, measured on the hardest negative of each anchor.
 
-    hard_fraction: float  # share of valid anchors with S_an > S_ap
-    mean_s_ap: float
-    mean_s_an: float
-    valid_anchors: int
-    pairs: Tensor  # [valid_anchors, 2] detached (S_ap, S_an), float32 on CPU
-    triplets: Tensor  # [valid_anchors, 3] batch rows of (anchor, easiest positive, hardest negative), int64 on CPU
+    The statistics stay on the batch's device, one row per anchor, so that the step does not wait for them:
+    ``sums()`` gives them as one device tensor, copied to the host once with the step's loss
+    (``training.step_stats.step_summary``). Each property below copies to the host when read."""
+
+    s_ap: Tensor  # [A] detached S_ap of every anchor, float32
+    s_an: Tensor  # [A] detached S_an (hardest negative) of every anchor, float32
+    valid: Tensor  # [A] bool: the anchor has a positive and a negative
+    rows: Tensor  # [A, 3] batch rows of (anchor, easiest positive, hardest negative), int64
+
+    def sums(self) -> Tensor:
+        """float64 [hard triplets, Σ S_ap, Σ S_an, valid anchors] over the valid anchors, on the device."""
+        s_ap, s_an, valid = self.s_ap.double(), self.s_an.double(), self.valid
+        return torch.stack(
+            [
+                (valid & (s_an > s_ap)).sum().double(),
+                torch.where(valid, s_ap, 0.0).sum(),
+                torch.where(valid, s_an, 0.0).sum(),
+                valid.sum().double(),
+            ]
+        )
+
+    @staticmethod
+    def means(hard: float, s_ap_sum: float, s_an_sum: float, valid: float) -> tuple[float, float, float]:
+        """(hard_fraction, mean_s_ap, mean_s_an) from ``sums()`` read on the host; zeros with no valid anchor."""
+        valid = max(valid, 1.0)
+        return hard / valid, s_ap_sum / valid, s_an_sum / valid
+
+    @property
+    def hard_fraction(self) -> float:  # share of valid anchors with S_an > S_ap
+        return self.means(*self.sums().tolist())[0]
+
+    @property
+    def mean_s_ap(self) -> float:
+        return self.means(*self.sums().tolist())[1]
+
+    @property
+    def mean_s_an(self) -> float:
+        return self.means(*self.sums().tolist())[2]
+
+    @property
+    def valid_anchors(self) -> int:
+        return int(self.valid.sum())
+
+    @property
+    def pairs(self) -> Tensor:
+        """[valid_anchors, 2] (S_ap, S_an) of the valid anchors, float32 on the CPU."""
+        return torch.stack([self.s_ap[self.valid], self.s_an[self.valid]], dim=1).float().cpu()
+
+    @property
+    def triplets(self) -> Tensor:
+        """[valid_anchors, 3] batch rows of the valid anchors' triplets, int64 on the CPU."""
+        return self.rows[self.valid].cpu()
 
 
 _NEG_INF = float("-inf")
@@ -116,8 +163,11 @@ class MinedTripletLoss(nn.Module):
 
         hardest, has_negative = _masked_argmax(similarities.detach(), mining.negatives)
         s_an_hardest = similarities.detach().gather(1, hardest[:, None]).squeeze(1)
-        self.stats = _stats(
-            mining.s_ap, s_an_hardest, has_positive & has_negative, torch.stack([rows, positive, hardest], dim=1)
+        self.stats = TripletStats(
+            mining.s_ap.float(),
+            s_an_hardest.float(),
+            has_positive & has_negative,
+            torch.stack([rows, positive, hardest], dim=1),
         )
         terms = self.batch_terms(mining)
         if terms is None:
@@ -125,51 +175,41 @@ class MinedTripletLoss(nn.Module):
         return terms
 
     def batch_terms(self, mining: Mining) -> LossTerms | None:
-        """Per-anchor losses over anchors with a positive and an allowed negative; None if there are none."""
-        triplets = _triplets(mining, self.negative_mask(mining))
-        if triplets is None:
-            return None
-        _, s_ap, s_an, count = triplets
-        return LossTerms(self.per_anchor_loss(s_ap, s_an).sum(), count)
+        """Per-anchor losses summed over the anchors with a positive and an allowed negative."""
+        valid, s_ap, s_an, count = _triplets(mining, self.negative_mask(mining))
+        return LossTerms(_masked_sum(self.per_anchor_loss(s_ap, s_an), valid), count)
 
 
-def _triplets(mining: Mining, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """(anchors, live S_ap, live S_an, how many) for the anchors with a positive and one of ``negatives``, each
-    with its easiest positive and its hardest such negative; None if no anchor has both."""
+# The losses select anchors with masks, not by indexing with the valid ones: indexing needs their number on the
+# host, which makes the host wait for the device at every step (so does asking whether there are any). Every
+# anchor's term is computed and the invalid ones count as zero: the same sum, without the wait.
+
+
+def _masked_sum(per_anchor: Tensor, valid: Tensor) -> Tensor:
+    """Σ of ``per_anchor`` where ``valid``; a live zero when no anchor is (its gradient is zero)."""
+    return torch.where(valid, per_anchor, 0.0).sum()
+
+
+def _triplets(mining: Mining, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(valid, live S_ap, live S_an, how many valid) per anchor: valid anchors have a positive and one of
+    ``negatives``; S_ap is to the easiest positive, S_an to the hardest such negative (meaningless, but finite,
+    for the anchors that are not valid)."""
     negative, has_negative = _masked_argmax(mining.similarities.detach(), negatives)
     valid = mining.has_positive & has_negative
-    if not bool(valid.any()):
-        return None
-    anchors = valid.nonzero().squeeze(1)
     return (
-        anchors,
-        mining.similarities[anchors, mining.positive[anchors]],
-        mining.similarities[anchors, negative[anchors]],
+        valid,
+        mining.similarities.gather(1, mining.positive[:, None]).squeeze(1),
+        mining.similarities.gather(1, negative[:, None]).squeeze(1),
         valid.sum(),
     )
 
 
-def _easy_positive(mining: Mining, anchors: Tensor, temperature: float) -> Tensor:
+def _easy_positive(mining: Mining, temperature: float) -> Tensor:
     """Per anchor: −log(e^{S_ap/τ} / (e^{S_ap/τ} + Σ_n e^{S_an/τ})), its easiest positive against all negatives."""
-    logits = mining.similarities[anchors] / temperature
-    positive_logit = logits.gather(1, mining.positive[anchors, None])
-    negative_logits = logits.masked_fill(~mining.negatives[anchors], float("-inf"))
+    logits = mining.similarities / temperature
+    positive_logit = logits.gather(1, mining.positive[:, None])
+    negative_logits = logits.masked_fill(~mining.negatives, float("-inf"))
     return torch.logsumexp(torch.cat([positive_logit, negative_logits], dim=1), dim=1) - positive_logit.squeeze(1)
-
-
-def _stats(s_ap: Tensor, s_an: Tensor, valid: Tensor, triplets: Tensor) -> TripletStats:
-    s_ap, s_an = s_ap[valid].float().cpu(), s_an[valid].float().cpu()
-    count = int(valid.sum())
-    if count == 0:
-        return TripletStats(0.0, 0.0, 0.0, 0, torch.zeros(0, 2), torch.zeros(0, 3, dtype=torch.long))
-    return TripletStats(
-        hard_fraction=float((s_an > s_ap).float().mean()),
-        mean_s_ap=float(s_ap.mean()),
-        mean_s_an=float(s_an.mean()),
-        valid_anchors=count,
-        pairs=torch.stack([s_ap, s_an], dim=1),
-        triplets=triplets[valid].cpu(),
-    )
 
 
 def nca(s_ap: Tensor, s_an: Tensor, temperature: float) -> Tensor:
@@ -259,21 +299,17 @@ class SCTLoss(MinedTripletLoss):
     def batch_terms(self, mining: Mining) -> LossTerms | None:
         if self.sct_weight >= 1.0:
             return super().batch_terms(mining)
-        triplets = _triplets(mining, mining.negatives)
-        if triplets is None:
-            return None
-        anchors, s_ap, s_an, count = triplets
+        valid, s_ap, s_an, count = _triplets(mining, mining.negatives)
         sct = self.per_anchor_loss(s_ap, s_an)
         w = self.sct_weight
         if self.warm_loss == "ep":
-            easy_positive = _easy_positive(mining, anchors, self.temperature)
-            return LossTerms(((1.0 - w) * easy_positive + w * sct).sum(), count)
+            easy_positive = _easy_positive(mining, self.temperature)
+            return LossTerms(_masked_sum((1.0 - w) * easy_positive + w * sct, valid), count)
         hard = self.is_hard(s_ap.detach(), s_an.detach())
         semi, has_semi = _masked_argmax(mining.similarities.detach(), _semi_hard_negatives(mining))
-        pull = torch.where(
-            has_semi[anchors], nca(s_ap, mining.similarities[anchors, semi[anchors]], self.temperature), 0.0
-        )
-        return LossTerms((sct + torch.where(hard, (1.0 - w) * pull, 0.0)).sum(), count)
+        s_an_semi = mining.similarities.gather(1, semi[:, None]).squeeze(1)
+        pull = torch.where(has_semi, nca(s_ap, s_an_semi, self.temperature), 0.0)
+        return LossTerms(_masked_sum(sct + torch.where(hard, (1.0 - w) * pull, 0.0), valid), count)
 
 
 def warm_start_weight(progress: float, warmup: float) -> float:
@@ -294,9 +330,7 @@ class EasyPositiveLoss(MinedTripletLoss):
 
     def batch_terms(self, mining: Mining) -> LossTerms | None:
         valid = mining.has_positive & mining.negatives.any(dim=1)
-        if not bool(valid.any()):
-            return None
-        return LossTerms(_easy_positive(mining, valid.nonzero().squeeze(1), self.temperature).sum(), valid.sum())
+        return LossTerms(_masked_sum(_easy_positive(mining, self.temperature), valid), valid.sum())
 
 
 class BatchAllTripletLoss(MinedTripletLoss):
@@ -311,11 +345,9 @@ class BatchAllTripletLoss(MinedTripletLoss):
     def batch_terms(self, mining: Mining) -> LossTerms | None:
         sims = mining.similarities
         valid = mining.positives[:, :, None] & mining.negatives[:, None, :]  # [a, p, n]
-        if not bool(valid.any()):
-            return None
-        violation = F.relu(sims[:, None, :] - sims[:, :, None] + self.margin)[valid]
-        active = violation.detach() > 0
-        return LossTerms(violation[active].sum() if bool(active.any()) else violation.sum() * 0.0, active.sum())
+        violation = F.relu(sims[:, None, :] - sims[:, :, None] + self.margin)
+        active = valid & (violation.detach() > 0)
+        return LossTerms(_masked_sum(violation, active), active.sum())
 
 
 class HTLLoss(MinedTripletLoss):
@@ -335,22 +367,37 @@ class HTLLoss(MinedTripletLoss):
         super().__init__()
         self.beta = beta
         self.tree: ClassTree | None = None
+        self.set_tree(None)
 
     def set_tree(self, tree: ClassTree | None) -> None:
         self.tree = tree
+        # the tree as tensors (node ids per level, level thresholds, within-class distances), copied to the batch's
+        # device at its first use, so that the margins are computed there without a copy per step
+        self._tree_tensors: tuple[Tensor, Tensor, Tensor] | None = None
+        if tree is not None:
+            self._tree_tensors = (
+                torch.from_numpy(np.ascontiguousarray(tree.level_ids)).long(),
+                torch.from_numpy(np.asarray(tree.thresholds, dtype=np.float64)),
+                torch.from_numpy(np.asarray(tree.within, dtype=np.float64)),
+            )
 
     def class_margins(self, anchor_labels: Tensor, labels: Tensor) -> Tensor:
-        """α for every (anchor, negative) pair, [A, B] float32 on the labels' device."""
-        if self.tree is None:
+        """α for every (anchor, negative) pair, [A, B] float32 on the labels' device; the same numbers as
+        ``training.htl.margins`` (which computes them in numpy), computed on the device."""
+        if self.tree is None or self._tree_tensors is None:
             return torch.full((len(anchor_labels), len(labels)), self.beta, device=labels.device)
-        alpha = margins(self.tree, anchor_labels.cpu().numpy()[:, None], labels.cpu().numpy()[None, :], self.beta)
-        return torch.from_numpy(alpha).float().to(labels.device)
+        if self._tree_tensors[0].device != labels.device:
+            self._tree_tensors = tuple(t.to(labels.device) for t in self._tree_tensors)
+        level_ids, thresholds, within = self._tree_tensors
+        anchor_labels = anchor_labels.to(labels.device)
+        same = level_ids[:, anchor_labels, None] == level_ids[:, None, labels]  # [L+1, A, B]
+        level = same.to(torch.uint8).argmax(dim=0)  # the first level where they share a node (L always does)
+        alpha = self.beta + thresholds[level] - within[anchor_labels][:, None]
+        return alpha.clamp_min(0.0).float()
 
     def batch_terms(self, mining: Mining) -> LossTerms | None:
         valid = mining.positives[:, :, None] & mining.negatives[:, None, :]  # [a, p, n]
         count = (mining.positives.sum(1) * mining.negatives.sum(1)).sum()
-        if int(count) == 0:
-            return None
         distances = 2.0 - 2.0 * mining.similarities
         alpha = self.class_margins(mining.anchor_labels, mining.labels)
         violation = F.relu(distances[:, :, None] - distances[:, None, :] + alpha[:, None, :])

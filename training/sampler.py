@@ -72,16 +72,17 @@ class PKBatchSampler:
         class_order: list[int] = []
         for _ in range(self.batches_per_epoch):
             batch: list[int] = []
-            chosen: list[int] = []
+            chosen: set[int] = set()  # a set: asking whether a class is in the batch takes one step, not P
             deferred: list[int] = []  # already in this batch; first in line for the next one
             while len(chosen) < self.p:
-                chosen.append(self._next_class(class_order, chosen, deferred, rng))
-                batch.extend(self._deal(chosen[-1], pools, rng))
+                cls = self._next_class(class_order, chosen, deferred, rng)
+                chosen.add(cls)
+                batch.extend(self._deal(cls, pools, rng))
             class_order.extend(reversed(deferred))
             yield self._shard(batch)
 
     def _next_class(
-        self, class_order: list[int], chosen: list[int], deferred: list[int], rng: np.random.Generator
+        self, class_order: list[int], chosen: set[int], deferred: list[int], rng: np.random.Generator
     ) -> int:
         """The next class of the shuffled order (refilled when empty) that is not in the batch yet."""
         while True:
@@ -163,18 +164,24 @@ class HTLBatchSampler(PKBatchSampler):
         pools: dict[int, list[int]] = {c: [] for c in self.classes}
         class_order: list[int] = []
         for _ in range(self.batches_per_epoch):
-            chosen: list[int] = []
+            chosen: list[int] = []  # in batch order; ``taken`` holds the same classes, to look them up in one step
+            taken: set[int] = set()
             deferred: list[int] = []  # already in this batch; first in line for the next one
+
+            def take(cls: int) -> None:
+                chosen.append(cls)
+                taken.add(cls)
+
             for _ in range(self.groups):
-                chosen.append(self._next_class(class_order, chosen, deferred, rng))
+                take(self._next_class(class_order, taken, deferred, rng))
                 group_end = len(chosen) + self.m - 1
                 for neighbour in self._neighbours_of(chosen[-1]):
                     if len(chosen) == group_end:
                         break
-                    if neighbour not in chosen:
-                        chosen.append(neighbour)
+                    if neighbour not in taken:
+                        take(neighbour)
                 while len(chosen) < group_end:
-                    chosen.append(self._next_class(class_order, chosen, deferred, rng))
+                    take(self._next_class(class_order, taken, deferred, rng))
             class_order.extend(reversed(deferred))
             yield self._shard([i for cls in chosen for i in self._deal(cls, pools, rng)])
 

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import catalog
 from core.shards import ShardSpec
 from retrieval.preprocessing import Preprocessing
 from training import distributed
-from training.data import embed_records
+from training.data import embed_records, embedding_loader
 
 
 class UnreadableImages:
@@ -49,13 +50,30 @@ class SharedEmbedder:
     ) -> None:
         self.spec, self.device, self.dim, self.workers, self.amp_dtype = spec, device, dim, workers, amp_dtype
         self.unreadable = unreadable
+        self.kept: dict[int, tuple[Sequence[catalog.ImageRecord], DataLoader]] = {}  # by id of the records' list
 
-    def __call__(self, model: torch.nn.Module, records: Sequence[catalog.ImageRecord]) -> tuple[np.ndarray, np.ndarray]:
-        """Unit embeddings and labels of the readable ``records``, in order, on every process."""
+    def __call__(
+        self, model: torch.nn.Module, records: Sequence[catalog.ImageRecord], *, keep: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Unit embeddings and labels of the readable ``records``, in order, on every process. ``keep`` (the
+        evaluation's records, embedded again at every evaluation): this list's loader is kept, with persistent
+        workers and the crops cached (``training.data.embedding_loader``), so later calls decode nothing."""
         rank, world = distributed.rank(), distributed.world_size()
         start, stop = ShardSpec(rank, world).bounds(len(records))
+        loader = None
+        if keep:
+            if id(records) not in self.kept:  # the list is held too, so its id stays its own
+                made = embedding_loader(records[start:stop], self.spec, self.device, workers=self.workers, keep=True)
+                self.kept[id(records)] = (records, made)
+            loader = self.kept[id(records)][1]
         embeddings, labels, failures = embed_records(
-            model, records[start:stop], self.spec, self.device, workers=self.workers, amp_dtype=self.amp_dtype
+            model,
+            records[start:stop],
+            self.spec,
+            self.device,
+            workers=self.workers,
+            amp_dtype=self.amp_dtype,
+            loader=loader,
         )
         self.unreadable.report(failures)
         if world == 1:

@@ -22,33 +22,16 @@ from training.precision import autocast
 def step_summary(loss: torch.Tensor, stats: TripletStats, device: torch.device) -> dict[str, float]:
     """Loss and triplet statistics of the global batch: this process's own with one process; with several,
     the mean of the processes' losses (the global loss with --gather-embeddings, whose shares are scaled by
-    the world size) and the statistics over every process's anchors."""
+    the world size) and the statistics over every process's anchors.
+
+    The loss and the statistics come to the host in one copy: the step's only wait for the device."""
     world = distributed.world_size()
-    if world == 1:
-        return {
-            "loss": float(loss.detach()),
-            "hard_fraction": stats.hard_fraction,
-            "mean_s_ap": stats.mean_s_ap,
-            "mean_s_an": stats.mean_s_an,
-        }
-    s_ap, s_an = stats.pairs.double().unbind(dim=1)
-    sums = torch.stack(
-        [
-            loss.detach().double().cpu(),
-            (s_an > s_ap).sum().double(),
-            s_ap.sum(),
-            s_an.sum(),
-            torch.tensor(float(stats.valid_anchors), dtype=torch.float64),
-        ]
-    )
-    loss_sum, hard, s_ap_sum, s_an_sum, valid = distributed.all_reduce_sum(sums.to(device)).tolist()
-    valid = max(valid, 1.0)
-    return {
-        "loss": loss_sum / world,
-        "hard_fraction": hard / valid,
-        "mean_s_ap": s_ap_sum / valid,
-        "mean_s_an": s_an_sum / valid,
-    }
+    sums = torch.cat([loss.detach().double().reshape(1).to(device), stats.sums().to(device)])
+    if world > 1:
+        sums = distributed.all_reduce_sum(sums)
+    loss_sum, hard, s_ap_sum, s_an_sum, valid = sums.tolist()
+    hard_fraction, mean_s_ap, mean_s_an = TripletStats.means(hard, s_ap_sum, s_an_sum, valid)
+    return {"loss": loss_sum / world, "hard_fraction": hard_fraction, "mean_s_ap": mean_s_ap, "mean_s_an": mean_s_an}
 
 
 def triplet_snapshot(

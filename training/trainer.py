@@ -12,6 +12,7 @@ shows progress; the others wait for it at a barrier.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import random
 import shutil
@@ -30,7 +31,15 @@ from core.errors import UserValueError
 from retrieval.preprocessing import Preprocessing
 from training import distributed
 from training.config import TrainConfig
-from training.data import RecordImages, SeededBatches, class_index_of, collate_skipping_failures, drop_small_classes
+from training.cuda_step import CudaPrefetcher, tune_convolutions
+from training.data import (
+    RecordImages,
+    SeededBatches,
+    class_index_of,
+    collate_skipping_failures,
+    drop_small_classes,
+    training_decode_side,
+)
 from training.evaluator import Evaluator
 from training.htl_schedule import HTLSchedule
 from training.losses import SCTLoss, build_loss, warm_start_weight
@@ -114,6 +123,7 @@ class Trainer:
         self.gather = config.gather_embeddings and self.world > 1
         self.run = RunFolder(config.out, writes=self.is_main)
         self.device = pick_device(config.device, distributed.gpu_index(config.share_gpus) if self.world > 1 else None)
+        tune_convolutions(self.device)  # --deterministic, applied below, turns the autotuner off again
         _seed_everything(config.seed)
 
         records = catalog.read_dataset(config.dataset, config.data_root)
@@ -143,7 +153,13 @@ class Trainer:
         cache = config.cache_images and not config.augment and config.workers == 0
         if config.cache_images and not cache:
             self._say("note: cache_images is ignored: it needs augment: false and workers: 0")
-        self.dataset = RecordImages(self.train_records, self.class_index, transform, cache=cache)
+        self.dataset = RecordImages(
+            self.train_records,
+            self.class_index,
+            transform,
+            cache=cache,
+            min_side=training_decode_side(self.spec, config.augment),  # large JPEGs decoded at a reduced scale
+        )
         self.iters_per_epoch = min(len(self.sampler), config.max_iters_per_epoch or len(self.sampler))
         self.total_iterations = config.epochs * self.iters_per_epoch
         self.stall = StallWatch(StallDetector(stall_window(self.total_iterations)), self.run.log, active=self.is_main)
@@ -229,6 +245,8 @@ class Trainer:
                 distributed.barrier()
         finally:
             self.loader = None  # stops its persistent worker processes
+            self.evaluator.embed.kept.clear()  # and the evaluation loaders'
+            self.run.close()
         skipped = int(distributed.all_reduce_sum(torch.tensor(self.unreadable.count, device=self.device)))
         if skipped:
             self._say(f"skipped {skipped} unreadable training image(s) in all")
@@ -237,7 +255,10 @@ class Trainer:
     def evaluate(self, epoch: int) -> float | None:
         """Recall@K on unseen data (training.evaluator): on rank 0 the first K's, None on the others."""
         self._start()
-        return self.evaluator.evaluate(self.model, epoch, self.iteration)
+        try:
+            return self.evaluator.evaluate(self.model, epoch, self.iteration)
+        finally:
+            self.run.close()  # metrics.jsonl stays open through the training steps, not past an evaluation
 
     def _start(self) -> None:
         """Once, before the first epoch or evaluation: the run folder and config.yaml, then a fresh metrics.jsonl,
@@ -286,6 +307,8 @@ class Trainer:
             self.loader = training_loader(self.dataset, self.sampler, config, self.device, stream=self.rank)
         self.loader.batch_sampler.set_epoch(epoch)
         loader = self.loader
+        if self.device.type == "cuda":  # the next batch's copy overlaps this step
+            loader = CudaPrefetcher(self.device)(itertools.islice(loader, self.iters_per_epoch))
         self.model.train()
         bar = tqdm(
             total=self.iters_per_epoch,
@@ -314,6 +337,7 @@ class Trainer:
                 loss=f"{record['loss']:.3f}",
                 hard=f"{record['hard_fraction']:.2f}",
                 img_s=f"{record['images_per_s']:.0f}",
+                refresh=False,  # the bar redraws at its own pace (mininterval), not at every step
             )
             bar.update()
         bar.close()
