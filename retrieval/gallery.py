@@ -314,9 +314,7 @@ class Gallery:
     @functools.cached_property
     def _exact(self) -> bool:
         """Whether the index is flat: its own search, filtered by an IDSelector, is exact."""
-        index = faiss.downcast_index(self.index)
-        base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-        return isinstance(base, faiss.IndexFlat)
+        return isinstance(base_index(self.index), faiss.IndexFlat)
 
     def vectors_of(self, item_ids: np.ndarray) -> np.ndarray:
         """The stored vectors [n, d] of ``item_ids`` (for IVF-PQ: their quantised reconstructions); KeyError
@@ -446,9 +444,16 @@ def _check_ids(index: faiss.Index, items: ItemTable, removed: np.ndarray) -> Non
         raise GalleryMismatchError(f"{INDEX_FILE} numbers its vectors 0..N-1 but {ITEMS_FILE} has other ids")
 
 
+def base_index(index: faiss.Index) -> faiss.Index:
+    """The index that holds the vectors: the one inside an IndexIDMap2 (a gallery changed by --add or --remove),
+    else ``index`` itself; downcast to its own type."""
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+
+
 def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
     """Search parameters carrying ``selector`` and the index's own nprobe or efSearch."""
-    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    base = base_index(index)
     if (ivf := faiss.try_extract_index_ivf(base)) is not None:
         return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
     if isinstance(base, faiss.IndexHNSW):
@@ -615,8 +620,7 @@ def _recall_vs_exact(index: faiss.Index, blocks: Sequence[np.ndarray], *, seed: 
     k = min(_RECALL_K, count)
     _, exact = knn_ground_truth(queries, row_chunks(blocks, 1 << 18), k, metric_type=faiss.METRIC_INNER_PRODUCT)
     _, approximate = index.search(queries, k)
-    found = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact))
-    return round(found / (len(rows) * k), 4)
+    return _share_found(approximate, exact)
 
 
 def recall_vs_exact_of(gallery: Gallery, *, seed: int = 0) -> float:
@@ -629,8 +633,13 @@ def recall_vs_exact_of(gallery: Gallery, *, seed: int = 0) -> float:
     _, exact_rows = knn_ground_truth(queries, blocks, k, metric_type=faiss.METRIC_INNER_PRODUCT)
     exact = gallery.items.ids[exact_rows]
     _, approximate = gallery.search(queries, k)
+    return _share_found(approximate, exact)
+
+
+def _share_found(approximate: np.ndarray, exact: np.ndarray) -> float:
+    """The share of each query's exact top k [M, k] that its approximate top k [M, k] holds, over all queries."""
     found = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact))
-    return round(found / (len(rows) * k), 4)
+    return round(found / exact.size, 4)
 
 
 def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:

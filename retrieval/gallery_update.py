@@ -36,6 +36,7 @@ from retrieval.gallery import (
     MODEL_FILE,
     REMOVED_FILE,
     Gallery,
+    base_index,
     check_embeddings,
     recall_vs_exact_of,
     write_index,
@@ -157,8 +158,7 @@ def _with_own_ids(gallery: Gallery) -> faiss.Index:
 
 def _can_remove(index: faiss.Index) -> bool:
     """HNSW cannot remove vectors (FAISS raises); flat and IVF can."""
-    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-    return not isinstance(base, faiss.IndexHNSW)
+    return not isinstance(base_index(index), faiss.IndexHNSW)
 
 
 def _write_version(
